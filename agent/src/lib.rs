@@ -1,0 +1,2 @@
+//! `hearth-agent`: the node supervisor.
+pub mod gpu;

@@ -1,0 +1,15 @@
+//! Hearth's wire contract, shared by the node agent and the fleet.
+//!
+//! - [`gpu`]: what a GPU is and what it reports (inventory, telemetry samples, events, throttle
+//!   reasons). The agent's GPU backends (NVML and the simulator) produce these values; the local
+//!   API, and later the control session, carry them.
+//! - [`api`]: the JSON bodies of the agent's local HTTP API under `/v1` (see `docs/api.md`).
+//!
+//! Units follow NVML's so that no value is rescaled on the way: temperatures in whole °C,
+//! power in milliwatts, energy in millijoules, clocks in MHz, memory in bytes.
+
+pub mod api;
+pub mod gpu;
+
+/// Version of the local API and of the data types in this crate. Bumped on any incompatible change.
+pub const API_VERSION: u32 = 1;
