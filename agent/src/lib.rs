@@ -1,2 +1,186 @@
 //! `hearth-agent`: the node supervisor.
+//!
+//! Entry point: [`run`] (what `hearth-agent run --config PATH` calls), built on [`start`], which
+//! returns a [`RunningAgent`] handle. It starts a [`supervisor::Supervisor`] with these tasks:
+//!
+//! - `gpu-sampler` ([`sampler`]): opens the GPU backend ([`gpu`]: NVML or the simulator), reads
+//!   the inventory and samples every GPU at `gpu.sample_interval_ms`; its snapshot flows out on a
+//!   `tokio::sync::watch` channel held by the shared [`agent::Agent`].
+//! - `gpu-events` ([`events`]): a blocking thread on the backend's event set (XID, ECC).
+//! - `api` ([`api::server`]): the local HTTP/1.1 + JSON API under `/v1` on a Unix socket.
+//!
+//! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
+//! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
+//! Every subcommand other than `run` is a client of the API ([`api::client`], [`cli`]).
+//! Architecture: `docs/architecture.md`; the GPU layer: `docs/0001-gpu-layer.md`.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod events;
+pub mod fakes;
 pub mod gpu;
+pub mod health;
+pub mod logging;
+pub mod render;
+pub mod sampler;
+pub mod supervisor;
+pub mod systemd;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hearth_proto::api::{NodeState, SubsystemState};
+use hearth_sim::{SimClock, SimHost};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::config::{BackendKind, Config};
+use crate::supervisor::{Subsystem, Supervisor};
+use crate::systemd::{Notice, Notifier};
+
+/// Grace given to subsystems at shutdown (SIGTERM must end the process within 5 s).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// A started agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    agent: Arc<Agent>,
+    supervisor: Supervisor,
+    notifier: Arc<dyn Notifier>,
+    notify_cancel: CancellationToken,
+    notify_task: JoinHandle<()>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Start the agent's subsystems (inside a tokio runtime).
+pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<RunningAgent> {
+    let sim = match config.gpu.backend {
+        BackendKind::Sim => {
+            let scenario = config.sim_scenario().context("cannot load the sim scenario")?;
+            let clock = SimClock::Real { scale: config.sim.time_scale };
+            Some(Arc::new(SimHost::new(&scenario, clock)))
+        }
+        BackendKind::Nvml => None,
+    };
+    let agent = Agent::new(config, sim, hostname());
+    let subsystems: Vec<Arc<dyn Subsystem>> = vec![
+        Arc::new(sampler::Sampler::new(agent.clone())),
+        Arc::new(events::Events::new(agent.clone())),
+        Arc::new(api::server::ApiServer::new(agent.clone())),
+    ];
+    let supervisor = Supervisor::start(subsystems, supervisor::BACKOFF_START);
+    agent.attach_subsystems(supervisor.status());
+    let notify_cancel = CancellationToken::new();
+    let notify_task =
+        tokio::spawn(notify_loop(agent.clone(), notifier.clone(), notify_cancel.clone()));
+    Ok(RunningAgent { agent, supervisor, notifier, notify_cancel, notify_task })
+}
+
+impl RunningAgent {
+    /// The shared state.
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    /// Stop every subsystem (at most [`SHUTDOWN_GRACE`]).
+    pub async fn stop(self) {
+        self.notifier.notify(Notice::Stopping);
+        self.notify_cancel.cancel();
+        let _ = self.notify_task.await;
+        let aborted = self.supervisor.shutdown(SHUTDOWN_GRACE).await;
+        if !aborted.is_empty() {
+            tracing::warn!(?aborted, "subsystems did not stop in time and were aborted");
+        }
+    }
+}
+
+/// One line for `systemctl status`.
+pub fn status_line(agent: &Agent) -> String {
+    let status = agent.status();
+    let state = match status.state {
+        NodeState::Starting => "starting",
+        NodeState::Ready => "ready",
+        NodeState::Degraded => "degraded",
+    };
+    let healthy = status
+        .gpus
+        .iter()
+        .filter(|g| g.health.verdict == hearth_proto::api::GpuVerdict::Healthy)
+        .count();
+    let failed: Vec<&str> = status
+        .subsystems
+        .iter()
+        .filter(|s| s.state == SubsystemState::Failed)
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut line =
+        format!("{state}; {} GPUs ({healthy} healthy) on {}", status.gpus.len(), status.backend);
+    if !failed.is_empty() {
+        line.push_str(&format!("; failing: {}", failed.join(", ")));
+    }
+    line
+}
+
+async fn notify_loop(agent: Arc<Agent>, notifier: Arc<dyn Notifier>, cancel: CancellationToken) {
+    let mut subsystems = match agent.subsystems_rx() {
+        Some(rx) => rx,
+        None => return,
+    };
+    let mut gpus = agent.gpus().subscribe();
+    let watchdog = notifier.watchdog_timeout().map(|t| t / 2);
+    let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut ready_sent = false;
+    let mut last_status = String::new();
+    loop {
+        if !ready_sent && subsystems.borrow().iter().all(|s| s.state != SubsystemState::Starting) {
+            notifier.notify(Notice::Ready);
+            ready_sent = true;
+            tracing::info!("agent ready");
+        }
+        let line = status_line(&agent);
+        if line != last_status {
+            notifier.notify(Notice::Status(line.clone()));
+            last_status = line;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = subsystems.changed() => {}
+            _ = gpus.changed() => {}
+            _ = ping.tick() => {
+                if watchdog.is_some() {
+                    notifier.notify(Notice::Watchdog);
+                }
+            }
+        }
+    }
+}
+
+/// Run until SIGTERM or SIGINT, then stop within 5 s. SIGHUP is logged and ignored.
+pub async fn run(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let running = start(config, notifier)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: nothing to reload yet (the configuration is read at start)");
+            }
+        }
+    }
+    running.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! `hearth-agent`: see the library's documentation (`hearth_agent`).
+
+fn main() {
+    std::process::exit(hearth_agent::cli::main());
+}

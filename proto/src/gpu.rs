@@ -244,7 +244,8 @@ mod tests {
 
     #[test]
     fn throttle_names_list_known_and_unknown_bits() {
-        let r = ThrottleReasons(ThrottleReasons::SW_POWER_CAP | ThrottleReasons::HW_SLOWDOWN | 0x8000);
+        let r =
+            ThrottleReasons(ThrottleReasons::SW_POWER_CAP | ThrottleReasons::HW_SLOWDOWN | 0x8000);
         assert_eq!(r.names(), vec!["sw_power_cap", "hw_slowdown", "0x8000"]);
         assert!(r.contains(ThrottleReasons::SW_POWER_CAP));
         assert!(!r.contains(ThrottleReasons::GPU_IDLE));

@@ -30,7 +30,9 @@ fn map(op: &'static str, e: SimError) -> GpuError {
     match e {
         SimError::NoSuchGpu { gpu, .. } => GpuError::NoSuchGpu { gpu },
         SimError::GpuLost { gpu } => GpuError::GpuLost { gpu },
-        SimError::InvalidArgument { gpu, message } => GpuError::InvalidArgument { gpu, op, message },
+        SimError::InvalidArgument { gpu, message } => {
+            GpuError::InvalidArgument { gpu, op, message }
+        }
         SimError::NotSupported { gpu, .. } => GpuError::NotSupported { gpu, op },
     }
 }

@@ -1,0 +1,241 @@
+//! [`Agent`]: the state the subsystems share, and the reports the API builds from it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hearth_proto::api::{
+    GpuHealthEntry, GpuPower, GpuStatus, HealthReport, NodeState, NodeStatus, PowerReport,
+    SubsystemState, SubsystemStatus, TimedEvent,
+};
+use hearth_proto::gpu::{DriverInfo, GpuEvent, GpuEventKind, GpuInventory, GpuSample};
+use hearth_sim::SimHost;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::gpu::GpuBackend;
+use crate::health::{self, Evidence};
+
+/// How many recent events the agent keeps for the health report.
+pub const RECENT_EVENTS: usize = 256;
+
+/// One GPU as the sampler last saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuEntry {
+    /// Fixed facts.
+    pub inventory: GpuInventory,
+    /// Latest successful sample.
+    pub sample: Option<GpuSample>,
+    /// When it was taken, ms since the Unix epoch.
+    pub sampled_at_ms: Option<u64>,
+    /// The last read answered "GPU lost".
+    pub lost: bool,
+    /// The last read failed for another reason.
+    pub error: Option<String>,
+}
+
+/// Everything the sampler knows, published on a `watch` channel.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuSnapshot {
+    /// Driver facts, once read.
+    pub driver: Option<DriverInfo>,
+    /// GPUs by index; empty until the inventory is read.
+    pub gpus: Vec<GpuEntry>,
+    /// Number of completed sampling rounds.
+    pub rounds: u64,
+}
+
+/// Events received since start.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    /// The most recent events, oldest first.
+    pub recent: VecDeque<TimedEvent>,
+    /// Distinct XIDs seen per GPU since start.
+    pub xids: BTreeMap<u32, BTreeSet<u64>>,
+    /// Total events received.
+    pub total: u64,
+}
+
+/// The agent's shared state.
+#[derive(Debug)]
+pub struct Agent {
+    /// The configuration it runs with.
+    pub config: Config,
+    /// When it started.
+    pub started: Instant,
+    /// Host name, read once.
+    pub hostname: String,
+    /// The simulated node when `gpu.backend = "sim"`.
+    pub sim: Option<Arc<SimHost>>,
+    backend: RwLock<Option<Arc<dyn GpuBackend>>>,
+    gpus: watch::Sender<GpuSnapshot>,
+    events: Mutex<EventLog>,
+    subsystems: OnceLock<watch::Receiver<Vec<SubsystemStatus>>>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Agent {
+    /// Shared state for `config`; `sim` is the simulated node when the backend is `sim`.
+    pub fn new(config: Config, sim: Option<Arc<SimHost>>, hostname: String) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            started: Instant::now(),
+            hostname,
+            sim,
+            backend: RwLock::new(None),
+            gpus: watch::Sender::new(GpuSnapshot::default()),
+            events: Mutex::new(EventLog::default()),
+            subsystems: OnceLock::new(),
+        })
+    }
+
+    /// The open GPU backend, once the sampler opened it.
+    pub fn backend(&self) -> Option<Arc<dyn GpuBackend>> {
+        self.backend.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Record the open backend.
+    pub fn set_backend(&self, backend: Arc<dyn GpuBackend>) {
+        *self.backend.write().unwrap_or_else(PoisonError::into_inner) = Some(backend);
+    }
+
+    /// The GPU snapshot channel (the sampler writes it).
+    pub fn gpus(&self) -> &watch::Sender<GpuSnapshot> {
+        &self.gpus
+    }
+
+    /// Attach the supervisor's status channel (once).
+    pub fn attach_subsystems(&self, rx: watch::Receiver<Vec<SubsystemStatus>>) {
+        let _ = self.subsystems.set(rx);
+    }
+
+    /// The supervisor's status channel, once attached.
+    pub fn subsystems_rx(&self) -> Option<watch::Receiver<Vec<SubsystemStatus>>> {
+        self.subsystems.get().cloned()
+    }
+
+    /// Subsystem states.
+    pub fn subsystems(&self) -> Vec<SubsystemStatus> {
+        self.subsystems.get().map(|rx| rx.borrow().clone()).unwrap_or_default()
+    }
+
+    /// Record a GPU event.
+    pub fn record_event(&self, event: GpuEvent) {
+        let mut log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        if let GpuEventKind::Xid(xid) = event.kind {
+            log.xids.entry(event.gpu).or_default().insert(xid);
+        }
+        log.total += 1;
+        if log.recent.len() == RECENT_EVENTS {
+            log.recent.pop_front();
+        }
+        log.recent.push_back(TimedEvent { at_ms: now_ms(), event });
+    }
+
+    fn xids(&self, gpu: u32) -> Vec<u64> {
+        let log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        log.xids.get(&gpu).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Full node status (`GET /v1/status`).
+    pub fn status(&self) -> NodeStatus {
+        let snap = self.gpus.borrow().clone();
+        let subsystems = self.subsystems();
+        let gpus: Vec<GpuStatus> = snap
+            .gpus
+            .iter()
+            .map(|g| {
+                let xids = self.xids(g.inventory.index);
+                let health = health::assess(Evidence {
+                    inventory: &g.inventory,
+                    sample: if g.lost { None } else { g.sample.as_ref() },
+                    lost: g.lost,
+                    read_error: g.error.as_deref(),
+                    xids: &xids,
+                });
+                GpuStatus {
+                    inventory: g.inventory.clone(),
+                    sample: if g.lost { None } else { g.sample.clone() },
+                    sample_error: g.error.clone(),
+                    sampled_at_ms: g.sampled_at_ms,
+                    health,
+                }
+            })
+            .collect();
+        let state = node_state(&snap, &subsystems, &gpus);
+        NodeStatus {
+            api_version: hearth_proto::API_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            hostname: self.hostname.clone(),
+            state,
+            backend: match self.config.gpu.backend {
+                crate::config::BackendKind::Nvml => "nvml".into(),
+                crate::config::BackendKind::Sim => "sim".into(),
+            },
+            driver: snap.driver.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+            subsystems,
+            gpus,
+        }
+    }
+
+    /// Health report (`GET /v1/health`).
+    pub fn health(&self) -> HealthReport {
+        let status = self.status();
+        let recent = {
+            let log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+            log.recent.iter().cloned().collect()
+        };
+        HealthReport {
+            state: status.state,
+            gpus: status
+                .gpus
+                .into_iter()
+                .map(|g| GpuHealthEntry {
+                    index: g.inventory.index,
+                    uuid: g.inventory.uuid,
+                    health: g.health,
+                })
+                .collect(),
+            recent_events: recent,
+        }
+    }
+
+    /// Power report (`GET /v1/power`).
+    pub fn power(&self) -> PowerReport {
+        let snap = self.gpus.borrow().clone();
+        let gpus: Vec<GpuPower> = snap
+            .gpus
+            .iter()
+            .map(|g| {
+                let s = if g.lost { None } else { g.sample.as_ref() };
+                GpuPower {
+                    index: g.inventory.index,
+                    draw_mw: s.map(|s| s.power_avg_mw),
+                    limit_mw: s.map(|s| s.power_limit_mw),
+                    enforced_limit_mw: s.map(|s| s.enforced_power_limit_mw),
+                    min_mw: g.inventory.power_limit_min_mw,
+                    max_mw: g.inventory.power_limit_max_mw,
+                    default_mw: g.inventory.power_limit_default_mw,
+                }
+            })
+            .collect();
+        PowerReport {
+            total_draw_mw: gpus.iter().filter_map(|g| g.draw_mw).map(u64::from).sum(),
+            gpus,
+        }
+    }
+}
+
+fn node_state(snap: &GpuSnapshot, subsystems: &[SubsystemStatus], gpus: &[GpuStatus]) -> NodeState {
+    if snap.rounds == 0 && subsystems.iter().all(|s| s.state != SubsystemState::Failed) {
+        return NodeState::Starting;
+    }
+    let subsystems_ok = subsystems.iter().all(|s| s.state == SubsystemState::Running);
+    let gpus_ok = gpus.iter().all(|g| g.health.verdict == hearth_proto::api::GpuVerdict::Healthy);
+    if subsystems_ok && gpus_ok && snap.rounds > 0 { NodeState::Ready } else { NodeState::Degraded }
+}

@@ -1,0 +1,410 @@
+//! The agent's configuration file (TOML), typed and validated at load.
+//!
+//! Every key is documented below and in `docs/configuration.md`; an unknown key, a wrong type or
+//! an out-of-range value is refused with an error that names the file and the key. The example
+//! with every default is `agent/agent.example.toml`.
+
+use std::path::{Path, PathBuf};
+
+use hearth_sim::{Scenario, Workload};
+use serde::Deserialize;
+
+/// Default path of the local API socket.
+pub const DEFAULT_SOCKET: &str = "/run/hearth/agent.sock";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The local API (`[api]`).
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The GPU layer (`[gpu]`).
+    #[serde(default)]
+    pub gpu: GpuConfig,
+    /// The simulator, used when `gpu.backend = "sim"` (`[sim]`).
+    #[serde(default)]
+    pub sim: SimConfig,
+    /// Logging (`[log]`).
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[api]`: the local HTTP API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Unix socket the API listens on; created owner-only (0600), its directory 0700 if the
+    /// agent creates it. Default `/run/hearth/agent.sock`.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { socket: default_socket() }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+/// Which GPU backend the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Real GPUs through NVML (`libnvidia-ml.so.1`).
+    #[default]
+    Nvml,
+    /// Simulated GPUs (`hearth-sim`), configured by `[sim]`.
+    Sim,
+}
+
+/// `[gpu]`: the GPU layer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// `"nvml"` (default) for real GPUs, `"sim"` for simulated ones.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// The NVML library to load: a soname searched by the loader, or a path. Default
+    /// `libnvidia-ml.so.1`.
+    #[serde(default = "default_nvml_library")]
+    pub nvml_library: PathBuf,
+    /// Milliseconds between two telemetry samples of every GPU (100..=60000). Default 1000.
+    #[serde(default = "default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::default(),
+            nvml_library: default_nvml_library(),
+            sample_interval_ms: default_sample_interval_ms(),
+        }
+    }
+}
+
+fn default_nvml_library() -> PathBuf {
+    PathBuf::from("libnvidia-ml.so.1")
+}
+
+fn default_sample_interval_ms() -> u64 {
+    1000
+}
+
+/// `[sim]`: the simulated node.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// A scenario file (GPUs, workloads, timed faults; see `docs/0002-gpu-simulator.md`). When
+    /// set, `gpus`, `profile`, `workload` and `seed` are taken from it instead.
+    #[serde(default)]
+    pub scenario: Option<PathBuf>,
+    /// Number of simulated GPUs (1..=64). Default 8.
+    #[serde(default = "default_sim_gpus")]
+    pub gpus: u32,
+    /// GPU profile: `h100-sxm` (default) or `rtx4090-pcie`.
+    #[serde(default = "default_sim_profile")]
+    pub profile: String,
+    /// What the GPUs run at start: `idle`, `training` (default) or `inference`.
+    #[serde(default = "default_sim_workload")]
+    pub workload: Workload,
+    /// Seed of the simulator's random draws. Default 1.
+    #[serde(default = "default_sim_seed")]
+    pub seed: u64,
+    /// Simulated seconds per wall-clock second (0.1..=1000). Default 1.
+    #[serde(default = "default_time_scale")]
+    pub time_scale: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            scenario: None,
+            gpus: default_sim_gpus(),
+            profile: default_sim_profile(),
+            workload: default_sim_workload(),
+            seed: default_sim_seed(),
+            time_scale: default_time_scale(),
+        }
+    }
+}
+
+fn default_sim_gpus() -> u32 {
+    8
+}
+
+fn default_sim_profile() -> String {
+    "h100-sxm".into()
+}
+
+fn default_sim_workload() -> Workload {
+    Workload::Training
+}
+
+fn default_sim_seed() -> u64 {
+    1
+}
+
+fn default_time_scale() -> f64 {
+    1.0
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// journald when started by systemd (`JOURNAL_STREAM`), else human text.
+    #[default]
+    Auto,
+    /// Human-readable text (colours on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// Native journald fields.
+    Journald,
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `auto` (default), `text`, `json` or `journald`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: a level (`info`, default) or directives like `info,hearth_agent=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::default(), level: default_log_level() }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// A configuration that cannot be used; each names the file, and the key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown or a value has the wrong type.
+    #[error("config {path}: key `{key}`: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key path (`.` for the document).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config {path}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key path.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate configuration text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let parse_err = |key: String, message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| parse_err(".".into(), e.message().to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(de)
+            .map_err(|e| parse_err(e.path().to_string(), e.inner().message().to_string()))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Check every value's range. Also loads the sim scenario file when one is named, so a bad
+    /// scenario is refused at load like any other bad value.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        if !self.api.socket.is_absolute() {
+            return Err(invalid(
+                "api.socket",
+                format!("{} is not an absolute path", self.api.socket.display()),
+            ));
+        }
+        if self.gpu.nvml_library.as_os_str().is_empty() {
+            return Err(invalid("gpu.nvml_library", "is empty".into()));
+        }
+        if !(100..=60_000).contains(&self.gpu.sample_interval_ms) {
+            return Err(invalid(
+                "gpu.sample_interval_ms",
+                format!("{} is outside 100..=60000", self.gpu.sample_interval_ms),
+            ));
+        }
+        if !(1..=64).contains(&self.sim.gpus) {
+            return Err(invalid("sim.gpus", format!("{} is outside 1..=64", self.sim.gpus)));
+        }
+        if hearth_sim::GpuProfile::by_id(&self.sim.profile).is_none() {
+            let known: Vec<String> =
+                hearth_sim::GpuProfile::builtin().into_iter().map(|p| p.id).collect();
+            return Err(invalid(
+                "sim.profile",
+                format!("unknown profile {:?}; known: {}", self.sim.profile, known.join(", ")),
+            ));
+        }
+        if !self.sim.time_scale.is_finite() || !(0.1..=1000.0).contains(&self.sim.time_scale) {
+            return Err(invalid(
+                "sim.time_scale",
+                format!("{} is outside 0.1..=1000", self.sim.time_scale),
+            ));
+        }
+        if let Some(scenario) = &self.sim.scenario {
+            Scenario::load(scenario).map_err(|e| invalid("sim.scenario", format!("{e}")))?;
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scenario the `sim` backend runs: the scenario file, or `sim.gpus` GPUs of `sim.profile`.
+    pub fn sim_scenario(&self) -> Result<Scenario, hearth_sim::ScenarioError> {
+        match &self.sim.scenario {
+            Some(path) => Scenario::load(path),
+            None => {
+                let mut s = Scenario::uniform(&self.sim.profile, self.sim.gpus, self.sim.workload);
+                s.seed = self.sim.seed;
+                Ok(s)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/hearth/agent.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() -> Result<(), ConfigError> {
+        let c = parse("")?;
+        assert_eq!(c, Config::default());
+        assert_eq!(c.api.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.gpu.backend, BackendKind::Nvml);
+        Ok(())
+    }
+
+    #[test]
+    fn full_file_parses() -> Result<(), ConfigError> {
+        let c = parse(
+            r#"
+            [api]
+            socket = "/tmp/x.sock"
+            [gpu]
+            backend = "sim"
+            sample_interval_ms = 500
+            [sim]
+            gpus = 4
+            profile = "rtx4090-pcie"
+            workload = "inference"
+            seed = 9
+            time_scale = 10.0
+            [log]
+            format = "json"
+            level = "debug,hyper=info"
+            "#,
+        )?;
+        assert_eq!(c.gpu.backend, BackendKind::Sim);
+        assert_eq!(c.sim.gpus, 4);
+        assert_eq!(c.log.format, LogFormat::Json);
+        Ok(())
+    }
+
+    fn err_text(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("accepted bad config: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_table() {
+        let e = err_text("[gpu]\nbackend = \"sim\"\nsample_intervl_ms = 5\n");
+        assert!(e.contains("/etc/hearth/agent.toml"), "{e}");
+        assert!(e.contains("gpu.sample_intervl_ms"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_variant_are_named() {
+        let e = err_text("[gpu]\nbackend = \"cuda\"\n");
+        assert!(e.contains("key `gpu.backend`"), "{e}");
+        let e = err_text("[sim]\ngpus = \"eight\"\n");
+        assert!(e.contains("key `sim.gpus`"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        for (text, key) in [
+            ("[gpu]\nsample_interval_ms = 5\n", "gpu.sample_interval_ms"),
+            ("[sim]\ngpus = 0\n", "sim.gpus"),
+            ("[sim]\nprofile = \"a100\"\n", "sim.profile"),
+            ("[sim]\ntime_scale = 0.0\n", "sim.time_scale"),
+            ("[api]\nsocket = \"relative.sock\"\n", "api.socket"),
+            ("[log]\nlevel = \"[[[\"\n", "log.level"),
+            ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
+        ] {
+            let e = err_text(text);
+            assert!(e.contains(&format!("key `{key}`")), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_toml_names_the_file() {
+        let e = err_text("[gpu\n");
+        assert!(e.contains("/etc/hearth/agent.toml"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let Err(e) = Config::load(Path::new("/nonexistent/agent.toml")) else {
+            panic!("loaded a missing file")
+        };
+        assert!(e.to_string().contains("/nonexistent/agent.toml"));
+    }
+}

@@ -1,0 +1,204 @@
+//! Text rendering of API answers for the terminal (`hearth-agent status`, `health`, `power`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use hearth_proto::api::{
+    GpuVerdict, HealthReport, NodeState, NodeStatus, PowerReport, SubsystemState,
+};
+use hearth_proto::gpu::GpuEventKind;
+
+/// Write a line to stdout (the CLI's output; errors such as a closed pipe are ignored).
+pub fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{text}");
+}
+
+/// Write a line to stderr.
+pub fn err(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+fn state_word(s: NodeState) -> &'static str {
+    match s {
+        NodeState::Starting => "starting",
+        NodeState::Ready => "ready",
+        NodeState::Degraded => "degraded",
+    }
+}
+
+fn verdict_word(v: GpuVerdict) -> &'static str {
+    match v {
+        GpuVerdict::Healthy => "healthy",
+        GpuVerdict::Degraded => "degraded",
+        GpuVerdict::Failed => "FAILED",
+    }
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn watts(mw: u32) -> String {
+    format!("{}", (mw + 500) / 1000)
+}
+
+/// `hearth-agent status`.
+pub fn status(s: &NodeStatus) -> String {
+    let mut o = String::new();
+    let driver = s
+        .driver
+        .as_ref()
+        .map(|d| format!("driver {}  CUDA {}", d.driver_version, d.cuda_version))
+        .unwrap_or_else(|| "driver ?".into());
+    let _ = writeln!(
+        o,
+        "{}  {}  backend {}  {}  agent {}  up {}",
+        s.hostname,
+        state_word(s.state),
+        s.backend,
+        driver,
+        s.agent_version,
+        duration(s.uptime_s)
+    );
+    let subs: Vec<String> = s
+        .subsystems
+        .iter()
+        .map(|x| {
+            let state = match x.state {
+                SubsystemState::Starting => "starting",
+                SubsystemState::Running => "running",
+                SubsystemState::Failed => "FAILED",
+                SubsystemState::Stopped => "stopped",
+            };
+            let restarts =
+                if x.restarts > 0 { format!(" ({} restarts)", x.restarts) } else { String::new() };
+            format!("{} {state}{restarts}", x.name)
+        })
+        .collect();
+    let _ = writeln!(o, "subsystems: {}", subs.join(" · "));
+    for x in s.subsystems.iter().filter(|x| x.state == SubsystemState::Failed) {
+        if let Some(e) = &x.last_error {
+            let _ = writeln!(o, "  {}: {e}", x.name);
+        }
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:>3} {:<14} {:<24} {:>4} {:>4} {:>6} {:>11} {:>9} {:>4} {:>9} {:<22} HEALTH",
+        "GPU",
+        "UUID",
+        "MODEL",
+        "TEMP",
+        "MEM",
+        "MARGIN",
+        "POWER W",
+        "LIMIT W",
+        "UTIL",
+        "SM/MEM",
+        "THROTTLE",
+    );
+    for g in &s.gpus {
+        let inv = &g.inventory;
+        let uuid: String = inv.uuid.chars().take(13).collect();
+        let model: String = inv.name.trim_start_matches("NVIDIA ").chars().take(24).collect();
+        let line = match &g.sample {
+            Some(x) => {
+                let mem = x.temp_memory_c.map(|t| format!("{t}C")).unwrap_or_else(|| "-".into());
+                let margin =
+                    x.thermal_margin_c.map(|t| format!("{t}C")).unwrap_or_else(|| "-".into());
+                let inst = x.power_instant_mw.map(watts).unwrap_or_else(|| "-".into());
+                let limit = if x.enforced_power_limit_mw == x.power_limit_mw {
+                    watts(x.power_limit_mw)
+                } else {
+                    format!("{}/{}", watts(x.power_limit_mw), watts(x.enforced_power_limit_mw))
+                };
+                let names = x.throttle.names();
+                let throttle = if names.is_empty() { "-".to_string() } else { names.join(",") };
+                format!(
+                    "{:>3} {:<14} {:<24} {:>4} {:>4} {:>6} {:>11} {:>9} {:>3}% {:>9} {:<22} {}",
+                    inv.index,
+                    uuid,
+                    model,
+                    format!("{}C", x.temp_core_c),
+                    mem,
+                    margin,
+                    format!("{}/{}", watts(x.power_avg_mw), inst),
+                    limit,
+                    x.util_gpu_pct,
+                    format!("{}/{}", x.sm_clock_mhz, x.mem_clock_mhz),
+                    throttle,
+                    verdict_word(g.health.verdict)
+                )
+            }
+            None => format!(
+                "{:>3} {:<14} {:<24} {:<77} {}",
+                inv.index,
+                uuid,
+                model,
+                g.sample_error.as_deref().unwrap_or("no reading"),
+                verdict_word(g.health.verdict)
+            ),
+        };
+        let _ = writeln!(o, "{line}");
+        for r in &g.health.reasons {
+            let _ = writeln!(o, "      ! {r}");
+        }
+    }
+    if s.gpus.is_empty() {
+        let _ = writeln!(o, "(no GPU inventory yet)");
+    }
+    o
+}
+
+/// `hearth-agent health`.
+pub fn health(h: &HealthReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "node {}", state_word(h.state));
+    for g in &h.gpus {
+        let _ = writeln!(o, "GPU {:>2} {}  {}", g.index, g.uuid, verdict_word(g.health.verdict));
+        for r in &g.health.reasons {
+            let _ = writeln!(o, "        {r}");
+        }
+    }
+    if !h.recent_events.is_empty() {
+        let _ = writeln!(o, "recent events:");
+        for e in &h.recent_events {
+            let what = match e.event.kind {
+                GpuEventKind::Xid(x) => format!("XID {x}"),
+                GpuEventKind::SingleBitEcc => "single-bit ECC".into(),
+                GpuEventKind::DoubleBitEcc => "double-bit ECC".into(),
+            };
+            let _ = writeln!(o, "  {}  GPU {:>2}  {what}", e.at_ms, e.event.gpu);
+        }
+    }
+    o
+}
+
+/// `hearth-agent power`.
+pub fn power(p: &PowerReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "total draw {} W", (p.total_draw_mw + 500) / 1000);
+    let _ = writeln!(
+        o,
+        "{:>3} {:>7} {:>7} {:>9} {:>17}",
+        "GPU", "DRAW W", "LIMIT W", "ENFORCED", "RANGE W (DEFAULT)"
+    );
+    for g in &p.gpus {
+        let opt = |v: Option<u32>| v.map(watts).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            o,
+            "{:>3} {:>7} {:>7} {:>9} {:>17}",
+            g.index,
+            opt(g.draw_mw),
+            opt(g.limit_mw),
+            opt(g.enforced_limit_mw),
+            format!("{}-{} ({})", watts(g.min_mw), watts(g.max_mw), watts(g.default_mw))
+        );
+    }
+    o
+}
