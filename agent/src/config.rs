@@ -330,6 +330,13 @@ mod tests {
     }
 
     #[test]
+    fn example_file_is_valid_and_shows_the_defaults() -> Result<(), ConfigError> {
+        let c = parse(include_str!("../agent.example.toml"))?;
+        assert_eq!(c, Config::default());
+        Ok(())
+    }
+
+    #[test]
     fn full_file_parses() -> Result<(), ConfigError> {
         let c = parse(
             r#"
