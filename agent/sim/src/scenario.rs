@@ -155,13 +155,12 @@ impl Scenario {
             key: String::from("(document)"),
             message: e.message().to_string(),
         })?;
-        let scenario: Scenario = serde_path_to_error::deserialize(de).map_err(|e| {
-            ScenarioError::Parse {
+        let scenario: Scenario =
+            serde_path_to_error::deserialize(de).map_err(|e| ScenarioError::Parse {
                 path: path.to_path_buf(),
                 key: e.path().to_string(),
                 message: e.inner().message().to_string(),
-            }
-        })?;
+            })?;
         scenario.validate(path)?;
         Ok(scenario)
     }
@@ -174,7 +173,10 @@ impl Scenario {
             message,
         };
         if !self.ambient_c.is_finite() || !(-20.0..=60.0).contains(&self.ambient_c) {
-            return Err(invalid("ambient_c".into(), format!("{} is outside -20..=60 °C", self.ambient_c)));
+            return Err(invalid(
+                "ambient_c".into(),
+                format!("{} is outside -20..=60 °C", self.ambient_c),
+            ));
         }
         if self.gpus.is_empty() {
             return Err(invalid("gpu".into(), "a node needs at least one [[gpu]]".into()));
@@ -190,7 +192,10 @@ impl Scenario {
                 ));
             }
             if g.count == 0 || g.count > 64 {
-                return Err(invalid(format!("gpu[{i}].count"), format!("{} is outside 1..=64", g.count)));
+                return Err(invalid(
+                    format!("gpu[{i}].count"),
+                    format!("{} is outside 1..=64", g.count),
+                ));
             }
             total += g.count;
         }
@@ -199,7 +204,10 @@ impl Scenario {
         }
         for (i, e) in self.events.iter().enumerate() {
             if !e.at_s.is_finite() || e.at_s < 0.0 {
-                return Err(invalid(format!("event[{i}].at_s"), format!("{} is not a time >= 0", e.at_s)));
+                return Err(invalid(
+                    format!("event[{i}].at_s"),
+                    format!("{} is not a time >= 0", e.at_s),
+                ));
             }
             if e.gpu >= total {
                 return Err(invalid(

@@ -35,20 +35,20 @@ struct Opts {
     gpus: u32,
 }
 
-fn http_unix(socket: &Path, path: &str) -> anyhow::Result<usize> {
-    let mut s = UnixStream::connect(socket)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+/// One `GET` with `Connection: close`; returns the answer's size.
+fn http_get(mut s: impl Read + Write, path: &str) -> anyhow::Result<usize> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     Ok(buf.len())
 }
 
+fn http_unix(socket: &Path, path: &str) -> anyhow::Result<usize> {
+    http_get(UnixStream::connect(socket)?, path)
+}
+
 fn http_tcp(addr: &str, path: &str) -> anyhow::Result<usize> {
-    let mut s = TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    Ok(buf.len())
+    http_get(TcpStream::connect(addr)?, path)
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
