@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use hearth_proto::api::{HealthReport, NodeStatus, PowerLimitRequest, PowerReport};
 use hearth_sim::{Fault, Workload};
 
@@ -21,17 +21,12 @@ pub const EXIT_USAGE: i32 = 2;
 #[derive(Debug, Parser)]
 #[command(name = "hearth-agent", version, about = "Hearth node agent", propagate_version = true)]
 pub struct Cli {
+    /// The agent's API socket (client subcommands).
+    #[arg(long, env = "HEARTH_AGENT_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+    pub socket: PathBuf,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Where the agent's API listens.
-#[derive(Debug, Clone, Args)]
-pub struct Conn {
-    /// The agent's API socket.
-    #[arg(long, env = "HEARTH_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
 }
 
 /// Subcommands.
@@ -54,8 +49,6 @@ pub enum Command {
     },
     /// Node state and every GPU's telemetry and health.
     Status {
-        #[command(flatten)]
-        conn: Conn,
         /// Print JSON (`GET /v1/status`).
         #[arg(long)]
         json: bool,
@@ -65,16 +58,12 @@ pub enum Command {
     },
     /// Health verdicts and recent GPU events.
     Health {
-        #[command(flatten)]
-        conn: Conn,
         /// Print JSON (`GET /v1/health`).
         #[arg(long)]
         json: bool,
     },
     /// Power draw and limits; set or restore a GPU's limit.
     Power {
-        #[command(flatten)]
-        conn: Conn,
         /// Print JSON (`GET /v1/power`).
         #[arg(long)]
         json: bool,
@@ -84,8 +73,6 @@ pub enum Command {
     },
     /// The simulator (nodes with `gpu.backend = "sim"`).
     Sim {
-        #[command(flatten)]
-        conn: Conn,
         /// What to do.
         #[command(subcommand)]
         action: SimAction,
@@ -236,11 +223,11 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 /// Run a client subcommand. Returns the process exit code.
-pub async fn run_client(command: Command) -> anyhow::Result<i32> {
+pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run { .. } | Command::CheckConfig { .. } => Ok(EXIT_USAGE),
-        Command::Status { conn, json, watch } => {
-            let client = Client::new(&conn.socket);
+        Command::Status { json, watch } => {
+            let client = Client::new(socket);
             loop {
                 let status: NodeStatus = client.get("/v1/status").await?;
                 if json {
@@ -260,8 +247,8 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
                 }
             }
         }
-        Command::Health { conn, json } => {
-            let report: HealthReport = Client::new(&conn.socket).get("/v1/health").await?;
+        Command::Health { json } => {
+            let report: HealthReport = Client::new(socket).get("/v1/health").await?;
             if json {
                 print_json(&report)?;
             } else {
@@ -269,8 +256,8 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Power { conn, json, action } => {
-            let client = Client::new(&conn.socket);
+        Command::Power { json, action } => {
+            let client = Client::new(socket);
             if let Some(action) = action {
                 let req = match action {
                     PowerAction::Set { gpu, watts } => {
@@ -290,8 +277,8 @@ pub async fn run_client(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Sim { conn, action } => {
-            let client = Client::new(&conn.socket);
+        Command::Sim { action } => {
+            let client = Client::new(socket);
             match action {
                 SimAction::Info => {
                     let info: SimInfo = client.get("/v1/sim").await?;
@@ -368,7 +355,7 @@ pub fn main() -> i32 {
                     return 1;
                 }
             };
-            match runtime.block_on(run_client(command)) {
+            match runtime.block_on(run_client(&cli.socket, command)) {
                 Ok(code) => code,
                 Err(e) => {
                     render::err(&format!("error: {e:#}"));

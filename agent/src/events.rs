@@ -33,7 +33,9 @@ impl Subsystem for Events {
 
     fn run(self: Arc<Self>, ctx: RunCtx) -> BoxRun {
         Box::pin(async move {
-            // The sampler opens the backend; wait for it.
+            // Ready from the start: waiting for the backend (which the sampler opens) is this
+            // subsystem's normal state, not a failure.
+            ctx.ready();
             let mut rx = self.agent.gpus().subscribe();
             let backend = loop {
                 if let Some(b) = self.agent.backend() {
@@ -49,7 +51,6 @@ impl Subsystem for Events {
                 .await
                 .context("event thread failed")?
                 .context("cannot open the GPU event source")?;
-            ctx.ready();
             let agent = self.agent.clone();
             let cancel = ctx.cancel.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

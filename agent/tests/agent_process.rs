@@ -203,7 +203,7 @@ fn injected_fault_fails_one_gpu_and_the_others_keep_serving() -> TestResult {
     let out = agent.cli(&["sim", "inject", "--gpu", "2", "fallen-off-bus"])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = agent.status_until(Duration::from_secs(10), |s| {
-        s.gpus[2].health.verdict == GpuVerdict::Failed
+        s.gpus[2].health.verdict == GpuVerdict::Failed && s.gpus[2].sample.is_none()
     })?;
     assert_eq!(status.state, NodeState::Degraded);
     assert!(status.gpus[2].sample.is_none());

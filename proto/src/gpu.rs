@@ -174,7 +174,8 @@ pub struct GpuSample {
     pub temp_core_c: u32,
     /// Memory (HBM) temperature, °C, where the board reports one.
     pub temp_memory_c: Option<u32>,
-    /// Margin to the slowdown threshold (T.Limit), °C; negative is past it.
+    /// Margin to T.Limit (the max operating temperature), °C, as NVML's margin temperature;
+    /// negative is past it (slowdown and shutdown sit a few degrees beyond).
     pub thermal_margin_c: Option<i32>,
     /// Power draw averaged over the last second, mW.
     pub power_avg_mw: u32,

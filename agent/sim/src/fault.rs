@@ -63,6 +63,8 @@ pub enum Fault {
         /// The BMC's limit in watts.
         watts: u32,
     },
-    /// Remove every active fault from the GPU (as a GPU reset would); counters stay.
+    /// Remove every active fault from the GPU except a lost GPU: cooling failure (the inlet
+    /// ramps back), BMC limit, PCIe downtrain, NVLink down, ECC storm, pending and failed row
+    /// remaps. Counters and settings (power limit, clock lock, fans, workload) stay.
     Clear,
 }

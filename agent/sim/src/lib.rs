@@ -8,7 +8,9 @@
 //! Values come out in `hearth-proto`'s GPU types with NVML's units (whole °C, mW, mJ, MHz), so a
 //! reading through the sim backend and the same reading through the fake NVML are equal.
 
+mod events;
 pub mod fault;
+mod gpu;
 pub mod host;
 pub mod node;
 pub mod profile;
@@ -16,6 +18,9 @@ pub mod scenario;
 
 pub use fault::{Fault, Workload};
 pub use host::{SimClock, SimHost};
-pub use node::{SimError, SimNode};
+pub use node::{EVENT_LOG_CAPACITY, STEP, SimError, SimNode};
 pub use profile::GpuProfile;
 pub use scenario::{Scenario, ScenarioError};
+
+#[cfg(test)]
+mod tests;
