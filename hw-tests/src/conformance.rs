@@ -688,6 +688,35 @@ pub fn equality(
     Ok(())
 }
 
+/// Defines, in the calling test file, one `#[test]` per conformance case that calls
+/// `$run(case_name) -> anyhow::Result<()>`, and `every_case_is_run`, which checks that this list
+/// is [`CASES`]. One list serves every backend's test file.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($run:path) => {
+        $crate::conformance_tests!(@cases $run;
+            inventory, sample, power_limit, clocks, xid79, double_bit_ecc, sbe_storm, row_remap,
+            pcie_downtrain, nvlink_down, bmc_limit, workload);
+    };
+    (@cases $run:path; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() -> anyhow::Result<()> {
+                $run(stringify!($name))
+            }
+        )*
+
+        /// Every case of the suite has a test here.
+        #[test]
+        fn every_case_is_run() {
+            let here = [$(stringify!($name)),*];
+            let suite: Vec<&str> =
+                $crate::conformance::CASES.iter().map(|c| c.name).collect();
+            assert_eq!(suite, here);
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

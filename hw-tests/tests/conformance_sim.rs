@@ -15,52 +15,7 @@ fn run(name: &str) -> anyhow::Result<()> {
     (case.run)(&backend, host.as_ref())
 }
 
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() -> anyhow::Result<()> {
-                run(stringify!($name))
-            }
-        )*
-    };
-}
-
-cases!(
-    inventory,
-    sample,
-    power_limit,
-    clocks,
-    xid79,
-    double_bit_ecc,
-    sbe_storm,
-    row_remap,
-    pcie_downtrain,
-    nvlink_down,
-    bmc_limit,
-    workload,
-);
-
-/// Every case of the suite has a test here.
-#[test]
-fn every_case_is_run() {
-    let here = [
-        "inventory",
-        "sample",
-        "power_limit",
-        "clocks",
-        "xid79",
-        "double_bit_ecc",
-        "sbe_storm",
-        "row_remap",
-        "pcie_downtrain",
-        "nvlink_down",
-        "bmc_limit",
-        "workload",
-    ];
-    let suite: Vec<&str> = conformance::CASES.iter().map(|c| c.name).collect();
-    assert_eq!(suite, here);
-}
+hearth_hw_tests::conformance_tests!(run);
 
 /// Two sim backends on the same scenario agree at every checkpoint (the determinism the
 /// sim-versus-NVML equality test builds on).

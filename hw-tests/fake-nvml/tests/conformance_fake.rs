@@ -30,52 +30,7 @@ fn case(test: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() -> anyhow::Result<()> {
-                case(stringify!($name))
-            }
-        )*
-    };
-}
-
-cases!(
-    inventory,
-    sample,
-    power_limit,
-    clocks,
-    xid79,
-    double_bit_ecc,
-    sbe_storm,
-    row_remap,
-    pcie_downtrain,
-    nvlink_down,
-    bmc_limit,
-    workload,
-);
-
-/// Every case of the suite has a test here.
-#[test]
-fn every_case_is_run() {
-    let here = [
-        "inventory",
-        "sample",
-        "power_limit",
-        "clocks",
-        "xid79",
-        "double_bit_ecc",
-        "sbe_storm",
-        "row_remap",
-        "pcie_downtrain",
-        "nvlink_down",
-        "bmc_limit",
-        "workload",
-    ];
-    let suite: Vec<&str> = conformance::CASES.iter().map(|c| c.name).collect();
-    assert_eq!(suite, here);
-}
+hearth_hw_tests::conformance_tests!(case);
 
 /// The strongest check: the same scenario on the `sim` backend (in process) and on the `nvml`
 /// backend over the fake library, driven by the same script to the same manual times, gives
