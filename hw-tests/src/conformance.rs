@@ -185,15 +185,16 @@ fn next_event(events: &mut dyn EventSource) -> anyhow::Result<GpuEvent> {
     events.wait(Duration::from_secs(2))?.context("no event arrived within 2 s")
 }
 
-fn is_uuid(s: &str) -> bool {
+/// NVML's UUID format, `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex).
+pub fn is_uuid(s: &str) -> bool {
     let Some(rest) = s.strip_prefix("GPU-") else { return false };
     let groups: Vec<&str> = rest.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
         && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// `DDDDDDDD:BB:DD.F`, hex.
-fn is_pci_bus_id(s: &str) -> bool {
+/// A PCI bus id, `DDDDDDDD:BB:DD.F` (hex).
+pub fn is_pci_bus_id(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 16
         && b[8] == b':'

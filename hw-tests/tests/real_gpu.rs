@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, ensure};
 use hearth_agent::gpu::nvml::NvmlBackend;
 use hearth_agent::gpu::{GpuBackend, GpuError, inventory_all};
+use hearth_hw_tests::conformance::{is_pci_bus_id, is_uuid};
 
 /// Every clock-event reason bit NVML defines (`nvmlClocksEventReason*`, 0x1 to 0x100).
 const KNOWN_REASONS: u64 = 0x1FF;
@@ -46,24 +47,6 @@ fn open() -> anyhow::Result<NvmlBackend> {
         ),
         other => anyhow!(other).context(format!("opening {}", lib.display())),
     })
-}
-
-fn is_uuid(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix("GPU-") else { return false };
-    let groups: Vec<&str> = rest.split('-').collect();
-    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-fn is_pci_bus_id(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 16
-        && b[8] == b':'
-        && b[11] == b':'
-        && b[14] == b'.'
-        && [0..8, 9..11, 12..14, 15..16]
-            .into_iter()
-            .all(|r| s.get(r).is_some_and(|p| p.bytes().all(|c| c.is_ascii_hexdigit())))
 }
 
 #[test]
