@@ -28,6 +28,33 @@ pub struct Config {
     /// Logging (`[log]`).
     #[serde(default)]
     pub log: LogConfig,
+    /// Persistent state (`[state]`).
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// Default directory of the agent's persistent state.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hearth";
+
+/// `[state]`: where the agent keeps what must survive a restart or a power cut.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the agent's persistent state (identity, health and power state), created
+    /// owner-only (0700) if missing; every file in it is written atomically (`persist.rs`).
+    /// Default `/var/lib/hearth` (systemd's `StateDirectory=hearth`).
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self { dir: default_state_dir() }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 
 /// `[api]`: the local HTTP API.
@@ -261,6 +288,12 @@ impl Config {
                 format!("{} is not an absolute path", self.api.socket.display()),
             ));
         }
+        if !self.state.dir.is_absolute() {
+            return Err(invalid(
+                "state.dir",
+                format!("{} is not an absolute path", self.state.dir.display()),
+            ));
+        }
         if self.gpu.nvml_library.as_os_str().is_empty() {
             return Err(invalid("gpu.nvml_library", "is empty".into()));
         }
@@ -393,6 +426,7 @@ mod tests {
             ("[sim]\nprofile = \"a100\"\n", "sim.profile"),
             ("[sim]\ntime_scale = 0.0\n", "sim.time_scale"),
             ("[api]\nsocket = \"relative.sock\"\n", "api.socket"),
+            ("[state]\ndir = \"var/lib\"\n", "state.dir"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
             ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
         ] {

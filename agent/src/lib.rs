@@ -23,6 +23,7 @@ pub mod fakes;
 pub mod gpu;
 pub mod health;
 pub mod logging;
+pub mod persist;
 pub mod render;
 pub mod sampler;
 pub mod supervisor;
