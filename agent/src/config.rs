@@ -31,6 +31,19 @@ pub struct Config {
     /// Persistent state (`[state]`).
     #[serde(default)]
     pub state: StateConfig,
+    /// GPU and host health (`[health]`).
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[health]`: GPU and host health (`docs/0003-health.md`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A health policy file (TOML: thresholds, XID overrides, reset command, host checks). Unset:
+    /// the built-in policy. Validated at load like the rest of this file.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
 }
 
 /// Default directory of the agent's persistent state.
@@ -323,6 +336,10 @@ impl Config {
         if let Some(scenario) = &self.sim.scenario {
             Scenario::load(scenario).map_err(|e| invalid("sim.scenario", format!("{e}")))?;
         }
+        if let Some(policy) = &self.health.policy {
+            crate::health::policy::Policy::load(policy)
+                .map_err(|e| invalid("health.policy", format!("{e}")))?;
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid(
                 "log.level",
@@ -429,6 +446,7 @@ mod tests {
             ("[state]\ndir = \"var/lib\"\n", "state.dir"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
             ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
+            ("[health]\npolicy = \"/nonexistent/health.toml\"\n", "health.policy"),
         ] {
             let e = err_text(text);
             assert!(e.contains(&format!("key `{key}`")), "{text}: {e}");

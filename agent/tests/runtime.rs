@@ -13,6 +13,7 @@ async fn ready_watchdog_and_status_reach_the_notifier() -> Result<(), Box<dyn st
     let dir = tempfile::tempdir()?;
     let mut config = Config::default();
     config.api.socket = dir.path().join("agent.sock");
+    config.state.dir = dir.path().join("state");
     config.gpu.backend = BackendKind::Sim;
     config.gpu.sample_interval_ms = 100;
     config.sim.gpus = 2;
