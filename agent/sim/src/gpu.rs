@@ -635,8 +635,19 @@ impl Gpu {
     }
 
     /// Set the background error rates.
+    ///
+    /// Each counter starts at its own phase (by GPU index and link) so that GPUs and links do
+    /// not all count their background errors in the same step, as independent faults would not.
     pub(crate) fn set_background(&mut self, background: Background) {
+        let frac = |x: f64| x - x.floor();
+        let i = f64::from(self.index);
         self.background = background;
+        self.bg_sbe = frac(i * 0.381_966);
+        self.bg_pcie = frac(0.5 + i * 0.618_034);
+        let n = self.bg_nvlink.len() as f64;
+        for (l, acc) in self.bg_nvlink.iter_mut().enumerate() {
+            *acc = frac(l as f64 / n + i * 0.137);
+        }
     }
 
     /// The compute processes: one while a workload runs (pid `40000 + 100 × index`), using the
