@@ -114,7 +114,7 @@ mod tests {
             stdout: String::new(),
             stderr: "GPU 00000000:13:00.0 is currently in use by another process.\n".into(),
         });
-        let e = r.reset(1).map(|()| ()).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = r.reset(1).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("GPU 1") && e.contains("in use"), "{e}");
     }
 }
