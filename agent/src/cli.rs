@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hearth_proto::api::{HealthReport, NodeStatus, PowerLimitRequest, PowerReport};
+use hearth_proto::api::{
+    DiagReport, DiagRequest, HealthReport, NodeStatus, PowerLimitRequest, PowerReport,
+    ReleaseRequest,
+};
 use hearth_sim::{Fault, Workload};
 
 use crate::api::client::Client;
@@ -56,11 +59,15 @@ pub enum Command {
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
     },
-    /// Health verdicts and recent GPU events.
+    /// Health verdicts, service states, host checks, verdict history and recent GPU events;
+    /// drain or undrain the node, return a GPU to service, run diagnostics.
     Health {
         /// Print JSON (`GET /v1/health`).
         #[arg(long)]
         json: bool,
+        /// An action instead of the report.
+        #[command(subcommand)]
+        action: Option<HealthCmd>,
     },
     /// Power draw and limits; set or restore a GPU's limit.
     Power {
@@ -96,6 +103,30 @@ pub enum PowerAction {
         /// GPU index.
         #[arg(long)]
         gpu: u32,
+    },
+}
+
+/// `hearth-agent health ...`
+#[derive(Debug, Subcommand)]
+pub enum HealthCmd {
+    /// Drain the node: no new work (`POST /v1/health/drain`).
+    Drain,
+    /// Lift a drain (`POST /v1/health/undrain`).
+    Undrain,
+    /// Return a quarantined or RMA GPU to service (`POST /v1/health/release`).
+    Release {
+        /// GPU index.
+        #[arg(long)]
+        gpu: u32,
+    },
+    /// Run `dcgmi diag` (or the burn-in command) on a quarantined, idle GPU.
+    Diag {
+        /// GPU index.
+        #[arg(long)]
+        gpu: u32,
+        /// `dcgmi diag -r LEVEL` (1..=4).
+        #[arg(long, default_value_t = 1)]
+        level: u8,
     },
 }
 
@@ -247,7 +278,51 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                 }
             }
         }
-        Command::Health { json } => {
+        Command::Health { json, action: Some(action) } => {
+            let client = Client::new(socket);
+            match action {
+                HealthCmd::Drain => {
+                    let done: Done =
+                        client.post("/v1/health/drain", &serde_json::json!({})).await?;
+                    render::out(&done.done);
+                }
+                HealthCmd::Undrain => {
+                    let done: Done =
+                        client.post("/v1/health/undrain", &serde_json::json!({})).await?;
+                    render::out(&done.done);
+                }
+                HealthCmd::Release { gpu } => {
+                    let done: Done =
+                        client.post("/v1/health/release", &ReleaseRequest { gpu }).await?;
+                    render::out(&done.done);
+                }
+                HealthCmd::Diag { gpu, level } => {
+                    let report: DiagReport =
+                        client.post("/v1/health/diag", &DiagRequest { gpu, level }).await?;
+                    if json {
+                        print_json(&report)?;
+                    } else {
+                        render::out(&format!(
+                            "GPU {} {} ({})",
+                            report.gpu,
+                            if report.passed { "passed" } else { "FAILED" },
+                            report.command
+                        ));
+                        for t in &report.tests {
+                            render::out(&format!(
+                                "  {:<24} {}  {}",
+                                t.name,
+                                t.result,
+                                t.info.as_deref().unwrap_or("")
+                            ));
+                        }
+                    }
+                    return Ok(if report.passed { 0 } else { 1 });
+                }
+            }
+            Ok(0)
+        }
+        Command::Health { json, action: None } => {
             let report: HealthReport = Client::new(socket).get("/v1/health").await?;
             if json {
                 print_json(&report)?;
