@@ -268,6 +268,9 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                         render::out("\x1b[2J\x1b[H");
                     }
                     render::out(&render::status(&status));
+                    if let Ok(h) = client.get::<HealthReport>("/v1/health").await {
+                        render::out(&render::health_summary(&h));
+                    }
                 }
                 let Some(secs) = watch else { return Ok(0) };
                 let period = Duration::try_from_secs_f64(secs.max(0.2))

@@ -168,6 +168,39 @@ pub fn status(s: &NodeStatus) -> String {
     o
 }
 
+/// One line under `hearth-agent status`: GPUs by service state, host checks that are not
+/// healthy, the reboot request and the last verdict change.
+pub fn health_summary(h: &HealthReport) -> String {
+    let mut by_state: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    for g in &h.gpus {
+        by_state.entry(snake(g.service)).or_default().push(g.index);
+    }
+    let mut parts: Vec<String> = by_state
+        .iter()
+        .map(|(s, gpus)| {
+            if s == "serving" {
+                format!("{} serving", gpus.len())
+            } else {
+                let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+                format!("{s}: GPU {}", list.join(", "))
+            }
+        })
+        .collect();
+    if !h.missing_gpus.is_empty() {
+        parts.push(format!("{} missing", h.missing_gpus.len()));
+    }
+    for c in h.host.iter().filter(|c| c.verdict != GpuVerdict::Healthy) {
+        parts.push(format!("host {} {}: {}", c.name, verdict_word(c.verdict), c.detail));
+    }
+    if let Some(r) = &h.reboot_requested {
+        parts.push(format!("REBOOT REQUESTED: {r}"));
+    }
+    if let Some(c) = h.history.last() {
+        parts.push(format!("last change #{} {} -> {}", c.seq, c.subject, verdict_word(c.to)));
+    }
+    format!("health: {}", parts.join("; "))
+}
+
 /// `hearth-agent health`.
 pub fn health(h: &HealthReport) -> String {
     let mut o = String::new();
