@@ -471,3 +471,86 @@ impl Monitor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use hearth_sim::{Fault, Scenario, SimClock, SimHost, Workload};
+
+    use super::*;
+    use crate::gpu::sim::SimBackend;
+
+    fn node() -> (Arc<SimHost>, SimBackend) {
+        let host = Arc::new(SimHost::new(
+            &Scenario::uniform("h100-sxm", 2, Workload::Training),
+            SimClock::Manual,
+        ));
+        (host.clone(), SimBackend::new(host))
+    }
+
+    fn round(m: &mut Monitor, b: &SimBackend, now: u64) -> Vec<Command> {
+        let obs = crate::health::observe_backend(b).unwrap_or_default();
+        m.observe_round(&obs, now)
+    }
+
+    #[test]
+    fn diagnostics_only_on_a_quarantined_idle_gpu() -> anyhow::Result<()> {
+        let (host, b) = node();
+        let mut m = Monitor::new(Policy::default(), None)?;
+        round(&mut m, &b, 1);
+        assert!(m.may_diagnose(0).is_err_and(|e| e.contains("not quarantined")));
+        host.lock().inject(0, Fault::DoubleBitEcc)?;
+        host.advance(std::time::Duration::from_secs(1));
+        assert!(round(&mut m, &b, 2).is_empty(), "busy GPU must not be reset");
+        assert!(m.may_diagnose(0).is_err_and(|e| e.contains("compute processes")));
+        host.lock().set_workload(0, Workload::Idle)?;
+        let cmds = round(&mut m, &b, 3);
+        assert_eq!(cmds.len(), 1);
+        assert!(m.may_diagnose(0).is_ok());
+        assert!(m.may_diagnose(9).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn state_persists_with_rising_generations_and_a_corrupt_file_is_refused() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let store = Store::new(dir.path().join("health.json"));
+        let (host, b) = node();
+        let mut m = Monitor::new(Policy::default(), Some(store.clone()))?;
+        let inv = crate::gpu::inventory_all(&b)?;
+        m.observe_round(&crate::health::observe_inventory(&b, &inv), 1);
+        assert_eq!(m.view().generation, 1, "first-boot inventory saved");
+        host.lock().inject(1, Fault::Xid { xid: 79 })?;
+        m.observe_round(&crate::health::observe_inventory(&b, &inv), 2);
+        let g = m.view().generation;
+        assert!(g >= 2);
+        drop(m);
+        // A restart keeps the quarantine and the reboot request until every GPU reads again.
+        let m = Monitor::new(Policy::default(), Some(store.clone()))?;
+        assert_eq!(m.view().generation, g);
+        assert_eq!(
+            m.state().gpus.values().filter(|r| r.service == GpuService::Quarantined).count(),
+            1
+        );
+        assert!(m.state().reboot_requested.is_some());
+        std::fs::write(store.path(), b"{ not json")?;
+        assert!(matches!(
+            Monitor::new(Policy::default(), Some(store)),
+            Err(PersistError::Corrupt { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_gpu_is_reported_against_the_first_boot_inventory() -> anyhow::Result<()> {
+        let (_host, b) = node();
+        let mut m = Monitor::new(Policy::default(), None)?;
+        let obs = crate::health::observe_backend(&b)?;
+        m.observe_round(&obs, 1);
+        m.observe_round(&obs[..1], 2);
+        assert_eq!(m.view().missing_gpus, vec![obs[1].inventory.uuid.clone()]);
+        Ok(())
+    }
+}

@@ -24,7 +24,7 @@ pub mod reset;
 pub mod subsystem;
 pub mod xid;
 
-use crate::gpu::{GpuBackend, GpuError, inventory_all};
+use crate::gpu::{GpuBackend, GpuError};
 pub use engine::{GpuObservation, Monitor, NodeHealth};
 pub use machine::Command;
 use reset::{GpuReset, ResetError};
@@ -39,7 +39,8 @@ pub fn extras(
 }
 
 /// One sampling round read straight from a backend (tests and benchmarks; the agent builds it
-/// from the sampler's snapshot instead).
+/// from the sampler's snapshot instead). A GPU already lost cannot report its inventory and is
+/// left out: keep the inventory from the start and use [`observe_inventory`] to see it as lost.
 pub fn observe_backend(backend: &dyn GpuBackend) -> Result<Vec<GpuObservation>, GpuError> {
     let count = backend.gpu_count()?;
     let mut out = Vec::new();
@@ -70,14 +71,8 @@ pub fn observation(
     GpuObservation { inventory, sample, lost, error, nvlink_errors, persistence }
 }
 
-/// Inventory read once, for [`observe_inventory`] (a lost GPU's inventory cannot be re-read).
-pub fn inventory(
-    backend: &dyn GpuBackend,
-) -> Result<Vec<hearth_proto::gpu::GpuInventory>, GpuError> {
-    inventory_all(backend)
-}
-
-/// One round over a known inventory.
+/// One round over a known inventory (read once with [`crate::gpu::inventory_all`]: a lost GPU's
+/// inventory cannot be read again).
 pub fn observe_inventory(
     backend: &dyn GpuBackend,
     inventory: &[hearth_proto::gpu::GpuInventory],
