@@ -24,6 +24,7 @@ pub mod gpu;
 pub mod health;
 pub mod logging;
 pub mod persist;
+pub mod power;
 pub mod render;
 pub mod sampler;
 pub mod supervisor;
@@ -77,6 +78,7 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
         Arc::new(sampler::Sampler::new(agent.clone())),
         Arc::new(events::Events::new(agent.clone())),
         Arc::new(api::server::ApiServer::new(agent.clone())),
+        Arc::new(power::task::PowerTask::new(agent.clone())),
     ];
     let supervisor = Supervisor::start(subsystems, supervisor::BACKOFF_START);
     agent.attach_subsystems(supervisor.status());
