@@ -98,6 +98,9 @@ impl Subsystem for PowerTask {
     fn run(self: Arc<Self>, ctx: RunCtx) -> BoxRun {
         Box::pin(async move {
             let agent = self.agent.clone();
+            // Serving: there is nothing to control until the GPU layer is up, and waiting for it
+            // is not a failure of this subsystem (the sampler reports why it is not up).
+            ctx.ready();
             // Wait for the sampler's first round: inventory, limits in force, telemetry.
             let mut snaps = agent.gpus().subscribe();
             loop {
@@ -148,7 +151,6 @@ impl Subsystem for PowerTask {
             let mut failures = BTreeMap::new();
             let mut last_inputs: Vec<GpuInput>;
             let mut dirty = true; // persist the boot settings (a new generation per boot change)
-            ctx.ready();
             loop {
                 if dirty {
                     generation += 1;
