@@ -143,6 +143,11 @@ impl Agent {
         self.power_settings.send_modify(|s| s.settings = settings);
     }
 
+    /// Change only the budget (API, fleet); targets and priorities stay.
+    pub fn set_power_budget(&self, budget_w: Option<u32>) {
+        self.power_settings.send_modify(|s| s.settings.budget_w = budget_w);
+    }
+
     /// The power controller's last step (the `power` subsystem writes it).
     pub fn power_outcome(&self) -> &watch::Sender<Option<crate::power::PowerOutcome>> {
         &self.power_outcome

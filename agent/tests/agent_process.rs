@@ -38,8 +38,9 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = {:?}\n[log]\nformat = \"json\"\n{extra}",
-                socket.display().to_string()
+                "[api]\nsocket = {:?}\n[log]\nformat = \"json\"\n[state]\ndir = {:?}\n{extra}",
+                socket.display().to_string(),
+                dir.path().join("state").display().to_string()
             ),
         )?;
         let notify_path = dir.path().join("notify.sock");

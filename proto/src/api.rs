@@ -287,3 +287,11 @@ pub struct PowerControl {
     /// When it last ran, ms since the Unix epoch.
     pub updated_at_ms: u64,
 }
+
+/// `POST /v1/power/budget`: change only the node budget (`None` removes it: vendor limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerBudgetRequest {
+    /// Node power budget, W.
+    pub budget_w: Option<u32>,
+}

@@ -45,6 +45,8 @@ pub const KP: f64 = 0.5;
 pub const KI: f64 = 0.5;
 /// Fewest seconds between two limit changes of one GPU (with a little slack for timer jitter).
 pub const MIN_CHANGE_INTERVAL_S: f64 = 1.0;
+/// A limit set this long ago must show in the GPU's reading, s (NVML applies within ~0.5 s).
+pub const RECONCILE_AFTER_S: f64 = 2.0;
 /// No change inside this fraction of the limit last set.
 pub const DEADBAND: f64 = 0.01;
 /// Thermal ceiling cut per kelvin above target, per period, W.
@@ -251,6 +253,18 @@ impl Limiter {
     /// Learn the limit in force on a GPU never set (read at start).
     pub fn learn(&mut self, gpu: u32, limit_w: f64) {
         self.last.entry(gpu).or_insert((limit_w, f64::NEG_INFINITY));
+    }
+
+    /// Someone else (an operator, a GPU reset) changed the limit in force since it was set:
+    /// forget the value set so the next [`Self::gate`] writes again. A request younger than
+    /// `settle_s` may still be on its way and is not second-guessed.
+    pub fn reconcile(&mut self, gpu: u32, now_s: f64, in_force_w: f64, settle_s: f64) {
+        if let Some(&(last, at)) = self.last.get(&gpu)
+            && now_s - at >= settle_s
+            && (in_force_w - last).abs() > DEADBAND * last
+        {
+            self.last.insert(gpu, (in_force_w, at));
+        }
     }
 
     /// `Some(mW)` when `want_w` should be written now.
@@ -512,6 +526,10 @@ impl Policy for Controller {
             };
         };
 
+        // With a budget the controller owns the limits: one changed behind its back is set again.
+        for (g, t) in gpus.iter().zip(&tel) {
+            self.limiter.reconcile(g.index, now_s, t.limit_w, RECONCILE_AFTER_S);
+        }
         let lo: Vec<f64> = gpus.iter().map(|g| g.min_w).collect();
         let current: Vec<f64> = gpus
             .iter()
