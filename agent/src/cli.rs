@@ -124,7 +124,9 @@ fn parse_budget(s: &str) -> Result<Budget, String> {
     if s.eq_ignore_ascii_case("none") {
         return Ok(Budget(None));
     }
-    s.parse::<u32>().map(|w| Budget(Some(w))).map_err(|_| format!("{s:?} is not a number or `none`"))
+    s.parse::<u32>()
+        .map(|w| Budget(Some(w)))
+        .map_err(|_| format!("{s:?} is not a number or `none`"))
 }
 
 /// `hearth-agent sim ...`

@@ -190,7 +190,8 @@ pub fn power(p: &PowerReport) -> String {
                 PowerMode::Budget => "holding the budget",
                 PowerMode::Failsafe => "FAILSAFE: telemetry missing, static safe caps",
             };
-            let target = |t: Option<u32>, d: &str| t.map_or_else(|| d.to_string(), |t| format!("{t} C"));
+            let target =
+                |t: Option<u32>, d: &str| t.map_or_else(|| d.to_string(), |t| format!("{t} C"));
             let _ = writeln!(
                 o,
                 "budget {budget}, draw {} W, caps handed out {} W; {mode}",
@@ -206,7 +207,11 @@ pub fn power(p: &PowerReport) -> String {
             );
         }
         None => {
-            let _ = writeln!(o, "total draw {} W; power control not running yet", (p.total_draw_mw + 500) / 1000);
+            let _ = writeln!(
+                o,
+                "total draw {} W; power control not running yet",
+                (p.total_draw_mw + 500) / 1000
+            );
         }
     }
     let _ = writeln!(

@@ -294,7 +294,9 @@ impl Agent {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > within {
-                return Err(format!("limits {sum} mW not under {watts} W after {within:?}: {p:?}").into());
+                return Err(
+                    format!("limits {sum} mW not under {watts} W after {within:?}: {p:?}").into()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

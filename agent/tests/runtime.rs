@@ -49,8 +49,8 @@ async fn ready_watchdog_and_status_reach_the_notifier() -> Result<(), Box<dyn st
 /// is persisted, stopping leaves safe static caps (budget / GPUs), and a restart restores the
 /// runtime budget (NVML limits do not survive a reboot; the saved settings do).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_budget_is_held_persisted_left_safe_at_stop_and_restored(
-) -> Result<(), Box<dyn std::error::Error>> {
+async fn power_budget_is_held_persisted_left_safe_at_stop_and_restored()
+-> Result<(), Box<dyn std::error::Error>> {
     use hearth_proto::api::PowerMode;
 
     let dir = tempfile::tempdir()?;

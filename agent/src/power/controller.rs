@@ -381,9 +381,16 @@ impl Controller {
         let mut out = Vec::with_capacity(n);
         for g in gpus {
             let cap = safe_cap_w(settings.budget_w, n, g);
-            let clocks =
-                if self.locked.remove(&g.index).is_some() { ClockCommand::Reset } else { ClockCommand::Keep };
-            let fans = if self.fans.remove(&g.index).is_some() { FanCommand::Auto } else { FanCommand::Keep };
+            let clocks = if self.locked.remove(&g.index).is_some() {
+                ClockCommand::Reset
+            } else {
+                ClockCommand::Keep
+            };
+            let fans = if self.fans.remove(&g.index).is_some() {
+                FanCommand::Auto
+            } else {
+                FanCommand::Keep
+            };
             out.push(GpuCommand {
                 index: g.index,
                 cap_w: cap,
@@ -469,7 +476,7 @@ impl Policy for Controller {
     fn tick(&mut self, now_s: f64, settings: &PowerSettings, gpus: &[GpuInput]) -> Decision {
         let stale = gpus
             .iter()
-            .any(|g| g.telemetry.is_none_or(|t| !(t.age_s <= TELEMETRY_TIMEOUT_S)));
+            .any(|g| g.telemetry.is_none_or(|t| t.age_s.is_nan() || t.age_s > TELEMETRY_TIMEOUT_S));
         if stale || gpus.is_empty() {
             return self.failsafe(now_s, settings, gpus);
         }

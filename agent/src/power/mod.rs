@@ -61,7 +61,10 @@ pub fn validate_settings(s: &PowerSettings, list: &str) -> Result<(), SettingsEr
             return err(format!("{list}[{i}].index"), format!("GPU {} is listed twice", g.index));
         }
         if !(1..=100).contains(&g.priority) {
-            return err(format!("{list}[{i}].priority"), format!("{} is outside 1..=100", g.priority));
+            return err(
+                format!("{list}[{i}].priority"),
+                format!("{} is outside 1..=100", g.priority),
+            );
         }
         target(format!("{list}[{i}].core_target_c"), g.core_target_c)?;
         target(format!("{list}[{i}].memory_target_c"), g.memory_target_c)?;

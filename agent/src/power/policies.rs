@@ -112,7 +112,8 @@ impl Policy for Thunderbolt {
 
     fn tick(&mut self, now_s: f64, settings: &PowerSettings, gpus: &[GpuInput]) -> Decision {
         if self.caps.len() != gpus.len() {
-            self.caps = gpus.iter().map(|g| g.telemetry.map_or(g.default_w, |t| t.limit_w)).collect();
+            self.caps =
+                gpus.iter().map(|g| g.telemetry.map_or(g.default_w, |t| t.limit_w)).collect();
         }
         let draw: f64 = gpus.iter().filter_map(|g| g.telemetry).map(|t| t.draw_w).sum();
         if let Some(budget) = settings.budget_w.map(f64::from) {
@@ -121,9 +122,9 @@ impl Policy for Thunderbolt {
                     *c *= TB_DECREASE;
                 }
             } else if draw < LOW * budget {
-                for i in 0..self.caps.len() {
+                for (g, c) in gpus.iter().zip(0..self.caps.len()) {
                     if self.coin() {
-                        self.caps[i] += TB_RELEASE * gpus[i].max_w;
+                        self.caps[c] += TB_RELEASE * g.max_w;
                     }
                 }
             }

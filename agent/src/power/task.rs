@@ -41,7 +41,8 @@ pub fn inputs(snap: &GpuSnapshot, now_ms: u64) -> Vec<GpuInput> {
     snap.gpus
         .iter()
         .map(|g| {
-            let age_s = g.sampled_at_ms.map_or(f64::INFINITY, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
+            let age_s =
+                g.sampled_at_ms.map_or(f64::INFINITY, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
             let sample = if g.lost { None } else { g.sample.as_ref() };
             GpuInput::new(&g.inventory, sample, age_s)
         })
@@ -136,9 +137,12 @@ impl Subsystem for PowerTask {
                 if let Some(s) = &g.sample
                     && s.enforced_power_limit_mw < s.power_limit_mw
                 {
-                    tracing::warn!(gpu = g.inventory.index, requested_mw = s.power_limit_mw,
+                    tracing::warn!(
+                        gpu = g.inventory.index,
+                        requested_mw = s.power_limit_mw,
                         enforced_mw = s.enforced_power_limit_mw,
-                        "a lower power limit is enforced from outside (BMC); respected");
+                        "a lower power limit is enforced from outside (BMC); respected"
+                    );
                 }
             }
 
@@ -213,10 +217,9 @@ impl Subsystem for PowerTask {
             let (b, settings) = (backend.clone(), input.settings.clone());
             let locked = controller.locked_clocks().clone();
             let fans = controller.fans_driven();
-            let failed = blocking(move || {
-                leave_safe(b.as_ref(), &settings, &last_inputs, &locked, fans)
-            })
-            .await?;
+            let failed =
+                blocking(move || leave_safe(b.as_ref(), &settings, &last_inputs, &locked, fans))
+                    .await?;
             log_failures(failed, &mut failures);
             tracing::info!(budget_w = ?input.settings.budget_w, "power control stopped: GPUs left at safe static caps");
             Ok(())

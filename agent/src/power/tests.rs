@@ -57,7 +57,9 @@ impl Loop {
 
     fn inputs(&self) -> Vec<GpuInput> {
         let inv = inventory_all(&self.backend).unwrap_or_default();
-        inv.iter().map(|i| GpuInput::new(i, self.backend.sample(i.index).ok().as_ref(), 0.0)).collect()
+        inv.iter()
+            .map(|i| GpuInput::new(i, self.backend.sample(i.index).ok().as_ref(), 0.0))
+            .collect()
     }
 
     /// One control period: sample, step, actuate, then one simulated second.
@@ -131,7 +133,7 @@ fn random_input(rng: &mut Rng, index: u32) -> GpuInput {
     let max_w = (min_w + rng.range(0.0, 600.0)).round();
     let limit_w = rng.range(min_w, max_w);
     let draw_w = rng.range(0.0, max_w * 1.1);
-    let enforced_w = if rng.next() % 5 == 0 { rng.range(10.0, limit_w) } else { limit_w };
+    let enforced_w = if rng.next().is_multiple_of(5) { rng.range(10.0, limit_w) } else { limit_w };
     let util_gpu = (rng.next() % 101) as u32;
     GpuInput {
         index,
@@ -151,7 +153,7 @@ fn random_input(rng: &mut Rng, index: u32) -> GpuInput {
             util_mem: (rng.next() % 101) as u32,
             temp_core_c: (25 + rng.next() % 75) as u32,
             temp_mem_c: Some((25 + rng.next() % 80) as u32),
-            power_capped: rng.next() % 2 == 0,
+            power_capped: rng.next().is_multiple_of(2),
             fans: (rng.next() % 3) as usize,
         }),
     }
@@ -184,7 +186,7 @@ fn caps_are_never_above_max_nor_below_min() {
                     2 => Some(1_000_000),
                     _ => Some(rng.range(100.0, 6000.0) as u32),
                 },
-                core_target_c: (rng.next() % 2 == 0).then_some(60),
+                core_target_c: (rng.next().is_multiple_of(2)).then_some(60),
                 ..PowerSettings::default()
             };
             let d = c.tick(t, &settings, &gpus);

@@ -13,6 +13,8 @@
 //! cargo run --release -p hearth-bench --bin power_control [-- --seed 1]
 //! ```
 
+#![allow(clippy::print_stdout)] // a benchmark prints its table
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,12 +64,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "mixed 4 train/3 infer/1 idle, 4000 W",
-            scenario: format!(
-                "{}{}{}",
-                h100(4, "training"),
-                h100(3, "inference"),
-                h100(1, "idle")
-            ),
+            scenario: format!("{}{}{}", h100(4, "training"), h100(3, "inference"), h100(1, "idle")),
             budgets: vec![(0.0, 4000)],
             duration_s: 300.0,
         },
@@ -106,10 +103,8 @@ fn run(case: &Case, seed: u64, policy: &mut dyn Policy) -> anyhow::Result<Metric
     let host = Arc::new(SimHost::new(&scenario, SimClock::Manual));
     let backend = SimBackend::new(host.clone());
     let inventory = inventory_all(&backend)?;
-    let t_limit: Vec<f64> = inventory
-        .iter()
-        .map(|i| f64::from(i.max_operating_temp_c.unwrap_or(87)))
-        .collect();
+    let t_limit: Vec<f64> =
+        inventory.iter().map(|i| f64::from(i.max_operating_temp_c.unwrap_or(87))).collect();
     let mut m = Metrics { min_margin_c: f64::INFINITY, ..Metrics::default() };
     let steps_per_period = (PERIOD_S / MEASURE_S).round() as u64;
     let total_steps = (case.duration_s / MEASURE_S).round() as u64;
@@ -128,7 +123,12 @@ fn run(case: &Case, seed: u64, policy: &mut dyn Policy) -> anyhow::Result<Metric
             }
             let decision = policy.tick(t_ms as f64 / 1000.0, &settings, &gpus);
             if let Some(f) = actuate(&backend, &gpus, &decision).into_iter().next() {
-                anyhow::bail!("{}: GPU {}: {:#}", policy.name(), f.gpu, anyhow::Error::from(f.error));
+                anyhow::bail!(
+                    "{}: GPU {}: {:#}",
+                    policy.name(),
+                    f.gpu,
+                    anyhow::Error::from(f.error)
+                );
             }
         }
         host.advance(Duration::from_millis(measure_ms));
@@ -209,7 +209,11 @@ fn main() -> anyhow::Result<()> {
             let settle = m.settle_s.map_or_else(|| "never".into(), |s| format!("{s:.1}"));
             let over = if m.windows == 0 { 0.0 } else { 100.0 * m.over as f64 / m.windows as f64 };
             let worst = if m.worst_over_w > 0.0 {
-                format!("{:.0} W ({:.1} %)", m.worst_over_w, 100.0 * m.worst_over_w / m.budget_at_worst)
+                format!(
+                    "{:.0} W ({:.1} %)",
+                    m.worst_over_w,
+                    100.0 * m.worst_over_w / m.budget_at_worst
+                )
             } else {
                 "none".into()
             };

@@ -1044,7 +1044,10 @@ pub unsafe extern "C" fn nvmlDeviceSetFanSpeed_v2(
 
 /// `nvmlDeviceSetDefaultFanSpeed_v2`: one fan back to the board's automatic curve.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceSetDefaultFanSpeed_v2(device: nvmlDevice_t, fan: c_uint) -> Code {
+pub unsafe extern "C" fn nvmlDeviceSetDefaultFanSpeed_v2(
+    device: nvmlDevice_t,
+    fan: c_uint,
+) -> Code {
     run(|| {
         let (d, i) = gpu(device)?;
         d.node().reset_fan(i, fan).map_err(code)

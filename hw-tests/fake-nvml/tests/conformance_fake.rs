@@ -159,7 +159,8 @@ fn power_control_through_the_fake_library() -> anyhow::Result<()> {
     use hearth_agent::power::{Controller, GpuInput, Policy, PowerParams, actuate, leave_safe};
     use hearth_proto::api::{PowerMode, PowerSettings};
 
-    const FOUR_H100: &str = "seed = 4\n[[gpu]]\nprofile = \"h100-sxm\"\ncount = 4\nworkload = \"training\"\n";
+    const FOUR_H100: &str =
+        "seed = 4\n[[gpu]]\nprofile = \"h100-sxm\"\ncount = 4\nworkload = \"training\"\n";
     in_fake("power_control_through_the_fake_library", Some(FOUR_H100), &[], || {
         let (backend, control) = open_fake()?;
         let inventory = inventory_all(&backend)?;
