@@ -206,7 +206,11 @@ fn main() -> anyhow::Result<()> {
         }
         let static_work = results.iter().find(|(n, _)| *n == "static").map_or(1.0, |(_, m)| m.work);
         for (name, m) in &results {
-            let settle = m.settle_s.map_or_else(|| "never".into(), |s| format!("{s:.1}"));
+            let settle = if case.budgets.len() < 2 {
+                "-".to_string() // no budget step in this scenario
+            } else {
+                m.settle_s.map_or_else(|| "never".into(), |s| format!("{s:.1}"))
+            };
             let over = if m.windows == 0 { 0.0 } else { 100.0 * m.over as f64 / m.windows as f64 };
             let worst = if m.worst_over_w > 0.0 {
                 format!(
