@@ -458,3 +458,42 @@ fn boot_restores_runtime_settings_unless_the_configuration_changed() -> anyhow::
     assert_eq!(boot_settings(&store, &config), (config, 0));
     Ok(())
 }
+
+#[test]
+fn a_bmc_limit_read_from_the_gpu_is_respected_and_its_share_goes_elsewhere() {
+    let mut l = Loop::new(&Scenario::uniform("h100-sxm", 4, Workload::Training));
+    assert!(l.host.lock().inject(0, hearth_sim::Fault::BmcPowerLimit { watts: 300 }).is_ok());
+    let mut d = l.period(&budget(2400));
+    for _ in 0..15 {
+        d = l.period(&budget(2400));
+    }
+    assert_eq!(d.gpus[0].reason, CapReason::External, "{d:?}");
+    assert!(d.gpus[0].cap_w <= 300.0 + 1e-9, "{d:?}");
+    // The other three share what GPU 0 cannot use: 95 % of 2400 W less ~300 W.
+    assert!(d.gpus[1..].iter().all(|g| g.cap_w > 600.0), "{d:?}");
+    let p = l.true_power();
+    assert!(p <= 2400.0 * 1.02 && p >= 2400.0 * 0.88, "{p:.0} W");
+}
+
+#[test]
+fn fans_hold_a_fan_cooled_card_near_its_core_target() {
+    let mut s = Scenario::uniform("rtx4090-pcie", 1, Workload::Training);
+    s.seed = 9;
+    let mut l = Loop::new(&s);
+    let settings = PowerSettings { core_target_c: Some(70), ..PowerSettings::default() };
+    let mut d = l.period(&settings);
+    for _ in 0..300 {
+        d = l.period(&settings);
+    }
+    let sample = l.backend.sample(0).ok();
+    let fans = sample.as_ref().map(|s| s.fan_speed_pct.clone()).unwrap_or_default();
+    assert!(fans.iter().all(|&f| f >= 90), "fans driven toward 100 % near the target: {fans:?}");
+    let t = l.host.lock().true_temp_core_c(0).unwrap_or(f64::NAN);
+    assert!(t <= 72.0, "die at {t:.1} °C, target 70 °C: {d:?}");
+    // Leaving gives the fans back to the board's curve.
+    let gpus = l.inputs();
+    assert!(leave_safe(&l.backend, &settings, &gpus, &Default::default(), true).is_empty());
+    l.host.advance(Duration::from_secs(30));
+    let fans = l.backend.sample(0).map(|s| s.fan_speed_pct).unwrap_or_default();
+    assert!(fans.iter().all(|&f| f < 90), "automatic curve again: {fans:?}");
+}
