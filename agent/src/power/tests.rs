@@ -472,7 +472,7 @@ fn a_bmc_limit_read_from_the_gpu_is_respected_and_its_share_goes_elsewhere() {
     // The other three share what GPU 0 cannot use: 95 % of 2400 W less ~300 W.
     assert!(d.gpus[1..].iter().all(|g| g.cap_w > 600.0), "{d:?}");
     let p = l.true_power();
-    assert!(p <= 2400.0 * 1.02 && p >= 2400.0 * 0.88, "{p:.0} W");
+    assert!((2400.0 * 0.88..=2400.0 * 1.02).contains(&p), "{p:.0} W");
 }
 
 #[test]
