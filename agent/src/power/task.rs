@@ -36,15 +36,17 @@ impl PowerTask {
     }
 }
 
-/// The controller's inputs from a sampler snapshot at `now_ms`.
+/// The controller's inputs from a sampler snapshot at `now_ms`. A GPU that fell off the bus is
+/// left out: it answers no call and computes nothing (health reports it); a GPU whose samples
+/// fail or stop is kept, with no or old telemetry, and puts the node in failsafe.
 pub fn inputs(snap: &GpuSnapshot, now_ms: u64) -> Vec<GpuInput> {
     snap.gpus
         .iter()
+        .filter(|g| !g.lost)
         .map(|g| {
             let age_s =
                 g.sampled_at_ms.map_or(f64::INFINITY, |t| now_ms.saturating_sub(t) as f64 / 1000.0);
-            let sample = if g.lost { None } else { g.sample.as_ref() };
-            GpuInput::new(&g.inventory, sample, age_s)
+            GpuInput::new(&g.inventory, g.sample.as_ref(), age_s)
         })
         .collect()
 }

@@ -497,3 +497,33 @@ fn fans_hold_a_fan_cooled_card_near_its_core_target() {
     let fans = l.backend.sample(0).map(|s| s.fan_speed_pct).unwrap_or_default();
     assert!(fans.iter().all(|&f| f < 90), "automatic curve again: {fans:?}");
 }
+
+#[test]
+fn a_lost_gpu_is_left_out_and_a_stale_one_means_failsafe() {
+    use crate::agent::{GpuEntry, GpuSnapshot};
+    let mut l = Loop::new(&Scenario::uniform("h100-sxm", 3, Workload::Training));
+    l.period(&budget(1500));
+    let inv = inventory_all(&l.backend).unwrap_or_default();
+    let entry = |i: usize, lost: bool, at: Option<u64>| GpuEntry {
+        inventory: inv[i].clone(),
+        sample: l.backend.sample(inv[i].index).ok(),
+        sampled_at_ms: at,
+        lost,
+        error: None,
+    };
+    let snap = GpuSnapshot {
+        driver: None,
+        gpus: vec![
+            entry(0, false, Some(9_500)),
+            entry(1, true, None),
+            entry(2, false, Some(9_000)),
+        ],
+        rounds: 5,
+    };
+    let gpus = super::task::inputs(&snap, 10_000);
+    assert_eq!(gpus.iter().map(|g| g.index).collect::<Vec<_>>(), vec![0, 2]);
+    assert_eq!(l.controller.tick(2.0, &budget(1500), &gpus).mode, PowerMode::Budget);
+    // GPU 2's last sample is 3.5 s old: failsafe.
+    let gpus = super::task::inputs(&snap, 12_500);
+    assert_eq!(l.controller.tick(3.0, &budget(1500), &gpus).mode, PowerMode::Failsafe);
+}
