@@ -119,7 +119,11 @@ impl Subsystem for PowerTask {
 
             let state_dir = agent.config.state.dir.clone();
             let store = Store::new(store_path(&state_dir));
-            ensure_dir(&state_dir)?;
+            if let Err(e) = ensure_dir(&state_dir) {
+                // Control matters more than persistence: go on, every save will say why it fails.
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)),
+                    "power settings cannot be persisted");
+            }
             let mut settings_rx = agent.power_settings().subscribe();
             let (boot, mut generation) = {
                 let current = settings_rx.borrow_and_update().clone();
