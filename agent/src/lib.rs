@@ -8,9 +8,9 @@
 //!   `tokio::sync::watch` channel held by the shared [`agent::Agent`].
 //! - `gpu-events` ([`events`]): a blocking thread on the backend's event set (XID, ECC).
 //! - `api` ([`api::server`]): the local HTTP/1.1 + JSON API under `/v1` on a Unix socket.
-//!
 //! - `power` ([`power`]): holds the node power budget and temperature targets (settings on a
-//!   `watch` channel of the agent: configuration, `POST /v1/power`, SIGHUP via [`reload`]).
+//!   `watch` channel of the agent: configuration, `POST /v1/power`, SIGHUP via [`reload`]);
+//!   design note `docs/0004-power-control.md`.
 //!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
