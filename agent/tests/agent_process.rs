@@ -20,8 +20,30 @@ const BIN: &str = env!("CARGO_BIN_EXE_hearth-agent");
 struct Agent {
     child: Child,
     dir: tempfile::TempDir,
-    notify: UnixDatagram,
+    /// Notifications read by [`notify_reader`], which, like systemd, reads the socket all the
+    /// time (an unread datagram queue would block the agent's sd_notify sends).
+    notify: std::sync::mpsc::Receiver<String>,
+    stop_reader: std::sync::Arc<std::sync::atomic::AtomicBool>,
     notices: Vec<String>,
+}
+
+/// Read every datagram of the fake systemd socket onto a channel until `stop`.
+fn notify_reader(
+    socket: UnixDatagram,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = socket.recv(&mut buf)
+                && tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 impl Agent {
@@ -55,19 +77,19 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        Ok(Self { child, dir, notify, notices: Vec::new() })
+        let stop_reader = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let notify = notify_reader(notify, stop_reader.clone());
+        Ok(Self { child, dir, notify, stop_reader, notices: Vec::new() })
     }
 
     /// Read notifications until `pred` holds for one, or `timeout`.
     fn wait_notice(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 4096];
         if self.notices.iter().any(|n| pred(n)) {
             return true;
         }
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Ok(text) = self.notify.recv_timeout(left) {
                 let hit = pred(&text);
                 self.notices.push(text);
                 if hit {
@@ -140,6 +162,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stop_reader.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -263,16 +286,9 @@ fn power_limit_is_set_validated_and_restored_through_the_api() -> TestResult {
 }
 
 impl Agent {
-    /// Read every notification waiting (the agent's sd_notify socket queue is short: an unread
-    /// queue would block the agent's watchdog pings).
+    /// Collect every notification read so far.
     fn drain(&mut self) {
-        let mut buf = [0u8; 4096];
-        if self.notify.set_nonblocking(true).is_ok() {
-            while let Ok(n) = self.notify.recv(&mut buf) {
-                self.notices.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            let _ = self.notify.set_nonblocking(false);
-        }
+        self.notices.extend(self.notify.try_iter());
     }
 
     fn power(&self) -> Result<PowerReport, Box<dyn std::error::Error>> {
@@ -290,7 +306,9 @@ impl Agent {
             self.drain();
             let p = self.power()?;
             let sum: u32 = p.gpus.iter().filter_map(|g| g.limit_mw).sum();
-            if sum <= watts * 1000 {
+            // Every GPU must be sampled with a limit in force (an empty report is not "under").
+            let complete = !p.gpus.is_empty() && p.gpus.iter().all(|g| g.limit_mw.is_some());
+            if complete && sum <= watts * 1000 {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > within {
