@@ -71,6 +71,9 @@ pub struct Agent {
     gpus: watch::Sender<GpuSnapshot>,
     events: Mutex<EventLog>,
     subsystems: OnceLock<watch::Receiver<Vec<SubsystemStatus>>>,
+    // Fleet (crate::fleet): desired state for the health and power subsystems, and membership.
+    desired: watch::Sender<Option<hearth_proto::control::DesiredState>>,
+    fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -90,6 +93,11 @@ impl Agent {
             gpus: watch::Sender::new(GpuSnapshot::default()),
             events: Mutex::new(EventLog::default()),
             subsystems: OnceLock::new(),
+            desired: watch::Sender::new(None),
+            fleet_status: watch::Sender::new(hearth_proto::api::FleetStatus {
+                state: "starting".into(),
+                ..Default::default()
+            }),
         })
     }
 
@@ -121,6 +129,17 @@ impl Agent {
     /// Subsystem states.
     pub fn subsystems(&self) -> Vec<SubsystemStatus> {
         self.subsystems.get().map(|rx| rx.borrow().clone()).unwrap_or_default()
+    }
+
+    /// The fleet's desired state (drain, power budget, labels, update channel, generation), once
+    /// received; subscribe to follow it.
+    pub fn desired(&self) -> &watch::Sender<Option<hearth_proto::control::DesiredState>> {
+        &self.desired
+    }
+
+    /// Fleet membership (written by the `fleet` subsystem).
+    pub fn fleet_status(&self) -> &watch::Sender<hearth_proto::api::FleetStatus> {
+        &self.fleet_status
     }
 
     /// Record a GPU event.
@@ -180,6 +199,7 @@ impl Agent {
             uptime_s: self.started.elapsed().as_secs(),
             subsystems,
             gpus,
+            fleet: self.fleet_status.borrow().clone(),
         }
     }
 

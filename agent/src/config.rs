@@ -31,6 +31,33 @@ pub struct Config {
     /// Persistent state (`[state]`).
     #[serde(default)]
     pub state: StateConfig,
+    /// Fleet membership (`[fleet]`).
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: joining a fleet (`docs/0005-fleet.md`, `docs/operations.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Run the `fleet` subsystem (enrollment and the control session). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A seed file to use instead of the search (`/etc/hearth/seed.toml`, the `HEARTH-SEED`
+    /// partition, the `hearth.seed` credential, `hearth.seed=` on the kernel command line). Unset
+    /// by default.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self { enabled: true, seed: None }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Default directory of the agent's persistent state.

@@ -8,6 +8,8 @@
 //!   `tokio::sync::watch` channel held by the shared [`agent::Agent`].
 //! - `gpu-events` ([`events`]): a blocking thread on the backend's event set (XID, ECC).
 //! - `api` ([`api::server`]): the local HTTP/1.1 + JSON API under `/v1` on a Unix socket.
+//! - `fleet` ([`fleet`]): enrollment with the seed's token and the `hearth/1` control session to
+//!   the fleet; desired state flows out on [`agent::Agent::desired`] (`docs/0005-fleet.md`).
 //!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod fakes;
+pub mod fleet;
 pub mod gpu;
 pub mod health;
 pub mod logging;
@@ -78,6 +81,10 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
         Arc::new(events::Events::new(agent.clone())),
         Arc::new(api::server::ApiServer::new(agent.clone())),
     ];
+    let mut subsystems = subsystems;
+    if agent.config.fleet.enabled {
+        subsystems.push(Arc::new(fleet::Fleet::new(agent.clone())));
+    }
     let supervisor = Supervisor::start(subsystems, supervisor::BACKOFF_START);
     agent.attach_subsystems(supervisor.status());
     let notify_cancel = CancellationToken::new();

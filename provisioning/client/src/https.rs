@@ -197,7 +197,10 @@ async fn tcp(ep: &Endpoint) -> Result<TcpStream, ClientError> {
                 status_line: "answer header too long".into(),
             });
         }
-        let b = s.read_u8().await.map_err(|source| ClientError::Connect { addr: proxy.clone(), source })?;
+        let b = s
+            .read_u8()
+            .await
+            .map_err(|source| ClientError::Connect { addr: proxy.clone(), source })?;
         head.push(b);
     }
     let text = String::from_utf8_lossy(&head);
@@ -264,7 +267,9 @@ pub async fn request(
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| http(e.into()))?;
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http(e.into()))?;
         let resp = sender.send_request(req).await.map_err(|e| http(e.into()))?;
         let status = resp.status().as_u16();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE)
@@ -291,10 +296,10 @@ pub async fn json<Req: Serialize, Resp: DeserializeOwned>(
     body: Option<&Req>,
 ) -> Result<Resp, ClientError> {
     let body = match body {
-        Some(b) => Some(serde_json::to_vec(b).map_err(|source| ClientError::BadAnswer {
-            addr: ep.addr(),
-            source,
-        })?),
+        Some(b) => Some(
+            serde_json::to_vec(b)
+                .map_err(|source| ClientError::BadAnswer { addr: ep.addr(), source })?,
+        ),
         None => None,
     };
     let resp = request(ep, config, method, path, body).await?;

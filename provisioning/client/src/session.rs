@@ -90,7 +90,8 @@ impl Session {
         identity: &ClientIdentity,
         agent_version: &str,
     ) -> Result<Self, SessionError> {
-        let config = client_config(pin, Some(identity), control::ALPN).map_err(ClientError::from)?;
+        let config =
+            client_config(pin, Some(identity), control::ALPN).map_err(ClientError::from)?;
         Self::open_with(ep, config, agent_version, control::PROTOCOL_VERSION).await
     }
 

@@ -7,8 +7,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -83,14 +83,18 @@ pub fn certs_from_pem(
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
     let certs = certs.map_err(|source| TlsError::BadCert { what, source })?;
     if certs.is_empty() {
-        return Err(TlsError::BadCert { what, source: rustls::pki_types::pem::Error::NoItemsFound });
+        return Err(TlsError::BadCert {
+            what,
+            source: rustls::pki_types::pem::Error::NoItemsFound,
+        });
     }
     Ok(certs)
 }
 
 /// Parse a PEM private key.
 pub fn key_from_pem(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| TlsError::BadKey { what, source })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|source| TlsError::BadKey { what, source })
 }
 
 /// A server name from text (DNS name or IP address).
@@ -148,12 +152,15 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let ca = intermediates
             .iter()
             .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.pin)
-            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))?;
+            .ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("pinned CA unusable: {e}")))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(format!("pinned CA unusable: {e}")))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 

@@ -60,14 +60,19 @@ impl From<RegistryError> for ApiError {
                     | Refusal::RevokedToken { .. }
                     | Refusal::UsedUpToken { .. }
                     | Refusal::RevokedHardware { .. } => StatusCode::FORBIDDEN,
-                    Refusal::UnknownNode { .. } | Refusal::NoSuchToken { .. } => StatusCode::NOT_FOUND,
+                    Refusal::UnknownNode { .. } | Refusal::NoSuchToken { .. } => {
+                        StatusCode::NOT_FOUND
+                    }
                     Refusal::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 };
                 ApiError::new(status, r.to_string())
             }
             other => {
                 tracing::error!(error = %format!("{other:#}"), "registry failure");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("registry unavailable: {other}"))
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("registry unavailable: {other}"),
+                )
             }
         }
     }
@@ -95,10 +100,16 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .with_state(fleet)
 }
 
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<T, ApiError> {
+fn parse<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds the {limit}-byte limit"))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds the {limit}-byte limit"),
+            )
         } else {
             ApiError::new(e.status(), format!("cannot read the request body: {e}"))
         }
@@ -107,7 +118,10 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize)
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let where_ = if path == "." { String::new() } else { format!(" at {path}") };
-        ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body{where_}: {}", e.inner()))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON body{where_}: {}", e.inner()),
+        )
     })
 }
 
@@ -134,7 +148,10 @@ fn random_hex(n: usize) -> String {
 
 fn check_len(what: &str, v: &str, max: usize) -> Result<(), ApiError> {
     if v.trim().is_empty() || v.len() > max {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{what} must be 1..={max} bytes")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{what} must be 1..={max} bytes"),
+        ));
     }
     Ok(())
 }
@@ -176,7 +193,9 @@ async fn enroll(
             let mut issued = None;
             let validity = Duration::from_secs(u64::from(f.config.cert_validity_days) * 86_400);
             let (node, _new) = r.enroll(&e, crate::now_ms(), &mut |id| {
-                let i = f.ca.sign_node(&csr, id, validity, Duration::ZERO).map_err(|e| format!("{e:#}"))?;
+                let i =
+                    f.ca.sign_node(&csr, id, validity, Duration::ZERO)
+                        .map_err(|e| format!("{e:#}"))?;
                 let rec = CertRecord { serial: i.serial.clone(), not_after_ms: i.not_after_ms };
                 issued = Some(i);
                 Ok(rec)
@@ -184,7 +203,8 @@ async fn enroll(
             Ok((node, issued))
         })
         .await?;
-    let issued = issued.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no certificate issued"))?;
+    let issued = issued
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no certificate issued"))?;
     tracing::info!(node = %node_id, "node enrolled");
     Ok(Json(EnrollResponse {
         node_id,
@@ -201,7 +221,10 @@ async fn renew(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<EnrollResponse> {
     let Peer::Node(node) = peer else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "renewal needs the node's current certificate"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "renewal needs the node's current certificate",
+        ));
     };
     let req: RenewRequest = parse(body, fleet.config.max_body_bytes)?;
     let csr = parse_csr(&req.csr_pem)?;
@@ -212,7 +235,9 @@ async fn renew(
             let mut issued = None;
             let validity = Duration::from_secs(u64::from(f.config.cert_validity_days) * 86_400);
             r.renew(&id, crate::now_ms(), &mut |id| {
-                let i = f.ca.sign_node(&csr, id, validity, Duration::ZERO).map_err(|e| format!("{e:#}"))?;
+                let i =
+                    f.ca.sign_node(&csr, id, validity, Duration::ZERO)
+                        .map_err(|e| format!("{e:#}"))?;
                 let rec = CertRecord { serial: i.serial.clone(), not_after_ms: i.not_after_ms };
                 issued = Some(i);
                 Ok(rec)
@@ -230,7 +255,10 @@ async fn renew(
     }))
 }
 
-async fn list_tokens(State(fleet): State<Arc<Fleet>>, Extension(peer): Extension<Peer>) -> ApiResult<Vec<TokenView>> {
+async fn list_tokens(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Vec<TokenView>> {
     need(&peer, Role::Viewer)?;
     Ok(Json(fleet.db(|r| r.tokens()).await?))
 }
@@ -306,7 +334,10 @@ fn with_liveness(fleet: &Fleet, mut n: NodeView, now: u64) -> NodeView {
     n
 }
 
-async fn list_nodes(State(fleet): State<Arc<Fleet>>, Extension(peer): Extension<Peer>) -> ApiResult<Vec<NodeView>> {
+async fn list_nodes(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Vec<NodeView>> {
     need(&peer, Role::Viewer)?;
     let nodes = fleet.db(|r| r.nodes()).await?;
     let now = crate::now_ms();
@@ -362,7 +393,10 @@ async fn power_budget(
     need(&peer, Role::Admin)?;
     let req: PowerBudgetRequest = parse(body, fleet.config.max_body_bytes)?;
     if req.watts.is_some_and(|w| !(100..=100_000).contains(&w)) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "watts must be in 100..=100000 (or null)"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "watts must be in 100..=100000 (or null)",
+        ));
     }
     let what = match req.watts {
         Some(w) => format!("power budget {w} W"),

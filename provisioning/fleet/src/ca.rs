@@ -12,8 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hearth_fleet_client::{NODE_URI_PREFIX, OPERATOR_URI_PREFIX};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 /// Why the CA could not be loaded, created or used.
@@ -55,7 +54,9 @@ fn rc(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CaError {
 }
 
 /// Operator roles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Read-only.
@@ -115,14 +116,20 @@ fn write_new_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
 
 fn read_key(path: &Path) -> Result<String, CaError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = fs::metadata(path)
-        .map_err(|source| CaError::Io { op: "stat", path: path.to_path_buf(), source })?;
+    let meta = fs::metadata(path).map_err(|source| CaError::Io {
+        op: "stat",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(CaError::KeyMode { path: path.to_path_buf(), mode });
     }
-    fs::read_to_string(path)
-        .map_err(|source| CaError::Io { op: "read", path: path.to_path_buf(), source })
+    fs::read_to_string(path).map_err(|source| CaError::Io {
+        op: "read",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn random_serial() -> SerialNumber {
@@ -167,8 +174,11 @@ impl Ca {
             write_new_private(&cert_path, cert.pem().as_bytes())?;
             tracing::info!(dir = %dir.display(), "created the fleet CA");
         }
-        let cert_pem = fs::read_to_string(&cert_path)
-            .map_err(|source| CaError::Io { op: "read", path: cert_path.clone(), source })?;
+        let cert_pem = fs::read_to_string(&cert_path).map_err(|source| CaError::Io {
+            op: "read",
+            path: cert_path.clone(),
+            source,
+        })?;
         let key = KeyPair::from_pem(&read_key(&key_path)?)
             .map_err(rc(format!("cannot read the CA key {}", key_path.display())))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
@@ -186,7 +196,13 @@ impl Ca {
         hearth_fleet_client::tls::pin_of_pem(&self.cert_pem).unwrap_or_default()
     }
 
-    fn leaf_params(&self, cn: &str, sans: Vec<SanType>, validity: Duration, backdate: Duration) -> CertificateParams {
+    fn leaf_params(
+        &self,
+        cn: &str,
+        sans: Vec<SanType>,
+        validity: Duration,
+        backdate: Duration,
+    ) -> CertificateParams {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
@@ -218,12 +234,20 @@ impl Ca {
             .map_err(rc("cannot generate the server key"))?;
         let san = match name.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(name.try_into().map_err(rc(format!("bad fleet name {name:?}")))?),
+            Err(_) => {
+                SanType::DnsName(name.try_into().map_err(rc(format!("bad fleet name {name:?}")))?)
+            }
         };
-        let mut params =
-            self.leaf_params(name, vec![san], Duration::from_secs(90 * 86_400), Duration::from_secs(60));
+        let mut params = self.leaf_params(
+            name,
+            vec![san],
+            Duration::from_secs(90 * 86_400),
+            Duration::from_secs(60),
+        );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &self.issuer).map_err(rc("cannot sign the server certificate"))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rc("cannot sign the server certificate"))?;
         Ok((Self::issued(&params, cert.pem()), key.serialize_pem()))
     }
 
@@ -237,7 +261,8 @@ impl Ca {
         backdate: Duration,
     ) -> Result<Issued, CaError> {
         let uri = format!("{NODE_URI_PREFIX}{node_id}");
-        let san = SanType::URI(uri.as_str().try_into().map_err(rc(format!("bad node id {node_id:?}")))?);
+        let san =
+            SanType::URI(uri.as_str().try_into().map_err(rc(format!("bad node id {node_id:?}")))?);
         let mut params = self.leaf_params(node_id, vec![san], validity, backdate);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params
@@ -256,10 +281,14 @@ impl Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(rc("cannot generate the operator key"))?;
         let uri = format!("{OPERATOR_URI_PREFIX}{}:{name}", role.as_str());
-        let san = SanType::URI(uri.as_str().try_into().map_err(rc(format!("bad operator name {name:?}")))?);
+        let san = SanType::URI(
+            uri.as_str().try_into().map_err(rc(format!("bad operator name {name:?}")))?,
+        );
         let mut params = self.leaf_params(name, vec![san], validity, Duration::from_secs(60));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer).map_err(rc("cannot sign the operator certificate"))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(rc("cannot sign the operator certificate"))?;
         Ok((Self::issued(&params, cert.pem()), key.serialize_pem()))
     }
 

@@ -117,7 +117,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--days {days} is not in 1..=365");
             }
             let ca = Ca::load_or_create(&config.state_dir, &config.name)?;
-            let (issued, key) = ca.operator_cert(&name, role, Duration::from_secs(u64::from(days) * 86_400))?;
+            let (issued, key) =
+                ca.operator_cert(&name, role, Duration::from_secs(u64::from(days) * 86_400))?;
             use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -134,7 +135,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .mode(0o600)
                     .open(&path)
                     .with_context(|| format!("cannot write {}", path.display()))?;
-                f.write_all(body.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+                f.write_all(body.as_bytes())
+                    .with_context(|| format!("cannot write {}", path.display()))
             };
             write("operator.crt", &issued.cert_pem)?;
             write("operator.key", &key)?;

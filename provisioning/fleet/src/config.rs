@@ -123,33 +123,45 @@ impl FleetConfig {
             key: String::new(),
             message: e.message().to_string(),
         })?;
-        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            key: e.path().to_string(),
-            message: e.inner().message().to_string(),
-        })?;
+        let config: Self =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                key: e.path().to_string(),
+                message: e.inner().message().to_string(),
+            })?;
         config.validate(path)?;
         Ok(config)
     }
 
     /// Check ranges.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key, problem: String| ConfigError::Invalid { path: path.to_path_buf(), key, problem };
+        let invalid =
+            |key, problem: String| ConfigError::Invalid { path: path.to_path_buf(), key, problem };
         if !(1..=90).contains(&self.cert_validity_days) {
-            return Err(invalid("cert_validity_days", format!("{} is not in 1..=90", self.cert_validity_days)));
+            return Err(invalid(
+                "cert_validity_days",
+                format!("{} is not in 1..=90", self.cert_validity_days),
+            ));
         }
         if !(1024..=1_048_576).contains(&self.max_body_bytes) {
-            return Err(invalid("max_body_bytes", format!("{} is not in 1024..=1048576", self.max_body_bytes)));
+            return Err(invalid(
+                "max_body_bytes",
+                format!("{} is not in 1024..=1048576", self.max_body_bytes),
+            ));
         }
         if !(100..=30_000).contains(&self.flush_interval_ms) {
-            return Err(invalid("flush_interval_ms", format!("{} is not in 100..=30000", self.flush_interval_ms)));
+            return Err(invalid(
+                "flush_interval_ms",
+                format!("{} is not in 100..=30000", self.flush_interval_ms),
+            ));
         }
         if hearth_fleet_client::tls::server_name(&self.name).is_err() {
             return Err(invalid("name", format!("{:?} is not a DNS name", self.name)));
         }
         if let Some(url) = &self.public_url {
-            hearth_fleet_client::https::Endpoint::from_url(url, &self.name)
-                .map_err(|_| invalid("public_url", format!("{url:?} is not https://HOST[:PORT]")))?;
+            hearth_fleet_client::https::Endpoint::from_url(url, &self.name).map_err(|_| {
+                invalid("public_url", format!("{url:?} is not https://HOST[:PORT]"))
+            })?;
         }
         Ok(())
     }

@@ -159,9 +159,10 @@ impl Fleet {
         for c in hearth_fleet_client::tls::certs_from_pem(self.ca.cert_pem(), "CA")? {
             roots.add(c)?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()?;
         let (issued, key_pem) = self.ca.server_cert(&self.config.name)?;
         let mut chain = hearth_fleet_client::tls::certs_from_pem(&issued.cert_pem, "server")?;
         chain.extend(hearth_fleet_client::tls::certs_from_pem(self.ca.cert_pem(), "CA")?);
@@ -177,7 +178,8 @@ impl Fleet {
 
 /// A heartbeat at `last` is recent enough at `now` (fewer than 3 intervals missed).
 pub fn is_fresh(last_ms: u64, now_ms: u64) -> bool {
-    let window = u64::from(control::HEARTBEAT_INTERVAL_S * control::MISSED_HEARTBEATS_OFFLINE) * 1000;
+    let window =
+        u64::from(control::HEARTBEAT_INTERVAL_S * control::MISSED_HEARTBEATS_OFFLINE) * 1000;
     now_ms.saturating_sub(last_ms) < window
 }
 
@@ -214,7 +216,13 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     let cancel = CancellationToken::new();
     let router = crate::api::router(fleet.clone());
-    let accept = tokio::spawn(accept_loop(fleet.clone(), listener, TlsAcceptor::from(tls), router, cancel.clone()));
+    let accept = tokio::spawn(accept_loop(
+        fleet.clone(),
+        listener,
+        TlsAcceptor::from(tls),
+        router,
+        cancel.clone(),
+    ));
     let sweep = tokio::spawn(sweep_loop(fleet.clone(), cancel.clone()));
     tracing::info!(%addr, name = %fleet.config.name, registry = fleet.registry.kind(), "fleet listening");
     Ok(RunningFleet { addr, fleet, cancel, tasks: vec![accept, sweep] })
@@ -258,7 +266,8 @@ async fn accept_loop(
             };
             let (_, conn) = tls.get_ref();
             let is_session = conn.alpn_protocol() == Some(control::ALPN);
-            let peer = peer_of(conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref()));
+            let peer =
+                peer_of(conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref()));
             if is_session {
                 crate::session::serve(fleet, tls, peer, cancel).await;
             } else {
@@ -300,9 +309,8 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
         };
         for id in went_offline {
             tracing::info!(node = %id, "node offline (3 heartbeats missed)");
-            let r = fleet
-                .db(move |r| r.event(Some(&id), "offline", "3 heartbeats missed", now))
-                .await;
+            let r =
+                fleet.db(move |r| r.event(Some(&id), "offline", "3 heartbeats missed", now)).await;
             if let Err(e) = r {
                 tracing::warn!(error = %format!("{e:#}"), "cannot record an offline event");
             }

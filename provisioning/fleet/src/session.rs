@@ -126,7 +126,9 @@ where
         }
     });
 
-    let silence = Duration::from_secs(u64::from(HEARTBEAT_INTERVAL_S * control::MISSED_HEARTBEATS_OFFLINE) + 5);
+    let silence = Duration::from_secs(
+        u64::from(HEARTBEAT_INTERVAL_S * control::MISSED_HEARTBEATS_OFFLINE) + 5,
+    );
     loop {
         let msg = tokio::select! {
             () = cancel.cancelled() => break,
@@ -167,7 +169,9 @@ where
             ControlMessage::CommandAck(ack) => {
                 let id = node.clone();
                 let now = crate::now_ms();
-                if let Err(e) = fleet.db(move |r| r.ack_command(&id, ack.id, &ack.outcome, now)).await {
+                if let Err(e) =
+                    fleet.db(move |r| r.ack_command(&id, ack.id, &ack.outcome, now)).await
+                {
                     tracing::warn!(%node, error = %format!("{e:#}"), "cannot record a command ack");
                 }
             }

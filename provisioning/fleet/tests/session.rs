@@ -12,7 +12,7 @@ use hearth_fleet_client::session::Session;
 use hearth_fleet_client::tls::ClientIdentity;
 use hearth_proto::api::NodeState;
 use hearth_proto::control::{
-    CommandAck, CommandKind, CommandOutcome, ControlMessage, Heartbeat, HealthSummary,
+    CommandAck, CommandKind, CommandOutcome, ControlMessage, HealthSummary, Heartbeat,
     PowerSummary, Versions,
 };
 use hearth_proto::fleet::{CommandRequest, CommandView, DrainRequest, NodeView};
@@ -53,31 +53,52 @@ async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
     assert_eq!(recv(&mut s).await?, ControlMessage::HeartbeatAck { seq: 1 });
 
     let admin = f.http(Some(&f.admin));
-    let nodes: Vec<NodeView> = json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/nodes", None).await?;
+    let nodes: Vec<NodeView> =
+        json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/nodes", None).await?;
     assert_eq!(nodes.len(), 1);
     assert!(nodes[0].online);
     assert_eq!(nodes[0].heartbeat.as_ref().map(|h| h.power.draw_w), Some(4000));
 
     // Drain: the desired state reaches the session with a higher generation.
     let path = format!("/v1/nodes/{}/drain", resp.node_id);
-    let _: NodeView = json(&f.ep(), admin.clone(), "POST", &path, Some(&DrainRequest { drain: true })).await?;
+    let _: NodeView =
+        json(&f.ep(), admin.clone(), "POST", &path, Some(&DrainRequest { drain: true })).await?;
     let ControlMessage::Desired(d) = recv(&mut s).await? else { panic!("expected Desired") };
     assert!(d.drain);
     assert_eq!(d.generation, 2);
 
     // A viewer may not drain.
-    let denied = json::<_, NodeView>(&f.ep(), f.http(Some(&f.viewer)), "POST", &path, Some(&DrainRequest { drain: false })).await;
+    let denied = json::<_, NodeView>(
+        &f.ep(),
+        f.http(Some(&f.viewer)),
+        "POST",
+        &path,
+        Some(&DrainRequest { drain: false }),
+    )
+    .await;
     assert!(denied.is_err_and(|e| e.to_string().contains("needs admin")));
 
     // A command and its ack.
     let path = format!("/v1/nodes/{}/commands", resp.node_id);
-    let c: CommandView = json(&f.ep(), admin.clone(), "POST", &path, Some(&CommandRequest { kind: CommandKind::Reboot })).await?;
+    let c: CommandView = json(
+        &f.ep(),
+        admin.clone(),
+        "POST",
+        &path,
+        Some(&CommandRequest { kind: CommandKind::Reboot }),
+    )
+    .await?;
     let ControlMessage::Command(cmd) = recv(&mut s).await? else { panic!("expected Command") };
     assert_eq!((cmd.id, cmd.kind), (c.id, CommandKind::Reboot));
-    s.send(&ControlMessage::CommandAck(CommandAck { id: cmd.id, outcome: CommandOutcome::Accepted })).await?;
+    s.send(&ControlMessage::CommandAck(CommandAck {
+        id: cmd.id,
+        outcome: CommandOutcome::Accepted,
+    }))
+    .await?;
     let mut acked = false;
     for _ in 0..50 {
-        let cs: Vec<CommandView> = json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
+        let cs: Vec<CommandView> =
+            json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
         if cs.iter().any(|x| x.id == c.id && x.outcome == Some(CommandOutcome::Accepted)) {
             acked = true;
             break;
@@ -88,7 +109,8 @@ async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
 
     // Liveness reaches the registry in a batch.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let row = f.running.fleet.registry.node(&resp.node_id)?.ok_or("node row")?;
+    let row = tokio::task::block_in_place(|| f.running.fleet.registry.node(&resp.node_id))?
+        .ok_or("node row")?;
     assert!(row.last_seen_ms.is_some(), "last seen flushed");
     f.running.stop().await;
     Ok(())
@@ -111,7 +133,8 @@ async fn fleet_accepts_one_version_older_and_refuses_two() -> TestResult {
     let (req, key) = enroll_request(&token.token, 2);
     let resp = enroll(&f.ep(), &f.pin(), &req).await?;
     let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
-    let cfg = hearth_fleet_client::tls::client_config(&f.pin(), Some(&id), hearth_proto::control::ALPN)?;
+    let cfg =
+        hearth_fleet_client::tls::client_config(&f.pin(), Some(&id), hearth_proto::control::ALPN)?;
     let v = hearth_proto::control::PROTOCOL_VERSION;
     // With version 1 there is no older one; a newer node is refused by name.
     let newer = Session::open_with(&f.ep(), cfg.clone(), "9.9", v + 1).await;

@@ -12,7 +12,16 @@ use super::{Backend, DbError, RegistryError, Tx, Value};
 /// The PostgreSQL registry backend.
 pub struct Postgres {
     url: String,
-    client: Mutex<Client>,
+    client: Mutex<Option<Client>>,
+}
+
+impl Drop for Postgres {
+    /// The sync client blocks on its own runtime when it closes: do that off any async thread.
+    fn drop(&mut self) {
+        if let Some(c) = self.client.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = std::thread::spawn(move || drop(c));
+        }
+    }
 }
 
 impl std::fmt::Debug for Postgres {
@@ -30,7 +39,7 @@ impl Postgres {
     /// Connect to `url` (`postgres://user@host:port/db`, or `host=/socket/dir` forms).
     pub fn connect(url: &str) -> Result<Self, DbError> {
         let client = Client::connect(url, NoTls).map_err(err("cannot connect"))?;
-        Ok(Self { url: url.to_string(), client: Mutex::new(client) })
+        Ok(Self { url: url.to_string(), client: Mutex::new(Some(client)) })
     }
 }
 
@@ -67,7 +76,9 @@ impl Tx for PgTx<'_, '_> {
                 r.push(if *t == Type::INT8 {
                     Value::Int(row.try_get::<_, Option<i64>>(c).map_err(err(what.clone()))?)
                 } else if *t == Type::INT4 {
-                    Value::Int(row.try_get::<_, Option<i32>>(c).map_err(err(what.clone()))?.map(i64::from))
+                    Value::Int(
+                        row.try_get::<_, Option<i32>>(c).map_err(err(what.clone()))?.map(i64::from),
+                    )
                 } else {
                     Value::Text(row.try_get::<_, Option<String>>(c).map_err(err(what.clone()))?)
                 });
@@ -91,10 +102,18 @@ impl Backend for Postgres {
         &self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
-        let mut client = self.client.lock().unwrap_or_else(PoisonError::into_inner);
-        if client.is_closed() {
-            *client = Client::connect(&self.url, NoTls).map_err(err("cannot reconnect"))?;
+        let mut guard = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(Client::connect(&self.url, NoTls).map_err(err("cannot reconnect"))?);
         }
+        let Some(client) = guard.as_mut() else {
+            return Err(DbError {
+                backend: "postgres",
+                what: "no connection".into(),
+                source: "no connection".into(),
+            }
+            .into());
+        };
         let mut tx = client.transaction().map_err(err("BEGIN"))?;
         f(&mut PgTx(&mut tx))?;
         tx.commit().map_err(err("COMMIT"))?;

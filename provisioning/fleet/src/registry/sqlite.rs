@@ -23,7 +23,8 @@ fn err(what: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> DbError {
 impl Sqlite {
     /// Open (or create) the database file at `path` (`:memory:` for a private in-memory one).
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let conn = Connection::open(path).map_err(err(format!("cannot open {}", path.display())))?;
+        let conn =
+            Connection::open(path).map_err(err(format!("cannot open {}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err("busy_timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err("journal_mode = WAL"))?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err("synchronous"))?;
@@ -51,10 +52,11 @@ fn sql(s: &str) -> String {
 
 impl Tx for SqliteTx<'_> {
     fn exec(&mut self, s: &str, p: &[Value]) -> Result<u64, DbError> {
-        let n = self
-            .0
-            .execute(&sql(s), rusqlite::params_from_iter(params(p)))
-            .map_err(err(s.lines().next().unwrap_or_default().trim()))?;
+        let n = self.0.execute(&sql(s), rusqlite::params_from_iter(params(p))).map_err(err(s
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()))?;
         Ok(n as u64)
     }
 
@@ -62,7 +64,8 @@ impl Tx for SqliteTx<'_> {
         let what = s.lines().next().unwrap_or_default().trim().to_string();
         let mut stmt = self.0.prepare_cached(&sql(s)).map_err(err(what.clone()))?;
         let n = stmt.column_count();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params(p))).map_err(err(what.clone()))?;
+        let mut rows =
+            stmt.query(rusqlite::params_from_iter(params(p))).map_err(err(what.clone()))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(err(what.clone()))? {
             let mut r = Vec::with_capacity(n);

@@ -30,7 +30,9 @@ pub fn postgres_db() -> Option<String> {
             std::env::var_os("CI").is_none(),
             "HEARTH_TEST_POSTGRES_URL is not set: scripts/test starts a PostgreSQL server for these tests"
         );
-        eprintln!("HEARTH_TEST_POSTGRES_URL not set: skipping the PostgreSQL half (run scripts/test)");
+        eprintln!(
+            "HEARTH_TEST_POSTGRES_URL not set: skipping the PostgreSQL half (run scripts/test)"
+        );
         return None;
     };
     let mut b = [0u8; 6];
@@ -90,7 +92,9 @@ impl TestFleet {
             .unwrap_or_else(|e| panic!("token create: {e}"))
     }
     pub fn dump(&self) -> BTreeMap<String, Vec<String>> {
-        self.running.fleet.registry.dump().unwrap_or_else(|e| panic!("dump: {e}"))
+        // The PostgreSQL client blocks: leave the async context for it.
+        tokio::task::block_in_place(|| self.running.fleet.registry.dump())
+            .unwrap_or_else(|e| panic!("dump: {e}"))
     }
 }
 
