@@ -130,9 +130,12 @@ pub fn encode(kind: FrameType, stream: u32, payload: &[u8]) -> Result<Vec<u8>, F
     Ok(out)
 }
 
+/// A decoded frame: its header, its payload and the bytes consumed.
+pub type Decoded<'a> = (Header, &'a [u8], usize);
+
 /// Decode the first frame in `buf`: `Ok(None)` when more bytes are needed, else the header, the
 /// payload and the number of bytes consumed.
-pub fn decode(buf: &[u8]) -> Result<Option<(Header, &[u8], usize)>, FrameError> {
+pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>, FrameError> {
     let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };

@@ -338,10 +338,10 @@ impl Fleet {
                         Some(Err(e)) => break Err(e),
                         None => break Err(SessionError::Protocol("reader ended".into())),
                     };
-                    if let Some(reply) = self.handle(m) {
-                        if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &reply).await {
-                            break Err(e);
-                        }
+                    if let Some(reply) = self.handle(m)
+                        && let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &reply).await
+                    {
+                        break Err(e);
                     }
                 }
             }
