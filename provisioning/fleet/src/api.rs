@@ -447,6 +447,7 @@ async fn revoke_node(
     // Close its session: the next connection is refused as revoked.
     if let Some(l) = fleet.live().get_mut(&id) {
         l.tx = None;
+        l.kill.cancel();
     }
     Ok(Json(node_or_404(&fleet, id).await?))
 }

@@ -42,6 +42,8 @@ pub struct Live {
     pub dirty: bool,
     /// Shown online.
     pub online: bool,
+    /// Cancelled to end the session now (revocation, replacement by a newer session).
+    pub kill: CancellationToken,
 }
 
 /// The fleet's shared state.

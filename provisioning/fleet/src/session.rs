@@ -81,6 +81,7 @@ where
     let (tx, mut rx) = mpsc::channel::<ControlMessage>(QUEUE);
     let session = fleet.next_session();
     let now = crate::now_ms();
+    let kill = CancellationToken::new();
     let was_online = {
         let mut live = fleet.live();
         let prev = live.insert(
@@ -93,8 +94,12 @@ where
                 tx: Some(tx.clone()),
                 dirty: true,
                 online: true,
+                kill: kill.clone(),
             },
         );
+        if let Some(p) = &prev {
+            p.kill.cancel();
+        }
         prev.is_some_and(|p| p.online && is_fresh(p.last_seen_ms, now))
     };
     if !was_online {
@@ -132,6 +137,10 @@ where
     loop {
         let msg = tokio::select! {
             () = cancel.cancelled() => break,
+            () = kill.cancelled() => {
+                tracing::info!(%node, "session ended by the fleet (revoked or replaced)");
+                break;
+            }
             r = tokio::time::timeout(silence, read_message(&mut reader)) => match r {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => {
