@@ -80,6 +80,9 @@ pub struct Agent {
     // Power control: settings in (config, API, SIGHUP; the fleet later), outcome out.
     power_settings: watch::Sender<crate::power::SettingsInput>,
     power_outcome: watch::Sender<Option<crate::power::PowerOutcome>>,
+    // Fleet (crate::fleet): desired state for the health and power subsystems, and membership.
+    desired: watch::Sender<Option<hearth_proto::control::DesiredState>>,
+    fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -108,6 +111,11 @@ impl Agent {
                 config: power_settings,
             }),
             power_outcome: watch::Sender::new(None),
+            desired: watch::Sender::new(None),
+            fleet_status: watch::Sender::new(hearth_proto::api::FleetStatus {
+                state: "starting".into(),
+                ..Default::default()
+            }),
         })
     }
 
@@ -160,6 +168,17 @@ impl Agent {
     /// The power controller's last step (the `power` subsystem writes it).
     pub fn power_outcome(&self) -> &watch::Sender<Option<crate::power::PowerOutcome>> {
         &self.power_outcome
+    }
+
+    /// The fleet's desired state (drain, power budget, labels, update channel, generation), once
+    /// received; subscribe to follow it.
+    pub fn desired(&self) -> &watch::Sender<Option<hearth_proto::control::DesiredState>> {
+        &self.desired
+    }
+
+    /// Fleet membership (written by the `fleet` subsystem).
+    pub fn fleet_status(&self) -> &watch::Sender<hearth_proto::api::FleetStatus> {
+        &self.fleet_status
     }
 
     /// Record a GPU event.
@@ -219,6 +238,7 @@ impl Agent {
             uptime_s: self.started.elapsed().as_secs(),
             subsystems,
             gpus,
+            fleet: self.fleet_status.borrow().clone(),
         }
     }
 

@@ -37,6 +37,9 @@ pub struct Config {
     /// Power and thermal control (`[power]`).
     #[serde(default)]
     pub power: PowerConfig,
+    /// Fleet membership (`[fleet]`).
+    #[serde(default)]
+    pub fleet: FleetConfig,
 }
 
 /// `[power]`: the node power budget, temperature targets and the control loop
@@ -135,6 +138,26 @@ pub struct HealthConfig {
     /// the built-in policy. Validated at load like the rest of this file.
     #[serde(default)]
     pub policy: Option<PathBuf>,
+}
+
+/// `[fleet]`: joining a fleet (`docs/0005-fleet.md`, `docs/operations.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Run the `fleet` subsystem (enrollment and the control session). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A seed file to use instead of the search (`/etc/hearth/seed.toml`, the `HEARTH-SEED`
+    /// partition, the `hearth.seed` credential, `hearth.seed=` on the kernel command line). Unset
+    /// by default.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self { enabled: true, seed: None }
+    }
 }
 
 /// Default directory of the agent's persistent state.

@@ -13,6 +13,8 @@
 //! - `power` ([`power`]): holds the node power budget and temperature targets (settings on a
 //!   `watch` channel of the agent: configuration, `POST /v1/power`, SIGHUP via [`reload`]);
 //!   design note `docs/0004-power-control.md`.
+//! - `fleet` ([`fleet`]): enrollment with the seed's token and the `hearth/1` control session to
+//!   the fleet; desired state flows out on [`agent::Agent::desired`] (`docs/0005-fleet.md`).
 //!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
@@ -26,6 +28,7 @@ pub mod command;
 pub mod config;
 pub mod events;
 pub mod fakes;
+pub mod fleet;
 pub mod gpu;
 pub mod health;
 pub mod host;
@@ -88,6 +91,10 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
         Arc::new(health::subsystem::Health::new(agent.clone())),
         Arc::new(power::task::PowerTask::new(agent.clone())),
     ];
+    let mut subsystems = subsystems;
+    if agent.config.fleet.enabled {
+        subsystems.push(Arc::new(fleet::Fleet::new(agent.clone())));
+    }
     let supervisor = Supervisor::start(subsystems, supervisor::BACKOFF_START);
     agent.attach_subsystems(supervisor.status());
     let notify_cancel = CancellationToken::new();

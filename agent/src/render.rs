@@ -78,6 +78,16 @@ pub fn status(s: &NodeStatus) -> String {
         s.agent_version,
         duration(s.uptime_s)
     );
+    // Fleet membership (crate::fleet).
+    let f = &s.fleet;
+    let _ = writeln!(
+        o,
+        "fleet: {}{}{}{}",
+        f.state,
+        f.node_id.as_ref().map(|n| format!("  node {n}")).unwrap_or_default(),
+        f.fleet_url.as_ref().map(|u| format!("  at {u}")).unwrap_or_default(),
+        f.last_error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default()
+    );
     let subs: Vec<String> = s
         .subsystems
         .iter()

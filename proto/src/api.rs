@@ -107,6 +107,26 @@ pub struct NodeStatus {
     pub subsystems: Vec<SubsystemStatus>,
     /// GPUs, by index.
     pub gpus: Vec<GpuStatus>,
+    /// Membership of a fleet (the `fleet` subsystem).
+    #[serde(default)]
+    pub fleet: FleetStatus,
+}
+
+/// The node's fleet membership as `hearth-agent status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// `starting`, `no-seed`, `bad-seed`, `enrolling`, `connected`, `disconnected` or `revoked`.
+    pub state: String,
+    /// The node id, once enrolled.
+    pub node_id: Option<String>,
+    /// The fleet URL from the seed.
+    pub fleet_url: Option<String>,
+    /// Certificate expiry, ms since the Unix epoch.
+    pub cert_not_after_ms: Option<u64>,
+    /// The desired-state generation last received.
+    pub desired_generation: Option<u64>,
+    /// The last problem, with its cause chain.
+    pub last_error: Option<String>,
 }
 
 /// `GET /v1/health`.

@@ -4,11 +4,17 @@
 //!   reasons). The agent's GPU backends (NVML and the simulator) produce these values; the local
 //!   API, and later the control session, carry them.
 //! - [`api`]: the JSON bodies of the agent's local HTTP API under `/v1` (see `docs/api.md`).
+//! - [`frame`] and [`control`]: the node ↔ fleet control session (binary frames, one versioned
+//!   postcard-encoded message enum on stream 0; see `docs/protocol.md`, `docs/0005-fleet.md`).
+//! - [`fleet`]: the JSON bodies of the fleet's HTTPS API (enrollment, `hearthctl`).
 //!
 //! Units follow NVML's so that no value is rescaled on the way: temperatures in whole °C,
 //! power in milliwatts, energy in millijoules, clocks in MHz, memory in bytes.
 
 pub mod api;
+pub mod control;
+pub mod fleet;
+pub mod frame;
 pub mod gpu;
 
 /// Version of the local API and of the data types in this crate. Bumped on any incompatible change.

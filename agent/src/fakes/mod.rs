@@ -2,6 +2,7 @@
 //! `docs/architecture.md`). The GPU layer's fake is the simulator backend, `crate::gpu::sim`.
 
 pub mod command;
+pub mod fleet;
 pub mod host;
 pub mod reset;
 pub mod systemd;

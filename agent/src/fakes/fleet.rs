@@ -1,0 +1,48 @@
+//! Fakes of the fleet subsystem's touchpoints: a seed source and a rebooter.
+
+use std::sync::Mutex;
+use std::sync::PoisonError;
+
+use crate::fleet::reboot::{RebootError, Rebooter};
+use crate::fleet::seed::{SeedSource, SourceError};
+
+/// A seed source with fixed content.
+#[derive(Debug)]
+pub struct FakeSeedSource {
+    origin: String,
+    text: Option<String>,
+}
+
+impl FakeSeedSource {
+    /// A source named `origin` holding `text`.
+    pub fn new(origin: &str, text: Option<String>) -> Self {
+        Self { origin: origin.to_string(), text }
+    }
+}
+
+impl SeedSource for FakeSeedSource {
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+    fn read(&self) -> Result<Option<String>, SourceError> {
+        Ok(self.text.clone())
+    }
+}
+
+/// Records reboots instead of doing them.
+#[derive(Debug, Default)]
+pub struct Rebooted(Mutex<u32>);
+
+impl Rebooted {
+    /// Reboots asked for.
+    pub fn count(&self) -> u32 {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Rebooter for Rebooted {
+    fn reboot(&self) -> Result<(), RebootError> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Ok(())
+    }
+}

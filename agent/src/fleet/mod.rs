@@ -1,0 +1,412 @@
+//! The `fleet` subsystem: joins the fleet named by the seed and keeps one control session.
+//!
+//! It finds the seed ([`seed`]), generates the node key at first boot (`state.dir/fleet/node.key`,
+//! 0600, never sent), enrolls with the token, a CSR and the hardware identity ([`hardware`]),
+//! retrying with full-jitter exponential backoff, and persists its [`state::Membership`]. Then it
+//! holds one outbound mTLS session (ALPN `hearth/1`, the CA pinned by SHA-256, the fleet name from
+//! the seed): a heartbeat every 10 s, desired state published on the agent's `desired` watch
+//! channel, commands acked (reboot through [`reboot::Rebooter`]; drain and diagnostics are acked
+//! "not supported yet"). It renews the certificate at half-life; revoked, it stops and says so.
+//! READY never waits for it. Design: `docs/0005-fleet.md`.
+
+pub mod hardware;
+pub mod reboot;
+pub mod seed;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_fleet_client::https::Endpoint;
+use hearth_fleet_client::seed::Seed;
+use hearth_fleet_client::session::{Session, SessionError, read_message};
+use hearth_fleet_client::tls::ClientIdentity;
+use hearth_proto::api::{FleetStatus, GpuVerdict};
+use hearth_proto::control::{
+    CommandAck, CommandKind, CommandOutcome, ControlMessage, HealthSummary, Heartbeat,
+    PowerSummary, Versions,
+};
+use hearth_proto::fleet::{EnrollRequest, HardwareIdentity};
+
+use crate::agent::{Agent, now_ms};
+use crate::persist::{self, Store};
+use crate::supervisor::{BoxRun, RunCtx, Subsystem};
+use state::Membership;
+
+/// Backoff of enrollment and reconnection: 1 s doubling to 5 min, full jitter.
+pub const BACKOFF_BASE_MS: u64 = 1000;
+/// See [`BACKOFF_BASE_MS`].
+pub const BACKOFF_CAP_MS: u64 = 300_000;
+/// How often to look for a seed when there is none.
+pub const SEED_POLL: Duration = Duration::from_secs(30);
+
+/// The fleet subsystem.
+#[derive(Debug)]
+pub struct Fleet {
+    agent: Arc<Agent>,
+    sources: Vec<Box<dyn seed::SeedSource>>,
+    dmi: Box<dyn hardware::Dmi>,
+    rebooter: Arc<dyn reboot::Rebooter>,
+}
+
+impl Fleet {
+    /// The fleet subsystem with the real (or, for the sim backend, simulated) touchpoints.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        let cfg = &agent.config;
+        let sources = seed::sources(cfg.fleet.seed.as_deref(), &cfg.state.dir);
+        let (dmi, rebooter): (Box<dyn hardware::Dmi>, Arc<dyn reboot::Rebooter>) =
+            match cfg.gpu.backend {
+                crate::config::BackendKind::Sim => {
+                    (Box::new(hardware::SimDmi { seed: cfg.sim.seed }), Arc::new(reboot::SimReboot))
+                }
+                crate::config::BackendKind::Nvml => {
+                    (Box::new(hardware::SysfsDmi::default()), Arc::new(reboot::SystemctlReboot))
+                }
+            };
+        Self::with(agent, sources, dmi, rebooter)
+    }
+
+    /// With given touchpoints (tests use fakes).
+    pub fn with(
+        agent: Arc<Agent>,
+        sources: Vec<Box<dyn seed::SeedSource>>,
+        dmi: Box<dyn hardware::Dmi>,
+        rebooter: Arc<dyn reboot::Rebooter>,
+    ) -> Self {
+        Self { agent, sources, dmi, rebooter }
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut FleetStatus)) {
+        self.agent.fleet_status().send_modify(f);
+    }
+
+    fn key_pem(&self) -> anyhow::Result<String> {
+        let dir = self.agent.config.state.dir.join("fleet");
+        persist::ensure_dir(&dir)?;
+        let path = dir.join("node.key");
+        match std::fs::read_to_string(&path) {
+            Ok(k) => Ok(k),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k = hearth_fleet_client::identity::generate_key_pem()?;
+                persist::write_atomic(&path, k.as_bytes())?;
+                tracing::info!(path = %path.display(), "generated the node identity key");
+                Ok(k)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))),
+        }
+    }
+
+    fn enroll_request(&self, seed: &Seed, key: &str) -> anyhow::Result<EnrollRequest> {
+        let (dmi_uuid, board_serial) = self.dmi.identity()?;
+        let snap = self.agent.gpus().borrow().clone();
+        let gpus: Vec<_> = snap.gpus.iter().map(|g| g.inventory.clone()).collect();
+        Ok(EnrollRequest {
+            token: seed.fleet.token.clone(),
+            csr_pem: hearth_fleet_client::identity::csr_pem(key, &self.agent.hostname)?,
+            hardware: HardwareIdentity {
+                dmi_uuid,
+                board_serial,
+                gpu_uuids: gpus.iter().map(|g| g.uuid.clone()).collect(),
+            },
+            hostname: self.agent.hostname.clone(),
+            gpus,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
+
+    fn heartbeat(&self, seq: u64, desired_generation: u64) -> ControlMessage {
+        let status = self.agent.status();
+        let power = self.agent.power();
+        let count = |v| status.gpus.iter().filter(|g| g.health.verdict == v).count() as u32;
+        ControlMessage::Heartbeat(Heartbeat {
+            seq,
+            at_ms: now_ms(),
+            state: status.state,
+            health: HealthSummary {
+                gpus: status.gpus.len() as u32,
+                healthy: count(GpuVerdict::Healthy),
+                degraded: count(GpuVerdict::Degraded),
+                failed: count(GpuVerdict::Failed),
+            },
+            power: PowerSummary {
+                draw_w: (power.total_draw_mw / 1000) as u32,
+                limit_w: (power.gpus.iter().filter_map(|g| g.limit_mw).map(u64::from).sum::<u64>()
+                    / 1000) as u32,
+            },
+            versions: Versions {
+                agent: status.agent_version,
+                driver: status.driver.map(|d| d.driver_version),
+                os: None,
+            },
+            desired_generation,
+        })
+    }
+
+    async fn sleep_or_cancel(ctx: &RunCtx, d: Duration) -> bool {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => true,
+            () = tokio::time::sleep(d) => false,
+        }
+    }
+
+    async fn run_inner(self: Arc<Self>, ctx: RunCtx) -> anyhow::Result<()> {
+        let store = Store::new(self.agent.config.state.dir.join("fleet.json"));
+        persist::ensure_dir(&self.agent.config.state.dir)?;
+        let mut attempt = 0u32;
+        let backoff = |attempt: u32| {
+            Duration::from_millis(state::backoff_ms(
+                attempt,
+                BACKOFF_BASE_MS,
+                BACKOFF_CAP_MS,
+                rand_unit(),
+            ))
+        };
+        loop {
+            let loaded = store.load::<Membership>()?;
+            let (generation, membership) =
+                loaded.map_or((0, Membership::Unenrolled), |l| (l.generation, l.state));
+            let found = seed::discover(&self.sources);
+            let (seed, origin) = match found {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    self.publish(|s| {
+                        s.state = "no-seed".into();
+                        s.last_error = Some("no seed found (see docs/operations.md)".into());
+                    });
+                    if Self::sleep_or_cancel(&ctx, SEED_POLL).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let msg = format!("{:#}", anyhow::Error::new(e));
+                    tracing::error!(error = %msg, "seed unusable");
+                    self.publish(|s| {
+                        s.state = "bad-seed".into();
+                        s.last_error = Some(msg);
+                    });
+                    if Self::sleep_or_cancel(&ctx, SEED_POLL).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let ep = seed.endpoint()?;
+            let pin = seed.fleet.ca_sha256.clone();
+            self.publish(|s| s.fleet_url = Some(seed.fleet.url.clone()));
+            let key = self.key_pem()?;
+            match membership {
+                Membership::Revoked { node_id, reason } => {
+                    tracing::error!(node = %node_id, %reason, "this node was revoked by the fleet: not serving the fleet");
+                    self.publish(|s| {
+                        s.state = "revoked".into();
+                        s.node_id = Some(node_id.clone());
+                        s.last_error = Some(reason.clone());
+                    });
+                    ctx.cancel.cancelled().await;
+                    return Ok(());
+                }
+                Membership::Unenrolled => {
+                    self.publish(|s| s.state = "enrolling".into());
+                    let req = self.enroll_request(&seed, &key)?;
+                    match hearth_fleet_client::enroll::enroll(&ep, &pin, &req).await {
+                        Ok(resp) => {
+                            tracing::info!(node = %resp.node_id, seed = %origin, "enrolled");
+                            store.save(generation + 1, &Membership::certified(resp))?;
+                            attempt = 0;
+                        }
+                        Err(e) => {
+                            let msg = format!("{:#}", anyhow::Error::new(e));
+                            let wait = backoff(attempt);
+                            attempt = attempt.saturating_add(1);
+                            tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, "enrollment failed");
+                            self.publish(|s| s.last_error = Some(format!("enrollment: {msg}")));
+                            if Self::sleep_or_cancel(&ctx, wait).await {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Membership::Enrolled(e) => {
+                    let identity =
+                        ClientIdentity { cert_pem: e.cert_pem.clone(), key_pem: key.clone() };
+                    self.publish(|s| {
+                        s.node_id = Some(e.node_id.clone());
+                        s.cert_not_after_ms = Some(e.not_after_ms);
+                    });
+                    if now_ms() >= e.renew_at_ms() {
+                        let csr =
+                            hearth_fleet_client::identity::csr_pem(&key, &self.agent.hostname)?;
+                        match hearth_fleet_client::enroll::renew(&ep, &pin, &identity, &csr).await {
+                            Ok(resp) => {
+                                tracing::info!(node = %resp.node_id, "certificate renewed");
+                                store.save(generation + 1, &Membership::certified(resp))?;
+                                attempt = 0;
+                                continue;
+                            }
+                            Err(err) => {
+                                let msg = format!("{:#}", anyhow::Error::new(err));
+                                tracing::warn!(error = %msg, "certificate renewal failed");
+                                self.publish(|s| s.last_error = Some(format!("renewal: {msg}")));
+                                if now_ms() >= e.not_after_ms {
+                                    let wait = backoff(attempt);
+                                    attempt = attempt.saturating_add(1);
+                                    if Self::sleep_or_cancel(&ctx, wait).await {
+                                        return Ok(());
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    let started = tokio::time::Instant::now();
+                    match self.session(&ctx, &ep, &pin, &identity, e.renew_at_ms()).await {
+                        Ok(()) => return Ok(()),
+                        Err(SessionError::Refused { reason, revoked: true }) => {
+                            let next = Membership::Enrolled(e).revoked(&reason);
+                            store.save(generation + 1, &next)?;
+                            continue;
+                        }
+                        Err(err) => {
+                            if started.elapsed() > Duration::from_secs(60) {
+                                attempt = 0;
+                            }
+                            let msg = format!("{:#}", anyhow::Error::new(err));
+                            let wait = backoff(attempt);
+                            attempt = attempt.saturating_add(1);
+                            tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, "fleet session ended");
+                            self.publish(|s| {
+                                s.state = "disconnected".into();
+                                s.last_error = Some(msg);
+                            });
+                            if Self::sleep_or_cancel(&ctx, wait).await {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One session until cancelled (Ok), renewal is due (Err Protocol "renewal due"), or failure.
+    async fn session(
+        &self,
+        ctx: &RunCtx,
+        ep: &Endpoint,
+        pin: &str,
+        identity: &ClientIdentity,
+        renew_at_ms: u64,
+    ) -> Result<(), SessionError> {
+        let s = Session::open(ep, pin, identity, env!("CARGO_PKG_VERSION")).await?;
+        let Session { mut reader, mut writer, welcome } = s;
+        tracing::info!(node = %welcome.node_id, version = welcome.protocol_version, "fleet session open");
+        self.publish(|st| {
+            st.state = "connected".into();
+            st.last_error = None;
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let reader_task = tokio::spawn(async move {
+            loop {
+                let m = read_message(&mut reader).await;
+                let end = m.is_err();
+                if tx.send(m).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_s.max(1)));
+        let mut tick = tokio::time::interval(interval);
+        let mut seq = 0u64;
+        let renew_in = Duration::from_millis(renew_at_ms.saturating_sub(now_ms()));
+        let renew = tokio::time::sleep(renew_in);
+        tokio::pin!(renew);
+        let result = loop {
+            tokio::select! {
+                () = ctx.cancel.cancelled() => break Ok(()),
+                () = &mut renew => break Err(SessionError::Protocol("certificate renewal due".into())),
+                _ = tick.tick() => {
+                    seq += 1;
+                    let gen_ = self.agent.desired().borrow().as_ref().map_or(0, |d| d.generation);
+                    if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &self.heartbeat(seq, gen_)).await {
+                        break Err(e);
+                    }
+                }
+                m = rx.recv() => {
+                    let m = match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => break Err(e),
+                        None => break Err(SessionError::Protocol("reader ended".into())),
+                    };
+                    if let Some(reply) = self.handle(m)
+                        && let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &reply).await
+                    {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        reader_task.abort();
+        result
+    }
+
+    fn handle(&self, m: ControlMessage) -> Option<ControlMessage> {
+        match m {
+            ControlMessage::Desired(d) => {
+                let newer = self
+                    .agent
+                    .desired()
+                    .borrow()
+                    .as_ref()
+                    .is_none_or(|c| d.generation >= c.generation);
+                if newer {
+                    tracing::info!(generation = d.generation, drain = d.drain, power_budget_w = ?d.power_budget_w, "desired state");
+                    self.publish(|s| s.desired_generation = Some(d.generation));
+                    self.agent.desired().send_replace(Some(d));
+                }
+                None
+            }
+            ControlMessage::Command(c) => {
+                let outcome = match c.kind {
+                    CommandKind::Reboot => match self.rebooter.reboot() {
+                        Ok(()) => CommandOutcome::Accepted,
+                        Err(e) => CommandOutcome::Failed(e.to_string()),
+                    },
+                    CommandKind::Drain => CommandOutcome::NotSupported(
+                        "drain as a command is not supported yet by this agent (the desired state's drain flag is published)".into(),
+                    ),
+                    CommandKind::RunDiagnostics => {
+                        CommandOutcome::NotSupported("diagnostics are not supported yet by this agent".into())
+                    }
+                };
+                tracing::info!(id = c.id, kind = ?c.kind, ?outcome, "fleet command");
+                Some(ControlMessage::CommandAck(CommandAck { id: c.id, outcome }))
+            }
+            ControlMessage::HeartbeatAck { .. } => None,
+            other => {
+                tracing::debug!(?other, "unexpected message from the fleet: ignored");
+                None
+            }
+        }
+    }
+}
+
+fn rand_unit() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Subsystem for Fleet {
+    fn name(&self) -> &'static str {
+        "fleet"
+    }
+
+    fn run(self: Arc<Self>, ctx: RunCtx) -> BoxRun {
+        Box::pin(async move {
+            // READY never waits for the fleet.
+            ctx.ready();
+            self.run_inner(ctx).await
+        })
+    }
+}

@@ -1,0 +1,131 @@
+//! The `hearth/1` control session: frame I/O (shared with the fleet) and the node-side
+//! [`Session`]: one outbound mTLS connection (ALPN `hearth/1`) carrying
+//! [`ControlMessage`]s on stream 0.
+
+use std::sync::Arc;
+
+use hearth_proto::control::{self, ControlMessage, Hello, Welcome};
+use hearth_proto::frame::{self, FrameType, HEADER_LEN, Header};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::https::{ClientError, Endpoint, connect_tls};
+use crate::tls::{ClientIdentity, client_config};
+
+/// Why the session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Connecting failed.
+    #[error(transparent)]
+    Connect(#[from] ClientError),
+    /// Reading or writing failed (or the peer closed).
+    #[error("session I/O failed")]
+    Io(#[from] std::io::Error),
+    /// A frame was invalid.
+    #[error("bad frame from peer")]
+    Frame(#[from] frame::FrameError),
+    /// A frame of a type this side does not handle here.
+    #[error("unexpected frame type {0:?} on the control session")]
+    UnexpectedFrame(FrameType),
+    /// A control message was invalid.
+    #[error("bad control message from peer")]
+    Control(#[from] control::ControlError),
+    /// Encoding failed.
+    #[error("cannot encode a control message")]
+    Encode(#[from] control::FrameEncodeError),
+    /// The fleet refused the session.
+    #[error("fleet refused the session: {reason}")]
+    Refused {
+        /// Why.
+        reason: String,
+        /// The node's certificate is revoked.
+        revoked: bool,
+    },
+    /// The peer sent something else than the protocol expects.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Read one control message (header first, so an oversized frame is refused before its payload).
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<ControlMessage, SessionError> {
+    let mut head = [0u8; HEADER_LEN];
+    r.read_exact(&mut head).await?;
+    let header = Header::parse(&head)?;
+    if header.kind != FrameType::Control {
+        return Err(SessionError::UnexpectedFrame(header.kind));
+    }
+    let mut payload = vec![0u8; header.len as usize];
+    r.read_exact(&mut payload).await?;
+    Ok(ControlMessage::decode(&payload)?)
+}
+
+/// Write one control message as a frame, and flush.
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &ControlMessage,
+) -> Result<(), SessionError> {
+    let bytes = msg.to_frame()?;
+    w.write_all(&bytes).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// A node's open control session.
+#[derive(Debug)]
+pub struct Session {
+    /// Messages from the fleet.
+    pub reader: ReadHalf<TlsStream<TcpStream>>,
+    /// Messages to the fleet.
+    pub writer: WriteHalf<TlsStream<TcpStream>>,
+    /// The fleet's welcome.
+    pub welcome: Welcome,
+}
+
+impl Session {
+    /// Connect with the node's certificate, say Hello and wait for Welcome.
+    pub async fn open(
+        ep: &Endpoint,
+        pin: &str,
+        identity: &ClientIdentity,
+        agent_version: &str,
+    ) -> Result<Self, SessionError> {
+        let config =
+            client_config(pin, Some(identity), control::ALPN).map_err(ClientError::from)?;
+        Self::open_with(ep, config, agent_version, control::PROTOCOL_VERSION).await
+    }
+
+    /// Connect with a prepared client config (reuse it across many sessions) speaking protocol
+    /// version `version`.
+    pub async fn open_with(
+        ep: &Endpoint,
+        config: Arc<rustls::ClientConfig>,
+        agent_version: &str,
+        version: u16,
+    ) -> Result<Self, SessionError> {
+        let tls = connect_tls(ep, config).await?;
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        let hello = ControlMessage::Hello(Hello {
+            protocol_version: version,
+            agent_version: agent_version.to_string(),
+        });
+        write_message(&mut writer, &hello).await?;
+        match read_message(&mut reader).await? {
+            ControlMessage::Welcome(welcome) => Ok(Self { reader, writer, welcome }),
+            ControlMessage::Refused(r) => {
+                Err(SessionError::Refused { reason: r.reason, revoked: r.revoked })
+            }
+            other => Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
+        }
+    }
+
+    /// Send one message.
+    pub async fn send(&mut self, msg: &ControlMessage) -> Result<(), SessionError> {
+        write_message(&mut self.writer, msg).await
+    }
+
+    /// Receive one message.
+    pub async fn recv(&mut self) -> Result<ControlMessage, SessionError> {
+        read_message(&mut self.reader).await
+    }
+}

@@ -1,0 +1,197 @@
+//! `hearth-fleet`'s configuration (TOML, every key optional), validated at load with an error that
+//! names the key. The defaults run a fleet on loopback with SQLite in `state_dir`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why the configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML of this shape.
+    #[error("{path}: {key}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// The fleet's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Address of the one TLS listener (HTTPS `/v1` and `hearth/1` sessions). Default
+    /// `127.0.0.1:7443`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The fleet's name: the DNS name in its server certificate, which nodes check (given in seeds).
+    /// Default `hearth-fleet`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// The URL nodes connect to, printed into seeds (may be an IP address, e.g.
+    /// `https://10.0.2.2:7443` for QEMU guests). Default `https://` + `listen`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Directory of the CA, its key (0600) and the SQLite registry. Default `/var/lib/hearth-fleet`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The registry: `sqlite:PATH` or `postgres://…`. Default `sqlite:` + `state_dir/registry.db`.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// Validity of node certificates in days (1..=90); nodes renew at half-life. Default 7.
+    #[serde(default = "default_cert_days")]
+    pub cert_validity_days: u32,
+    /// Largest accepted request body in bytes (1024..=1048576). Default 65536.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Milliseconds between two batched writes of node liveness to the registry (100..=30000).
+    /// Default 5000.
+    #[serde(default = "default_flush_ms")]
+    pub flush_interval_ms: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+fn default_name() -> String {
+    "hearth-fleet".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/hearth-fleet")
+}
+fn default_cert_days() -> u32 {
+    7
+}
+fn default_max_body() -> usize {
+    65536
+}
+fn default_flush_ms() -> u64 {
+    5000
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            name: default_name(),
+            public_url: None,
+            state_dir: default_state_dir(),
+            registry: None,
+            cert_validity_days: default_cert_days(),
+            max_body_bytes: default_max_body(),
+            flush_interval_ms: default_flush_ms(),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// Load and validate a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            key: String::new(),
+            message: e.message().to_string(),
+        })?;
+        let config: Self =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                key: e.path().to_string(),
+                message: e.inner().message().to_string(),
+            })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Check ranges.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid =
+            |key, problem: String| ConfigError::Invalid { path: path.to_path_buf(), key, problem };
+        if !(1..=90).contains(&self.cert_validity_days) {
+            return Err(invalid(
+                "cert_validity_days",
+                format!("{} is not in 1..=90", self.cert_validity_days),
+            ));
+        }
+        if !(1024..=1_048_576).contains(&self.max_body_bytes) {
+            return Err(invalid(
+                "max_body_bytes",
+                format!("{} is not in 1024..=1048576", self.max_body_bytes),
+            ));
+        }
+        if !(100..=30_000).contains(&self.flush_interval_ms) {
+            return Err(invalid(
+                "flush_interval_ms",
+                format!("{} is not in 100..=30000", self.flush_interval_ms),
+            ));
+        }
+        if hearth_fleet_client::tls::server_name(&self.name).is_err() {
+            return Err(invalid("name", format!("{:?} is not a DNS name", self.name)));
+        }
+        if let Some(url) = &self.public_url {
+            hearth_fleet_client::https::Endpoint::from_url(url, &self.name).map_err(|_| {
+                invalid("public_url", format!("{url:?} is not https://HOST[:PORT]"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The URL put in seeds.
+    pub fn public_url(&self) -> String {
+        self.public_url.clone().unwrap_or_else(|| format!("https://{}", self.listen))
+    }
+
+    /// The registry URL.
+    pub fn registry_url(&self) -> String {
+        self.registry
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.state_dir.join("registry.db").display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_key() {
+        let p = Path::new("fleet.toml");
+        let e = FleetConfig::parse("cert_validity_days = 365", p).err().map(|e| e.to_string());
+        assert_eq!(e.as_deref(), Some("fleet.toml: cert_validity_days: 365 is not in 1..=90"));
+        let e = FleetConfig::parse("listen = 7", p).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.starts_with("fleet.toml: listen:")), "{e:?}");
+        let e = FleetConfig::parse("colour = 1", p).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("colour")), "{e:?}");
+        assert_eq!(FleetConfig::parse("", p).ok(), Some(FleetConfig::default()));
+    }
+}

@@ -1,0 +1,24 @@
+//! `hearth-fleet`: the fleet server.
+//!
+//! Entry point: [`server::start`] (what `hearth-fleet serve` calls) opens the [`server::Fleet`]
+//! (its [`ca::Ca`], created on first start, and the [`registry::Registry`] on SQLite or
+//! PostgreSQL) and starts two tasks: the accept loop (one TLS 1.3 listener; ALPN `hearth/1` goes
+//! to [`session`], everything else to the HTTPS + JSON [`api`] under `/v1`) and the sweep task
+//! (marks nodes offline after 3 missed heartbeats, writes liveness to the registry in batches).
+//! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
+//! Design: `docs/0005-fleet.md`; wire format: `docs/protocol.md`.
+
+pub mod api;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod session;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

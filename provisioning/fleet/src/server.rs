@@ -1,0 +1,346 @@
+//! The fleet server: one TLS 1.3 listener. After the handshake the ALPN decides: `hearth/1` →
+//! a node's control session ([`crate::session`]); anything else → HTTP/1.1 + JSON under `/v1`
+//! ([`crate::api`]). Client certificates are optional at the TLS layer (enrollment has none) and,
+//! when present, must chain to the fleet CA and be within their validity; who may do what is
+//! decided per request from the certificate's URI SAN ([`crate::ca::peer_of`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hearth_proto::control::{self, ControlMessage, Heartbeat};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::{Ca, peer_of};
+use crate::config::FleetConfig;
+use crate::registry::{Registry, RegistryError, Seen};
+
+/// Time allowed for a TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node with a session now or recently.
+#[derive(Debug)]
+pub struct Live {
+    /// Session number (a newer session replaces an older one).
+    pub session: u64,
+    /// Last heartbeat (or session start), ms since the Unix epoch.
+    pub last_seen_ms: u64,
+    /// The last heartbeat.
+    pub heartbeat: Option<Heartbeat>,
+    /// Protocol version of the session.
+    pub protocol_version: u16,
+    /// To the session's writer (None once it ended).
+    pub tx: Option<mpsc::Sender<ControlMessage>>,
+    /// Changed since the last flush.
+    pub dirty: bool,
+    /// Shown online.
+    pub online: bool,
+    /// Cancelled to end the session now (revocation, replacement by a newer session).
+    pub kill: CancellationToken,
+}
+
+/// The fleet's shared state.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Configuration.
+    pub config: FleetConfig,
+    /// The CA.
+    pub ca: Ca,
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// Live nodes.
+    pub live: Mutex<HashMap<String, Live>>,
+    sessions: std::sync::atomic::AtomicU64,
+}
+
+/// Why the fleet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The CA.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    /// The registry.
+    #[error("cannot open the registry {url}")]
+    Registry {
+        /// Its URL (without password).
+        url: String,
+        /// Why.
+        #[source]
+        source: RegistryError,
+    },
+    /// TLS setup.
+    #[error("TLS setup failed")]
+    Tls(#[from] rustls::Error),
+    /// TLS setup.
+    #[error("TLS client verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// TLS setup.
+    #[error(transparent)]
+    Pem(#[from] hearth_fleet_client::tls::TlsError),
+    /// Binding.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Fleet {
+    /// Load (or create) the CA and open the registry.
+    pub fn open(config: FleetConfig) -> Result<Arc<Self>, StartError> {
+        let ca = Ca::load_or_create(&config.state_dir, &config.name)?;
+        let url = config.registry_url();
+        let registry = Registry::open_url(&url)
+            .map_err(|source| StartError::Registry { url: redact(&url), source })?;
+        Ok(Arc::new(Self {
+            config,
+            ca,
+            registry: Arc::new(registry),
+            live: Mutex::new(HashMap::new()),
+            sessions: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    /// Run a registry call on a blocking thread.
+    pub async fn db<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<R, RegistryError> + Send + 'static,
+    ) -> Result<R, RegistryError> {
+        let reg = self.registry.clone();
+        match tokio::task::spawn_blocking(move || f(&reg)).await {
+            Ok(r) => r,
+            Err(e) => Err(RegistryError::Db(crate::registry::DbError {
+                backend: "registry",
+                what: "blocking task failed".into(),
+                source: Box::new(e),
+            })),
+        }
+    }
+
+    /// The live-node table.
+    pub fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new session number.
+    pub fn next_session(&self) -> u64 {
+        self.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// Send a message to a node's session if it has one; whether it was queued.
+    pub fn push(&self, node: &str, msg: ControlMessage) -> bool {
+        let tx = self.live().get(node).and_then(|l| l.tx.clone());
+        tx.is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// Whether a node is online (a heartbeat within 3 intervals).
+    pub fn online(&self, node: &str, now_ms: u64) -> Option<(bool, u64)> {
+        self.live().get(node).map(|l| (is_fresh(l.last_seen_ms, now_ms), l.last_seen_ms))
+    }
+
+    fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>, StartError> {
+        let provider = hearth_fleet_client::tls::provider();
+        let mut roots = RootCertStore::empty();
+        for c in hearth_fleet_client::tls::certs_from_pem(self.ca.cert_pem(), "CA")? {
+            roots.add(c)?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()?;
+        let (issued, key_pem) = self.ca.server_cert(&self.config.name)?;
+        let mut chain = hearth_fleet_client::tls::certs_from_pem(&issued.cert_pem, "server")?;
+        chain.extend(hearth_fleet_client::tls::certs_from_pem(self.ca.cert_pem(), "CA")?);
+        let key = hearth_fleet_client::tls::key_from_pem(&key_pem, "server")?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![control::ALPN.to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// A heartbeat at `last` is recent enough at `now` (fewer than 3 intervals missed).
+pub fn is_fresh(last_ms: u64, now_ms: u64) -> bool {
+    let window =
+        u64::from(control::HEARTBEAT_INTERVAL_S * control::MISSED_HEARTBEATS_OFFLINE) * 1000;
+    now_ms.saturating_sub(last_ms) < window
+}
+
+/// A started fleet server.
+#[derive(Debug)]
+pub struct RunningFleet {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub fleet: Arc<Fleet>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningFleet {
+    /// Stop accepting, flush liveness, stop.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// Open the fleet and start serving on `config.listen`.
+pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
+    let addr = config.listen;
+    let fleet = tokio::task::spawn_blocking(move || Fleet::open(config))
+        .await
+        .map_err(|e| StartError::Bind { addr, source: std::io::Error::other(e) })??;
+    let tls = fleet.tls_config()?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    let cancel = CancellationToken::new();
+    let router = crate::api::router(fleet.clone());
+    let accept = tokio::spawn(accept_loop(
+        fleet.clone(),
+        listener,
+        TlsAcceptor::from(tls),
+        router,
+        cancel.clone(),
+    ));
+    let sweep = tokio::spawn(sweep_loop(fleet.clone(), cancel.clone()));
+    tracing::info!(%addr, name = %fleet.config.name, registry = fleet.registry.kind(), "fleet listening");
+    Ok(RunningFleet { addr, fleet, cancel, tasks: vec![accept, sweep] })
+}
+
+async fn accept_loop(
+    fleet: Arc<Fleet>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: axum::Router,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (tcp, from) = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let fleet = fleet.clone();
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%from, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%from, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let (_, conn) = tls.get_ref();
+            let is_session = conn.alpn_protocol() == Some(control::ALPN);
+            let peer =
+                peer_of(conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref()));
+            if is_session {
+                crate::session::serve(fleet, tls, peer, cancel).await;
+            } else {
+                let svc = hyper_util::service::TowerToHyperService::new(
+                    router.layer(axum::Extension(peer)),
+                );
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                tokio::select! {
+                    r = conn => if let Err(e) = r { tracing::debug!(%from, error = %e, "HTTP connection ended"); },
+                    () = cancel.cancelled() => {}
+                }
+            }
+        });
+    }
+}
+
+/// Every second: mark silent nodes offline (with an event); every `flush_interval_ms`: write
+/// liveness to the registry in one batch. A last flush at shutdown.
+async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
+    let flush_every = Duration::from_millis(fleet.config.flush_interval_ms);
+    let mut tick = tokio::time::interval(flush_every.min(Duration::from_secs(1)));
+    let mut last_flush = tokio::time::Instant::now();
+    loop {
+        let stopping = tokio::select! {
+            () = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let now = crate::now_ms();
+        let went_offline: Vec<String> = {
+            let mut live = fleet.live();
+            live.iter_mut()
+                .filter(|(_, l)| l.online && !is_fresh(l.last_seen_ms, now))
+                .map(|(id, l)| {
+                    l.online = false;
+                    id.clone()
+                })
+                .collect()
+        };
+        for id in went_offline {
+            tracing::info!(node = %id, "node offline (3 heartbeats missed)");
+            let r =
+                fleet.db(move |r| r.event(Some(&id), "offline", "3 heartbeats missed", now)).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %format!("{e:#}"), "cannot record an offline event");
+            }
+        }
+        if stopping || last_flush.elapsed() >= flush_every {
+            last_flush = tokio::time::Instant::now();
+            let batch: Vec<Seen> = {
+                let mut live = fleet.live();
+                live.iter_mut()
+                    .filter(|(_, l)| l.dirty)
+                    .map(|(id, l)| {
+                        l.dirty = false;
+                        Seen {
+                            node_id: id.clone(),
+                            last_seen_ms: l.last_seen_ms,
+                            heartbeat: l.heartbeat.clone(),
+                            protocol_version: l.protocol_version,
+                        }
+                    })
+                    .collect()
+            };
+            let n = batch.len();
+            if let Err(e) = fleet.db(move |r| r.record_seen(&batch)).await {
+                tracing::warn!(error = %format!("{e:#}"), nodes = n, "cannot write liveness");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! End to end on a real fleet: enroll with a token, open the mTLS `hearth/1` session, heartbeat,
+//! receive desired state and commands, ack them; on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Db, TestResult, enroll_request, fleet_on};
+use hearth_fleet_client::enroll::enroll;
+use hearth_fleet_client::https::json;
+use hearth_fleet_client::session::Session;
+use hearth_fleet_client::tls::ClientIdentity;
+use hearth_proto::api::NodeState;
+use hearth_proto::control::{
+    CommandAck, CommandKind, CommandOutcome, ControlMessage, HealthSummary, Heartbeat,
+    PowerSummary, Versions,
+};
+use hearth_proto::fleet::{CommandRequest, CommandView, DrainRequest, NodeView};
+
+fn heartbeat(seq: u64, gen_: u64) -> ControlMessage {
+    ControlMessage::Heartbeat(Heartbeat {
+        seq,
+        at_ms: hearth_fleet::now_ms(),
+        state: NodeState::Ready,
+        health: HealthSummary { gpus: 8, healthy: 8, degraded: 0, failed: 0 },
+        power: PowerSummary { draw_w: 4000, limit_w: 5600 },
+        versions: Versions { agent: "0.1.0".into(), driver: None, os: None },
+        desired_generation: gen_,
+    })
+}
+
+async fn recv(s: &mut Session) -> Result<ControlMessage, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(tokio::time::timeout(Duration::from_secs(5), s.recv()).await??)
+}
+
+async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
+    let Some(f) = fleet_on(db).await else { return Ok(()) };
+    let token = f.token(1, 600).await;
+    assert!(token.seed.contains(&f.pin()), "the seed pins the CA: {}", token.seed);
+    let (req, key) = enroll_request(&token.token, 1);
+    let resp = enroll(&f.ep(), &f.pin(), &req).await?;
+    assert!(resp.node_id.starts_with("n-"));
+    let days = (resp.not_after_ms - resp.not_before_ms) / 86_400_000;
+    assert_eq!(days, 7, "node certificates are valid days, not years");
+    let id = ClientIdentity { cert_pem: resp.cert_pem.clone(), key_pem: key };
+
+    let mut s = Session::open(&f.ep(), &f.pin(), &id, "0.1.0").await?;
+    assert_eq!(s.welcome.node_id, resp.node_id);
+    let ControlMessage::Desired(d) = recv(&mut s).await? else { panic!("expected Desired") };
+    assert_eq!(d.generation, 1);
+    assert_eq!(d.labels.get("site").map(String::as_str), Some("lab"));
+    s.send(&heartbeat(1, 1)).await?;
+    assert_eq!(recv(&mut s).await?, ControlMessage::HeartbeatAck { seq: 1 });
+
+    let admin = f.http(Some(&f.admin));
+    let nodes: Vec<NodeView> =
+        json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/nodes", None).await?;
+    assert_eq!(nodes.len(), 1);
+    assert!(nodes[0].online);
+    assert_eq!(nodes[0].heartbeat.as_ref().map(|h| h.power.draw_w), Some(4000));
+
+    // Drain: the desired state reaches the session with a higher generation.
+    let path = format!("/v1/nodes/{}/drain", resp.node_id);
+    let _: NodeView =
+        json(&f.ep(), admin.clone(), "POST", &path, Some(&DrainRequest { drain: true })).await?;
+    let ControlMessage::Desired(d) = recv(&mut s).await? else { panic!("expected Desired") };
+    assert!(d.drain);
+    assert_eq!(d.generation, 2);
+
+    // A viewer may not drain.
+    let denied = json::<_, NodeView>(
+        &f.ep(),
+        f.http(Some(&f.viewer)),
+        "POST",
+        &path,
+        Some(&DrainRequest { drain: false }),
+    )
+    .await;
+    assert!(denied.is_err_and(|e| e.to_string().contains("needs admin")));
+
+    // A command and its ack.
+    let path = format!("/v1/nodes/{}/commands", resp.node_id);
+    let c: CommandView = json(
+        &f.ep(),
+        admin.clone(),
+        "POST",
+        &path,
+        Some(&CommandRequest { kind: CommandKind::Reboot }),
+    )
+    .await?;
+    let ControlMessage::Command(cmd) = recv(&mut s).await? else { panic!("expected Command") };
+    assert_eq!((cmd.id, cmd.kind), (c.id, CommandKind::Reboot));
+    s.send(&ControlMessage::CommandAck(CommandAck {
+        id: cmd.id,
+        outcome: CommandOutcome::Accepted,
+    }))
+    .await?;
+    let mut acked = false;
+    for _ in 0..50 {
+        let cs: Vec<CommandView> =
+            json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
+        if cs.iter().any(|x| x.id == c.id && x.outcome == Some(CommandOutcome::Accepted)) {
+            acked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(acked, "command ack recorded");
+
+    // Renewal with the node's own certificate: same node, new certificate; an operator
+    // certificate cannot renew.
+    let csr = hearth_fleet_client::identity::csr_pem(&id.key_pem, "node")?;
+    let renewed = hearth_fleet_client::enroll::renew(&f.ep(), &f.pin(), &id, &csr).await?;
+    assert_eq!(renewed.node_id, resp.node_id);
+    assert_ne!(renewed.cert_pem, resp.cert_pem);
+    let op = hearth_fleet_client::enroll::renew(&f.ep(), &f.pin(), &f.admin, &csr).await;
+    assert!(
+        op.is_err_and(|e| e.to_string().contains("renewal needs the node's current certificate"))
+    );
+
+    // Liveness reaches the registry in a batch.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let row = tokio::task::block_in_place(|| f.running.fleet.registry.node(&resp.node_id))?
+        .ok_or("node row")?;
+    assert!(row.last_seen_ms.is_some(), "last seen flushed");
+    f.running.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_on_sqlite() -> TestResult {
+    enroll_session_heartbeat_desired_commands(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_on_postgres() -> TestResult {
+    enroll_session_heartbeat_desired_commands(Db::Postgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_accepts_one_version_older_and_refuses_two() -> TestResult {
+    let Some(f) = fleet_on(Db::Sqlite).await else { return Ok(()) };
+    let token = f.token(1, 600).await;
+    let (req, key) = enroll_request(&token.token, 2);
+    let resp = enroll(&f.ep(), &f.pin(), &req).await?;
+    let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
+    let cfg =
+        hearth_fleet_client::tls::client_config(&f.pin(), Some(&id), hearth_proto::control::ALPN)?;
+    let v = hearth_proto::control::PROTOCOL_VERSION;
+    // With version 1 there is no older one; a newer node is refused by name.
+    let newer = Session::open_with(&f.ep(), cfg.clone(), "9.9", v + 1).await;
+    assert!(newer.is_err_and(|e| e.to_string().contains("upgrade the fleet first")));
+    let s = Session::open_with(&f.ep(), cfg, "0.1.0", v).await?;
+    assert_eq!(s.welcome.protocol_version, v);
+    Ok(())
+}

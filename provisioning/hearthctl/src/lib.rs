@@ -1,0 +1,417 @@
+//! `hearthctl`: the operator CLI of `hearth-fleet`.
+//!
+//! Entry point: [`main`]. It reads `hearthctl.toml` ([`CtlConfig`]: fleet URL and name, CA pin,
+//! operator certificate and key, as written by `hearth-fleet operator-cert`), sends one HTTPS
+//! request with the operator certificate ([`hearth_fleet_client::https`]) and prints a table or
+//! JSON. Errors name the cause and exit non-zero.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use hearth_fleet_client::https::{Endpoint, json};
+use hearth_fleet_client::tls::{ClientIdentity, client_config};
+use hearth_proto::control::CommandKind;
+use hearth_proto::fleet::{
+    CommandRequest, CommandView, DrainRequest, EventView, NodeView, PowerBudgetRequest,
+    TokenCreateRequest, TokenCreated, TokenView,
+};
+use serde::Deserialize;
+
+/// `hearthctl.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlConfig {
+    /// Fleet URL, `https://HOST:PORT`.
+    pub url: String,
+    /// The fleet certificate's name.
+    pub name: String,
+    /// SHA-256 of the fleet CA.
+    pub ca_sha256: String,
+    /// Operator certificate (PEM file).
+    pub cert: PathBuf,
+    /// Operator key (PEM file).
+    pub key: PathBuf,
+}
+
+/// Hearth's operator CLI.
+#[derive(Debug, Parser)]
+#[command(name = "hearthctl", version)]
+pub struct Cli {
+    /// Configuration (default `$HEARTHCTL_CONFIG`, then `~/.config/hearth/hearthctl.toml`).
+    #[arg(long, global = true, env = "HEARTHCTL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enrollment tokens.
+    Tokens {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Nodes.
+    Nodes {
+        /// What to do with nodes.
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+    /// Stop a node taking new work.
+    Drain {
+        /// Node id.
+        node: String,
+    },
+    /// Let a drained node take work again.
+    Undrain {
+        /// Node id.
+        node: String,
+    },
+    /// Set a node's power budget in watts (0 clears it).
+    PowerBudget {
+        /// Node id.
+        node: String,
+        /// Watts.
+        watts: u32,
+    },
+    /// Reboot a node.
+    Reboot {
+        /// Node id.
+        node: String,
+    },
+    /// Recent registry events.
+    Events {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// `tokens` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token and print a ready seed.
+    Create {
+        /// Label `KEY=VALUE` given to nodes enrolling with it (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Lifetime in hours.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+        /// Enrollments allowed.
+        #[arg(long, default_value_t = 1)]
+        max_uses: u32,
+    },
+    /// List tokens.
+    List,
+    /// Revoke a token.
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `nodes` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// List nodes.
+    List,
+    /// One node in detail.
+    Show {
+        /// Node id.
+        id: String,
+    },
+}
+
+fn config_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cli.config {
+        return Ok(p.clone());
+    }
+    let home = std::env::var_os("HOME").context("no --config, $HEARTHCTL_CONFIG or $HOME")?;
+    Ok(Path::new(&home).join(".config/hearth/hearthctl.toml"))
+}
+
+/// Load `hearthctl.toml`.
+pub fn load_config(path: &Path) -> anyhow::Result<CtlConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("cannot read {} (write it with hearth-fleet operator-cert)", path.display())
+    })?;
+    toml::from_str(&text).with_context(|| format!("{} is invalid", path.display()))
+}
+
+struct Ctl {
+    ep: Endpoint,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl Ctl {
+    fn new(c: &CtlConfig) -> anyhow::Result<Self> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let id = ClientIdentity { cert_pem: read(&c.cert)?, key_pem: read(&c.key)? };
+        Ok(Self {
+            ep: Endpoint::from_url(&c.url, &c.name)?,
+            tls: client_config(&c.ca_sha256, Some(&id), b"http/1.1")?,
+        })
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        Ok(json::<(), T>(&self.ep, self.tls.clone(), "GET", path, None).await?)
+    }
+
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        Ok(json(&self.ep, self.tls.clone(), "POST", path, Some(body)).await?)
+    }
+}
+
+fn ago(ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(t) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            format!("{}s ago", now.saturating_sub(t) / 1000)
+        }
+    }
+}
+
+/// The node table.
+pub fn nodes_table(nodes: &[NodeView]) -> String {
+    let mut out = format!(
+        "{:<16} {:<16} {:<8} {:>4} {:>8} {:<7} {:<12}\n",
+        "NODE", "HOST", "STATE", "GPUS", "POWER W", "DRAIN", "LAST SEEN"
+    );
+    for n in nodes {
+        let state = if n.revoked {
+            "revoked"
+        } else if n.online {
+            "online"
+        } else {
+            "offline"
+        };
+        let gpus = n.heartbeat.as_ref().map_or(n.gpus.len() as u32, |h| h.health.gpus);
+        let power = n.heartbeat.as_ref().map_or("-".into(), |h| h.power.draw_w.to_string());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<16} {:<8} {:>4} {:>8} {:<7} {:<12}",
+            n.id,
+            n.hostname,
+            state,
+            gpus,
+            power,
+            if n.desired.drain { "yes" } else { "no" },
+            ago(n.last_seen_ms)
+        );
+    }
+    out
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let config = load_config(&config_path(&cli)?)?;
+    let ctl = Ctl::new(&config)?;
+    let as_json = cli.json;
+    let out = |v: &dyn erased_json::Json, table: String| -> anyhow::Result<String> {
+        if as_json { v.pretty() } else { Ok(table) }
+    };
+    match cli.command {
+        Command::Tokens { action: TokenAction::Create { labels, ttl_hours, max_uses } } => {
+            let mut map = BTreeMap::new();
+            for l in labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    bail!("--label {l:?} is not KEY=VALUE");
+                };
+                map.insert(k.to_string(), v.to_string());
+            }
+            let req = TokenCreateRequest { labels: map, ttl_s: ttl_hours * 3600, max_uses };
+            let t: TokenCreated = ctl.post("/v1/tokens", &req).await?;
+            out(
+                &t,
+                format!(
+                    "# token {} ({} use(s), expires in {} h). Seed: save as /etc/hearth/seed.toml,\n# seed.toml on a vfat partition labelled HEARTH-SEED, or pass as the hearth.seed credential.\n{}",
+                    t.id, max_uses, ttl_hours, t.seed
+                ),
+            )
+        }
+        Command::Tokens { action: TokenAction::List } => {
+            let ts: Vec<TokenView> = ctl.get("/v1/tokens").await?;
+            let mut table =
+                format!("{:<12} {:>5} {:>8} {:<8} {}\n", "TOKEN", "USES", "MAX", "STATE", "LABELS");
+            for t in &ts {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let state = if t.revoked {
+                    "revoked"
+                } else if t.expires_ms <= now {
+                    "expired"
+                } else if t.uses >= t.max_uses {
+                    "used"
+                } else {
+                    "valid"
+                };
+                let labels: Vec<String> =
+                    t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = writeln!(
+                    table,
+                    "{:<12} {:>5} {:>8} {:<8} {}",
+                    t.id,
+                    t.uses,
+                    t.max_uses,
+                    state,
+                    labels.join(",")
+                );
+            }
+            out(&ts, table)
+        }
+        Command::Tokens { action: TokenAction::Revoke { id } } => {
+            let t: TokenView = ctl.post(&format!("/v1/tokens/{id}/revoke"), &()).await?;
+            out(&t, format!("token {} revoked\n", t.id))
+        }
+        Command::Nodes { action: NodeAction::List } => {
+            let ns: Vec<NodeView> = ctl.get("/v1/nodes").await?;
+            out(&ns, nodes_table(&ns))
+        }
+        Command::Nodes { action: NodeAction::Show { id } } => {
+            let n: NodeView = ctl.get(&format!("/v1/nodes/{id}")).await?;
+            let mut t = nodes_table(std::slice::from_ref(&n));
+            let _ = writeln!(
+                t,
+                "hardware: DMI {} serial {}",
+                n.hardware.dmi_uuid, n.hardware.board_serial
+            );
+            let _ = writeln!(
+                t,
+                "desired:  generation {} drain {} power budget {} labels {:?}",
+                n.desired.generation,
+                n.desired.drain,
+                n.desired.power_budget_w.map_or("none".into(), |w| format!("{w} W")),
+                n.desired.labels
+            );
+            if let Some(h) = &n.heartbeat {
+                let _ = writeln!(
+                    t,
+                    "health:   {} GPUs: {} healthy, {} degraded, {} failed; applied generation {}",
+                    h.health.gpus,
+                    h.health.healthy,
+                    h.health.degraded,
+                    h.health.failed,
+                    h.desired_generation
+                );
+                let _ = writeln!(
+                    t,
+                    "agent:    {} (protocol {})",
+                    h.versions.agent,
+                    n.protocol_version.unwrap_or(0)
+                );
+            }
+            out(&n, t)
+        }
+        Command::Drain { node } => {
+            let n: NodeView =
+                ctl.post(&format!("/v1/nodes/{node}/drain"), &DrainRequest { drain: true }).await?;
+            out(&n, format!("node {} draining (generation {})\n", n.id, n.desired.generation))
+        }
+        Command::Undrain { node } => {
+            let n: NodeView = ctl
+                .post(&format!("/v1/nodes/{node}/drain"), &DrainRequest { drain: false })
+                .await?;
+            out(&n, format!("node {} undrained (generation {})\n", n.id, n.desired.generation))
+        }
+        Command::PowerBudget { node, watts } => {
+            let req = PowerBudgetRequest { watts: (watts > 0).then_some(watts) };
+            let n: NodeView = ctl.post(&format!("/v1/nodes/{node}/power-budget"), &req).await?;
+            out(
+                &n,
+                format!(
+                    "node {} power budget {} (generation {})\n",
+                    n.id,
+                    n.desired.power_budget_w.map_or("cleared".into(), |w| format!("{w} W")),
+                    n.desired.generation
+                ),
+            )
+        }
+        Command::Reboot { node } => {
+            let c: CommandView = ctl
+                .post(
+                    &format!("/v1/nodes/{node}/commands"),
+                    &CommandRequest { kind: CommandKind::Reboot },
+                )
+                .await?;
+            out(
+                &c,
+                format!(
+                    "reboot queued as command {} ({})\n",
+                    c.id,
+                    if c.sent { "sent" } else { "node offline: sent when it connects" }
+                ),
+            )
+        }
+        Command::Events { limit } => {
+            let es: Vec<EventView> = ctl.get(&format!("/v1/events?limit={limit}")).await?;
+            let mut t = String::new();
+            for e in &es {
+                let _ = writeln!(
+                    t,
+                    "{:>6} {:>10} {:<14} {:<14} {}",
+                    e.id,
+                    ago(Some(e.at_ms)),
+                    e.node_id.as_deref().unwrap_or("-"),
+                    e.kind,
+                    e.message
+                );
+            }
+            out(&es, t)
+        }
+    }
+}
+
+mod erased_json {
+    /// Anything printable as JSON.
+    pub trait Json {
+        fn pretty(&self) -> anyhow::Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn pretty(&self) -> anyhow::Result<String> {
+            Ok(format!("{}\n", serde_json::to_string_pretty(self)?))
+        }
+    }
+}
+
+/// Parse arguments, run, print; an error is printed with its cause chain and exits 1.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hearthctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hearthctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

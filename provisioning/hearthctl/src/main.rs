@@ -1,0 +1,5 @@
+//! `hearthctl`: see the library.
+
+fn main() -> std::process::ExitCode {
+    hearthctl::main()
+}
