@@ -149,8 +149,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// The schema, one migration per entry; `{serial}` becomes the backend's auto-increment key.
-pub const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, labels TEXT NOT NULL,
+pub const MIGRATIONS: &[&str] =
+    &["CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, labels TEXT NOT NULL,
         created_ms BIGINT NOT NULL, expires_ms BIGINT NOT NULL, max_uses BIGINT NOT NULL,
         uses BIGINT NOT NULL, revoked BIGINT NOT NULL);
      CREATE TABLE nodes (id TEXT PRIMARY KEY, token_id TEXT NOT NULL, dmi_uuid TEXT NOT NULL,
@@ -162,8 +162,7 @@ pub const MIGRATIONS: &[&str] = &[
      CREATE TABLE commands (id {serial}, node_id TEXT NOT NULL, kind TEXT NOT NULL,
         created_ms BIGINT NOT NULL, sent BIGINT NOT NULL, outcome TEXT);
      CREATE TABLE events (id {serial}, at_ms BIGINT NOT NULL, node_id TEXT, kind TEXT NOT NULL,
-        message TEXT NOT NULL)",
-];
+        message TEXT NOT NULL)"];
 
 /// Tables [`Registry::dump`] covers: every table.
 pub const TABLES: &[&str] = &["schema_migrations", "tokens", "nodes", "commands", "events"];
@@ -224,6 +223,10 @@ pub struct Seen {
     pub protocol_version: u16,
 }
 
+/// Nodes per statement in [`Registry::record_seen`] (4 parameters each: well under SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters per statement).
+pub const SEEN_CHUNK: usize = 500;
+
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
@@ -263,14 +266,23 @@ fn json<T: serde::de::DeserializeOwned>(
     column: &'static str,
     id: &str,
 ) -> Result<T, RegistryError> {
-    serde_json::from_str(&s(v))
-        .map_err(|source| RegistryError::Corrupt { column, id: id.to_string(), source })
+    serde_json::from_str(&s(v)).map_err(|source| RegistryError::Corrupt {
+        column,
+        id: id.to_string(),
+        source,
+    })
 }
 fn to_json<T: serde::Serialize>(t: &T) -> String {
     serde_json::to_string(t).unwrap_or_default()
 }
 
-fn add_event(tx: &mut dyn Tx, at_ms: u64, node: Option<&str>, kind: &str, message: &str) -> Result<(), DbError> {
+fn add_event(
+    tx: &mut dyn Tx,
+    at_ms: u64,
+    node: Option<&str>,
+    kind: &str,
+    message: &str,
+) -> Result<(), DbError> {
     tx.exec(
         "INSERT INTO events (at_ms, node_id, kind, message) VALUES ($1, $2, $3, $4)",
         &[int(at_ms), Value::Text(node.map(str::to_string)), text(kind), text(message)],
@@ -319,12 +331,16 @@ impl Registry {
 
     /// Open from a URL: `sqlite:PATH` (or a bare path) or `postgres://…`.
     pub fn open_url(url: &str) -> Result<Self, RegistryError> {
-        let backend: Box<dyn Backend> = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Box::new(postgres::Postgres::connect(url)?)
-        } else {
-            let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
-            Box::new(sqlite::Sqlite::open(std::path::Path::new(path))?)
-        };
+        let backend: Box<dyn Backend> =
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                Box::new(postgres::Postgres::connect(url)?)
+            } else {
+                let path = url
+                    .strip_prefix("sqlite://")
+                    .or_else(|| url.strip_prefix("sqlite:"))
+                    .unwrap_or(url);
+                Box::new(sqlite::Sqlite::open(std::path::Path::new(path))?)
+            };
         Self::open(backend)
     }
 
@@ -333,7 +349,10 @@ impl Registry {
         self.backend.kind()
     }
 
-    fn tx<R>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>) -> Result<R, RegistryError> {
+    fn tx<R>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
         let mut out = None;
         self.backend.transact(&mut |tx| {
             out = Some(f(tx)?);
@@ -578,7 +597,8 @@ impl Registry {
     /// One node.
     pub fn node(&self, id: &str) -> Result<Option<NodeView>, RegistryError> {
         self.tx(|tx| {
-            let rows = tx.query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"), &[text(id)])?;
+            let rows =
+                tx.query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"), &[text(id)])?;
             rows.first().map(|r| node_from_row(r)).transpose()
         })
     }
@@ -599,8 +619,17 @@ impl Registry {
             let mut desired: DesiredState = json(col(r, 0), "desired", id)?;
             change(&mut desired);
             desired.generation += 1;
-            tx.exec("UPDATE nodes SET desired = $2 WHERE id = $1", &[text(id), text(to_json(&desired))])?;
-            add_event(tx, now_ms, Some(id), "desired", &format!("{what} (generation {})", desired.generation))?;
+            tx.exec(
+                "UPDATE nodes SET desired = $2 WHERE id = $1",
+                &[text(id), text(to_json(&desired))],
+            )?;
+            add_event(
+                tx,
+                now_ms,
+                Some(id),
+                "desired",
+                &format!("{what} (generation {})", desired.generation),
+            )?;
             Ok(desired)
         })
     }
@@ -625,7 +654,12 @@ impl Registry {
     }
 
     /// Queue a command; its id.
-    pub fn add_command(&self, node: &str, kind: CommandKind, now_ms: u64) -> Result<u64, RegistryError> {
+    pub fn add_command(
+        &self,
+        node: &str,
+        kind: CommandKind,
+        now_ms: u64,
+    ) -> Result<u64, RegistryError> {
         self.tx(|tx| {
             if tx.query("SELECT id FROM nodes WHERE id = $1 AND revoked = 0", &[text(node)])?.is_empty() {
                 return Err(Refusal::UnknownNode { node: node.to_string() }.into());
@@ -665,14 +699,26 @@ impl Registry {
     }
 
     /// Record a node's answer to a command.
-    pub fn ack_command(&self, node: &str, id: u64, outcome: &CommandOutcome, now_ms: u64) -> Result<(), RegistryError> {
+    pub fn ack_command(
+        &self,
+        node: &str,
+        id: u64,
+        outcome: &CommandOutcome,
+        now_ms: u64,
+    ) -> Result<(), RegistryError> {
         self.tx(|tx| {
             let n = tx.exec(
                 "UPDATE commands SET outcome = $3 WHERE id = $1 AND node_id = $2",
                 &[int(id), text(node), text(to_json(outcome))],
             )?;
             if n > 0 {
-                add_event(tx, now_ms, Some(node), "command-ack", &format!("command {id}: {outcome:?}"))?;
+                add_event(
+                    tx,
+                    now_ms,
+                    Some(node),
+                    "command-ack",
+                    &format!("command {id}: {outcome:?}"),
+                )?;
             }
             Ok(())
         })
@@ -713,7 +759,13 @@ impl Registry {
     }
 
     /// Record an event.
-    pub fn event(&self, node: Option<&str>, kind: &str, message: &str, now_ms: u64) -> Result<(), RegistryError> {
+    pub fn event(
+        &self,
+        node: Option<&str>,
+        kind: &str,
+        message: &str,
+        now_ms: u64,
+    ) -> Result<(), RegistryError> {
         self.tx(|tx| Ok(add_event(tx, now_ms, node, kind, message)?))
     }
 
@@ -739,22 +791,42 @@ impl Registry {
         })
     }
 
-    /// Write a batch of liveness updates (one transaction).
+    /// Write a batch of liveness updates: one transaction, one multi-row `UPDATE … FROM (VALUES
+    /// …)` per [`SEEN_CHUNK`] nodes (portable: both SQLite and PostgreSQL name the columns of a
+    /// `VALUES` list `column1…`), so a batch of 50,000 nodes is 100 statements, not 50,000 round
+    /// trips. Unknown node ids are ignored.
     pub fn record_seen(&self, batch: &[Seen]) -> Result<(), RegistryError> {
         if batch.is_empty() {
             return Ok(());
         }
         self.tx(|tx| {
-            for b in batch {
-                tx.exec(
-                    "UPDATE nodes SET last_seen_ms = $2, heartbeat = $3, protocol_version = $4 WHERE id = $1",
-                    &[
+            for chunk in batch.chunks(SEEN_CHUNK) {
+                let mut sql = String::from(
+                    "UPDATE nodes SET last_seen_ms = v.column2, heartbeat = v.column3, \
+                     protocol_version = v.column4 FROM (VALUES ",
+                );
+                let mut params = Vec::with_capacity(chunk.len() * 4);
+                for (k, b) in chunk.iter().enumerate() {
+                    let p = k * 4;
+                    if k > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!(
+                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4
+                    ));
+                    params.extend([
                         text(&b.node_id),
                         int(b.last_seen_ms),
                         Value::Text(b.heartbeat.as_ref().map(to_json)),
                         int(b.protocol_version),
-                    ],
-                )?;
+                    ]);
+                }
+                sql.push_str(") AS v WHERE nodes.id = v.column1");
+                tx.exec(&sql, &params)?;
             }
             Ok(())
         })
