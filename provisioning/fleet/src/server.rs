@@ -332,7 +332,9 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
                     tracing::debug!(nodes = n, elapsed_ms, "liveness written");
                 }
                 Ok(()) => {}
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), nodes = n, "cannot write liveness"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), nodes = n, "cannot write liveness")
+                }
             }
         }
         if stopping {
