@@ -289,6 +289,29 @@ impl VmConfig {
     }
 }
 
+/// A fresh work directory for one test's VM, `target/qemu/NAME` of this workspace (or
+/// `$CARGO_TARGET_DIR/qemu/NAME`): emptied first, kept afterwards so its `console.log` can be
+/// read after a failure.
+pub fn work_dir(name: &str) -> Result<PathBuf, QemuError> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let dir = target.join("qemu").join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|source| QemuError::Io {
+            op: "remove",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| QemuError::Io {
+        op: "create",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
 /// `key=value` from a console line (`HEARTH-BOOT-CHECK ...`, `HEARTH-IMAGE ...`); values have no
 /// spaces, except a quoted last field such as `status="..."`, which this does not return whole.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {

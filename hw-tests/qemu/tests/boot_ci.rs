@@ -79,16 +79,26 @@ fn sha256_hex(bytes: &[u8], dir: &Path) -> Result<String, Box<dyn std::error::Er
 
 #[test]
 #[ignore = "needs the built ci image (image/build --profile ci) and QEMU; run by .ci/run"]
-fn ci_image_boots_to_agent_ready_with_seed() -> TestResult {
+fn ci_image_boots_to_agent_ready_with_seed() {
+    // Display, not Debug: a timeout carries the console's last lines.
+    if let Err(e) = boot() {
+        panic!("{e}");
+    }
+}
+
+fn boot() -> TestResult {
     let image = image();
-    let work = tempfile::tempdir()?;
-    let disk = work.path().join("disk.qcow2");
+    // Kept after the run: the console log (target/qemu/boot_ci/console.log) is what to read when
+    // this test fails; the next run starts it afresh.
+    let work = hearth_qemu::work_dir("boot_ci")?;
+    let disk = work.join("disk.qcow2");
     overlay(&image, &disk, 8)?;
     let kernel = image.with_extension("vmlinuz");
     let accel = Accel::detect(kernel.exists().then_some(kernel.as_path()));
     let seed = seed();
-    let seed_sha = sha256_hex(seed.as_bytes(), work.path())?;
-    let mut config = VmConfig::new(&disk, work.path())?.credential("hearth.seed", seed.as_bytes());
+    let seed_sha = sha256_hex(seed.as_bytes(), &work)?;
+    let mut config =
+        VmConfig::new(&disk, work.as_path())?.credential("hearth.seed", seed.as_bytes());
     config.accel = accel;
     let timeout = Duration::from_secs(
         std::env::var("HEARTH_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(420),
@@ -96,7 +106,7 @@ fn ci_image_boots_to_agent_ready_with_seed() -> TestResult {
     eprintln!(
         "booting {} ({accel:?}), console log {}",
         image.display(),
-        work.path().join("console.log").display()
+        work.as_path().join("console.log").display()
     );
     let mut vm = Vm::start(&config)?;
 

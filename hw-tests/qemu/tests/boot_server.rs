@@ -27,13 +27,22 @@ fn image() -> PathBuf {
 
 #[test]
 #[ignore = "needs the server image (image/build --profile server); run by hand"]
-fn server_image_boots_without_gpu() -> TestResult {
+fn server_image_boots_without_gpu() {
+    // Display, not Debug: a timeout carries the console's last lines.
+    if let Err(e) = boot() {
+        panic!("{e}");
+    }
+}
+
+fn boot() -> TestResult {
     let image = image();
-    let work = tempfile::tempdir()?;
-    let disk = work.path().join("disk.qcow2");
+    // Kept after the run: the console log (target/qemu/boot_server/console.log) is what to read when
+    // this test fails; the next run starts it afresh.
+    let work = hearth_qemu::work_dir("boot_server")?;
+    let disk = work.join("disk.qcow2");
     overlay(&image, &disk, 8)?;
     let kernel = image.with_extension("vmlinuz");
-    let mut config = VmConfig::new(&disk, work.path())?;
+    let mut config = VmConfig::new(&disk, work.as_path())?;
     config.accel = Accel::detect(kernel.exists().then_some(kernel.as_path()));
     let timeout = Duration::from_secs(
         std::env::var("HEARTH_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600),

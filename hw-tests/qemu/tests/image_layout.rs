@@ -197,7 +197,9 @@ fn agent_and_hearth_units_are_installed_and_enabled() -> TestResult {
         assert!(multi_user.iter().any(|u| u == unit), "{unit} not enabled: {multi_user:?}");
     }
     let sysinit = listing("/etc/systemd/system/sysinit.target.wants")?;
-    assert!(sysinit.iter().any(|u| u == "hearth-seed.service"), "{sysinit:?}");
+    for unit in ["hearth-seed.service", "systemd-timesyncd.service", "systemd-resolved.service"] {
+        assert!(sysinit.iter().any(|u| u == unit), "{unit} not enabled: {sysinit:?}");
+    }
     // No first-boot prompt: masked (a link to /dev/null, 9 bytes).
     let firstboot = erofs(&[], "/etc/systemd/system/systemd-firstboot.service")?
         .ok_or("systemd-firstboot is not masked")?;
