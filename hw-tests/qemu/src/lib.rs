@@ -324,7 +324,7 @@ pub fn overlay(base: &Path, overlay: &Path, size_gib: u32) -> Result<(), QemuErr
         return Err(QemuError::Missing {
             what: "image",
             path: base.to_path_buf(),
-            hint: " (build it: image/build --profile ci)",
+            hint: " (build it with image/build --profile PROFILE)",
         });
     }
     let out = Command::new("qemu-img")
