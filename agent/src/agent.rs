@@ -71,6 +71,9 @@ pub struct Agent {
     gpus: watch::Sender<GpuSnapshot>,
     events: Mutex<EventLog>,
     subsystems: OnceLock<watch::Receiver<Vec<SubsystemStatus>>>,
+    // Power control: settings in (config, API, SIGHUP; the fleet later), outcome out.
+    power_settings: watch::Sender<crate::power::SettingsInput>,
+    power_outcome: watch::Sender<Option<crate::power::PowerOutcome>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -81,6 +84,7 @@ pub fn now_ms() -> u64 {
 impl Agent {
     /// Shared state for `config`; `sim` is the simulated node when the backend is `sim`.
     pub fn new(config: Config, sim: Option<Arc<SimHost>>, hostname: String) -> Arc<Self> {
+        let power_settings = config.power.settings();
         Arc::new(Self {
             config,
             started: Instant::now(),
@@ -90,6 +94,11 @@ impl Agent {
             gpus: watch::Sender::new(GpuSnapshot::default()),
             events: Mutex::new(EventLog::default()),
             subsystems: OnceLock::new(),
+            power_settings: watch::Sender::new(crate::power::SettingsInput {
+                settings: power_settings.clone(),
+                config: power_settings,
+            }),
+            power_outcome: watch::Sender::new(None),
         })
     }
 
@@ -121,6 +130,27 @@ impl Agent {
     /// Subsystem states.
     pub fn subsystems(&self) -> Vec<SubsystemStatus> {
         self.subsystems.get().map(|rx| rx.borrow().clone()).unwrap_or_default()
+    }
+
+    /// Power-control settings in force: the configuration's, changed at runtime by the API,
+    /// SIGHUP and (later) the fleet. The `power` subsystem reacts to every change.
+    pub fn power_settings(&self) -> &watch::Sender<crate::power::SettingsInput> {
+        &self.power_settings
+    }
+
+    /// Set new runtime settings (API, fleet): the configuration they derive from stays.
+    pub fn set_power_settings(&self, settings: hearth_proto::api::PowerSettings) {
+        self.power_settings.send_modify(|s| s.settings = settings);
+    }
+
+    /// Change only the budget (API, fleet); targets and priorities stay.
+    pub fn set_power_budget(&self, budget_w: Option<u32>) {
+        self.power_settings.send_modify(|s| s.settings.budget_w = budget_w);
+    }
+
+    /// The power controller's last step (the `power` subsystem writes it).
+    pub fn power_outcome(&self) -> &watch::Sender<Option<crate::power::PowerOutcome>> {
+        &self.power_outcome
     }
 
     /// Record a GPU event.
@@ -208,11 +238,15 @@ impl Agent {
     /// Power report (`GET /v1/power`).
     pub fn power(&self) -> PowerReport {
         let snap = self.gpus.borrow().clone();
+        let outcome = self.power_outcome.borrow().clone();
         let gpus: Vec<GpuPower> = snap
             .gpus
             .iter()
             .map(|g| {
                 let s = if g.lost { None } else { g.sample.as_ref() };
+                let chosen = outcome
+                    .as_ref()
+                    .and_then(|o| o.gpus.iter().find(|c| c.index == g.inventory.index));
                 GpuPower {
                     index: g.inventory.index,
                     draw_mw: s.map(|s| s.power_avg_mw),
@@ -221,12 +255,16 @@ impl Agent {
                     min_mw: g.inventory.power_limit_min_mw,
                     max_mw: g.inventory.power_limit_max_mw,
                     default_mw: g.inventory.power_limit_default_mw,
+                    cap_w: chosen.map(|c| c.cap_w.round() as u32),
+                    reason: chosen.map(|c| c.reason),
+                    clock_lock_mhz: chosen.and_then(|c| c.clock_lock_mhz),
                 }
             })
             .collect();
         PowerReport {
             total_draw_mw: gpus.iter().filter_map(|g| g.draw_mw).map(u64::from).sum(),
             gpus,
+            control: outcome.map(|o| o.control),
         }
     }
 }
