@@ -12,9 +12,12 @@
 //!   credential arrived byte for byte (`HEARTH-BOOT-CHECK` line: SHA-256 of
 //!   `/run/credentials/hearth-agent.service/hearth.seed`);
 //! - the console status shows fleet, seed, IP, GPUs and agent state;
+//! - from the fleet: a real `hearth-fleet` on the host's loopback (the guest reaches it at
+//!   10.0.2.2) issued the token in the seed; the node enrolls, holds its session and heartbeats
+//!   with its two GPUs (`GET /v1/nodes` as an admin operator);
 //! - an ACPI power-off ends QEMU cleanly.
 //!
-//! Prints boot-to-agent-ready time (host wall clock from QEMU start to the boot check line).
+//! Prints boot-to-agent-ready and boot-to-enrolled times (host wall clock from QEMU start).
 //!
 //! Environment: `HEARTH_IMAGE` (default `target/image/ci/hearth_<version>.raw`),
 //! `HEARTH_QEMU_ACCEL` (`tcg`/`kvm`; default: detected), `HEARTH_BOOT_TIMEOUT` (seconds, default
@@ -24,7 +27,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_fleet::ca::Role;
+use hearth_fleet::config::FleetConfig;
+use hearth_fleet_client::https::{Endpoint, json};
+use hearth_fleet_client::tls::{ClientIdentity, client_config};
+use hearth_proto::fleet::{NodeView, TokenCreateRequest, TokenCreated};
 
 use hearth_qemu::{Accel, HOST_FROM_GUEST, Vm, VmConfig, field, overlay};
 
@@ -43,22 +53,11 @@ fn image() -> PathBuf {
     })
 }
 
-/// The seed the node boots with.
-///
-/// Fleet hook: today no fleet exists, so the seed names a fleet at the host's loopback as the
-/// guest sees it, with placeholder credentials. When `hearth-fleet` lands, this becomes: start
-/// `hearth-fleet` on 127.0.0.1 (reachable from the guest at 10.0.2.2), run `hearthctl tokens
-/// create --fleet-url https://10.0.2.2:PORT` and use the seed it prints (keeping the
-/// `[network]` table below), then assert from the fleet (`hearthctl nodes show --json`) that the
-/// node enrolled and heartbeats with its two GPUs, and print boot-to-enrolled time.
-fn seed() -> String {
+/// The seed the node boots with: the one the fleet printed for a new token, plus a `[network]`
+/// table giving the guest a static address.
+fn seed(fleet_seed: &str) -> String {
     format!(
-        r#"# Hearth seed for the QEMU boot test.
-fleet_url = "https://{HOST_FROM_GUEST}:7443"
-fleet_name = "hearth-test-fleet"
-ca_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-token = "boot-test-placeholder"
-
+        r#"{fleet_seed}
 [network]
 [[network.links]]
 name = "en*"
@@ -67,6 +66,64 @@ gateway = "{HOST_FROM_GUEST}"
 dns = ["10.0.2.3"]
 "#
     )
+}
+
+/// A real fleet on the host's loopback, seen by the guest at `https://10.0.2.2:PORT`.
+struct TestFleet {
+    runtime: tokio::runtime::Runtime,
+    running: Option<hearth_fleet::server::RunningFleet>,
+    ep: Endpoint,
+    admin: Arc<rustls::ClientConfig>,
+    _dir: PathBuf,
+}
+
+impl TestFleet {
+    fn start(dir: &Path) -> Result<(Self, String), Box<dyn std::error::Error>> {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        // A free port, then the fleet on it, with the URL the guest uses in its seeds.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let _ = std::fs::remove_dir_all(dir);
+        let config = FleetConfig {
+            listen: format!("127.0.0.1:{port}").parse()?,
+            public_url: Some(format!("https://{HOST_FROM_GUEST}:{port}")),
+            state_dir: dir.to_path_buf(),
+            ..FleetConfig::default()
+        };
+        let running = runtime.block_on(hearth_fleet::server::start(config))?;
+        let (op, key) =
+            running.fleet.ca.operator_cert("boot-test", Role::Admin, Duration::from_secs(3600))?;
+        let admin = client_config(
+            &running.fleet.ca.pin(),
+            Some(&ClientIdentity { cert_pem: op.cert_pem, key_pem: key }),
+            b"http/1.1",
+        )?;
+        let ep =
+            Endpoint::from_url(&format!("https://{}", running.addr), &running.fleet.config.name)?;
+        let req = TokenCreateRequest { labels: Default::default(), ttl_s: 3600, max_uses: 1 };
+        let token: TokenCreated =
+            runtime.block_on(json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)))?;
+        let fleet = Self { runtime, running: Some(running), ep, admin, _dir: dir.to_path_buf() };
+        Ok((fleet, token.seed))
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeView>, Box<dyn std::error::Error>> {
+        Ok(self.runtime.block_on(json::<(), _>(
+            &self.ep,
+            self.admin.clone(),
+            "GET",
+            "/v1/nodes",
+            None,
+        ))?)
+    }
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            self.runtime.block_on(r.stop());
+        }
+    }
 }
 
 fn sha256_hex(bytes: &[u8], dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
@@ -95,7 +152,8 @@ fn boot() -> TestResult {
     overlay(&image, &disk, 8)?;
     let kernel = image.with_extension("vmlinuz");
     let accel = Accel::detect(kernel.exists().then_some(kernel.as_path()));
-    let seed = seed();
+    let (fleet, fleet_seed) = TestFleet::start(&work.as_path().join("fleet"))?;
+    let seed = seed(&fleet_seed);
     let seed_sha = sha256_hex(seed.as_bytes(), &work)?;
     let mut config =
         VmConfig::new(&disk, work.as_path())?.credential("hearth.seed", seed.as_bytes());
@@ -108,6 +166,7 @@ fn boot() -> TestResult {
         image.display(),
         work.as_path().join("console.log").display()
     );
+    let booted = Instant::now();
     let mut vm = Vm::start(&config)?;
 
     let check = vm.wait_for("HEARTH-BOOT-CHECK", timeout, |l| l.contains("HEARTH-BOOT-CHECK "))?;
@@ -149,12 +208,34 @@ fn boot() -> TestResult {
     let lines = vm.lines();
     let console: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
     assert!(console.iter().any(|l| l.starts_with("==== Hearth node ")), "no console status block");
-    assert!(console.iter().any(|l| l.starts_with("fleet:") && l.contains("not enrolled")));
+    assert!(console.iter().any(|l| l.starts_with("fleet:")), "console fleet line");
     assert!(console.contains(&"seed:     credential"), "console seed line");
     assert!(
         console.iter().any(|l| l.starts_with("gpus:") && l.contains("2x NVIDIA H100")),
         "console GPU line"
     );
+
+    // From the fleet: the node enrolled and heartbeats over its session with its two GPUs.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let node = loop {
+        let nodes = fleet.nodes()?;
+        if let Some(n) = nodes.iter().find(|n| n.online && n.heartbeat.is_some()) {
+            break n.clone();
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the node never came online in the fleet: {nodes:?}\n{}",
+                vm.tail(60)
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let enrolled_at = booted.elapsed();
+    assert_eq!(node.gpus.len(), 2, "inventory in the registry: {node:?}");
+    assert!(node.gpus.iter().all(|g| g.name.contains("H100")), "{:?}", node.gpus);
+    let hb = node.heartbeat.as_ref().ok_or("no heartbeat")?;
+    assert_eq!(hb.health.gpus, 2, "heartbeat: {hb:?}");
 
     let exit = vm.powerdown(Duration::from_secs(120))?;
     assert!(exit.success(), "QEMU exit after power-off: {exit}");
@@ -162,6 +243,11 @@ fn boot() -> TestResult {
         "boot-to-agent-ready ({accel:?}): {:.1} s host wall clock (guest uptime at the check: {})",
         ready_at.as_secs_f64(),
         field(&line, "uptime").unwrap_or("?")
+    );
+    println!(
+        "boot-to-enrolled ({accel:?}): {:.1} s host wall clock (node {} online in the fleet)",
+        enrolled_at.as_secs_f64(),
+        node.id
     );
     Ok(())
 }
