@@ -55,7 +55,43 @@ pub enum Target {
     Port(u16),
     /// Diagnostics: the accepting side sends every byte back (tunnel health and benchmarks).
     Echo,
+    /// Operator → gateway: relay to `target` on node `node` (the gateway checks the operator's
+    /// role and opens `target` on that node's tunnel; nodes refuse it).
+    Via {
+        /// The node id.
+        node: String,
+        /// What to reach there.
+        target: Box<Target>,
+    },
 }
+
+impl Target {
+    /// Opening it needs the admin role (a shell, a command, a port, a relay of those).
+    pub fn needs_admin(&self) -> bool {
+        match self {
+            Self::LocalApi => false,
+            Self::Via { target, .. } => target.needs_admin(),
+            Self::Exec { .. } | Self::Shell { .. } | Self::Port(_) | Self::Echo => true,
+        }
+    }
+
+    /// A short name for logs and events (`exec`, `shell`, `port 8080`, …); never the argv.
+    pub fn label(&self) -> String {
+        match self {
+            Self::LocalApi => "api".into(),
+            Self::Exec { argv } => format!("exec {}", argv.first().map_or("", String::as_str)),
+            Self::Shell { .. } => "shell".into(),
+            Self::Port(p) => format!("port {p}"),
+            Self::Echo => "echo".into(),
+            Self::Via { node, target } => format!("{} on {node}", target.label()),
+        }
+    }
+}
+
+/// The ALPN id of tunnel connections to the gateway (the fleet's TLS port): a node's tunnel
+/// (node certificate) or an operator's (operator certificate, streams opened with
+/// [`Target::Via`]).
+pub const TUNNEL_ALPN: &[u8] = b"hearth-tunnel/1";
 
 /// Reset codes (the first 4 bytes of a [`FrameType::Reset`] payload).
 pub mod reset {
@@ -71,6 +107,10 @@ pub mod reset {
     pub const BAD_TARGET: u32 = 4;
     /// The accepting side failed.
     pub const INTERNAL: u32 = 5;
+    /// Exec: the command exited with a non-zero status `code - EXIT` (after all its output).
+    pub const EXIT: u32 = 0x100;
+    /// Exec: killed by a signal `code - SIGNAL`.
+    pub const SIGNAL: u32 = 0x200;
 }
 
 /// Which end of the session this is (decides the parity of the ids it opens).

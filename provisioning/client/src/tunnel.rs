@@ -22,9 +22,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use hearth_proto::mux::{Event, Mux, MuxConfig, MuxError, Side, StreamId, Target, reset};
+use hearth_proto::mux::{
+    Event, Mux, MuxConfig, MuxError, Side, StreamId, TUNNEL_ALPN, Target, reset,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, mpsc, watch};
+
+use crate::https::{ClientError, Endpoint, connect_tls};
+use crate::tls::{ClientIdentity, client_config};
 
 /// A ping is sent this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -34,6 +39,41 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 
 /// Bytes the writer gathers into one write.
 pub const COALESCE: usize = 256 * 1024;
+
+/// TCP keepalive: idle time before the first probe, and the probe interval.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// TCP_USER_TIMEOUT: unacknowledged data older than this kills the connection (Linux).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connect a tunnel to the gateway at `ep` with a node's or an operator's certificate: TLS 1.3
+/// with the pinned CA, ALPN [`TUNNEL_ALPN`], TCP keepalive every [`KEEPALIVE`] and
+/// TCP_USER_TIMEOUT [`USER_TIMEOUT`] so a dead path is noticed even while data is queued.
+pub async fn connect(
+    ep: &Endpoint,
+    pin: &str,
+    identity: &ClientIdentity,
+    config: TunnelConfig,
+) -> Result<Tunnel, ClientError> {
+    let tls_config = client_config(pin, Some(identity), TUNNEL_ALPN)?;
+    let tls = connect_tls(ep, tls_config).await?;
+    tune_tcp(tls.get_ref().0);
+    Ok(Tunnel::spawn(tls, Side::Node, config))
+}
+
+/// Keepalive and user timeout on a tunnel's TCP connection (best effort: logged if refused).
+pub fn tune_tcp(tcp: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
+    let _ = tcp.set_nodelay(true);
+}
 
 /// Streams the peer opened that are not yet taken from [`Tunnel::incoming`].
 const INCOMING_QUEUE: usize = 256;
@@ -271,6 +311,25 @@ impl TunnelStream {
         self.shared.tx_ready.notify_one();
     }
 
+    /// A handle that can reset this stream while its halves are in use elsewhere.
+    pub fn control(&self) -> StreamControl {
+        StreamControl { id: self.id, shared: self.shared.clone() }
+    }
+
+    /// Wait until every byte written so far has left for the peer (not that it arrived).
+    pub async fn flushed(&self) {
+        loop {
+            let queued = {
+                let st = self.shared.lock();
+                st.dead.is_some() || st.mux.stats(self.id).is_none_or(|s| s.send_queued == 0)
+            };
+            if queued {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     fn aborted(st: &State, id: StreamId) -> Option<io::Error> {
         if let Some((code, reason)) = st.waiters.get(&id).and_then(|w| w.reset.as_ref()) {
             let kind = if *code == reset::CANCEL {
@@ -278,11 +337,92 @@ impl TunnelStream {
             } else {
                 io::ErrorKind::ConnectionRefused
             };
-            return Some(io::Error::new(kind, format!("stream reset by peer: {reason}")));
+            return Some(io::Error::new(kind, StreamReset { code: *code, reason: reason.clone() }));
         }
         st.dead
             .as_ref()
             .map(|why| io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string()))
+    }
+}
+
+/// The peer reset a stream: the error inside the `io::Error` a read or write returns
+/// (`ConnectionRefused`, or `ConnectionReset` for [`reset::CANCEL`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stream reset by peer (code {code}): {reason}")]
+pub struct StreamReset {
+    /// A [`reset`] code.
+    pub code: u32,
+    /// The peer's reason.
+    pub reason: String,
+}
+
+impl StreamReset {
+    /// The reset inside an I/O error, if it is one.
+    pub fn of(e: &io::Error) -> Option<&Self> {
+        e.get_ref().and_then(|i| i.downcast_ref::<Self>())
+    }
+}
+
+/// Resets one stream (see [`TunnelStream::control`]).
+#[derive(Debug, Clone)]
+pub struct StreamControl {
+    id: StreamId,
+    shared: Arc<Shared>,
+}
+
+impl StreamControl {
+    /// Reset the stream with a [`reset`] code; a stream already gone is left alone.
+    pub fn reset(&self, code: u32, reason: &str) {
+        let mut st = self.shared.lock();
+        if st.mux.reset(self.id, code, reason).is_ok() {
+            if let Some(w) = st.waiters.get_mut(&self.id) {
+                w.reset = Some((code, reason.to_string()));
+                w.read.take().map(Waker::wake);
+                w.write.take().map(Waker::wake);
+            }
+            drop(st);
+            self.shared.tx_ready.notify_one();
+        }
+    }
+}
+
+/// Relay two streams both ways until both directions end; a reset on one side resets the other
+/// with the same code (so an exit status or a refusal reaches the far end). Returns the bytes
+/// moved `a → b` and `b → a`.
+pub async fn splice(a: TunnelStream, b: TunnelStream) -> (u64, u64) {
+    let (ca, cb) = (a.control(), b.control());
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    tokio::join!(pipe(ar, bw, &cb), pipe(br, aw, &ca))
+}
+
+async fn pipe<R, W>(mut from: R, mut to: W, to_ctl: &StreamControl) -> u64
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut moved = 0u64;
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return moved;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return moved;
+                }
+                moved += n as u64;
+            }
+            Err(e) => {
+                match StreamReset::of(&e) {
+                    Some(r) => to_ctl.reset(r.code, &r.reason),
+                    None => to_ctl.reset(reset::CANCEL, &e.to_string()),
+                }
+                return moved;
+            }
+        }
     }
 }
 
