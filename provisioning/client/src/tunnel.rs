@@ -371,6 +371,10 @@ pub struct StreamControl {
 }
 
 impl StreamControl {
+    /// Bytes written to the stream and not yet handed to the connection.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().mux.stats(self.id).map_or(0, |s| s.send_queued)
+    }
     /// Reset the stream with a [`reset`] code; a stream already gone is left alone.
     pub fn reset(&self, code: u32, reason: &str) {
         let mut st = self.shared.lock();
