@@ -107,6 +107,17 @@ async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
     }
     assert!(acked, "command ack recorded");
 
+    // Renewal with the node's own certificate: same node, new certificate; an operator
+    // certificate cannot renew.
+    let csr = hearth_fleet_client::identity::csr_pem(&id.key_pem, "node")?;
+    let renewed = hearth_fleet_client::enroll::renew(&f.ep(), &f.pin(), &id, &csr).await?;
+    assert_eq!(renewed.node_id, resp.node_id);
+    assert_ne!(renewed.cert_pem, resp.cert_pem);
+    let op = hearth_fleet_client::enroll::renew(&f.ep(), &f.pin(), &f.admin, &csr).await;
+    assert!(
+        op.is_err_and(|e| e.to_string().contains("renewal needs the node's current certificate"))
+    );
+
     // Liveness reaches the registry in a batch.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let row = tokio::task::block_in_place(|| f.running.fleet.registry.node(&resp.node_id))?

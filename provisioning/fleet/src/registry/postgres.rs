@@ -1,5 +1,5 @@
-//! PostgreSQL backend (the `postgres` crate): one connection, reopened if it drops; each change in
-//! one transaction at READ COMMITTED, where the conditional `UPDATE` of a token serialises racing
+//! PostgreSQL backend (the `postgres` crate): a small pool of [`POOL`] connections, each reopened
+//! if it drops; each change in one transaction at READ COMMITTED, where the conditional `UPDATE` of a token serialises racing
 //! enrollments on the row lock. Called from blocking threads (`spawn_blocking`).
 
 use std::sync::{Mutex, PoisonError};
@@ -9,17 +9,26 @@ use postgres::{Client, NoTls};
 
 use super::{Backend, DbError, RegistryError, Tx, Value};
 
+/// Connections kept open.
+pub const POOL: usize = 4;
+
 /// The PostgreSQL registry backend.
 pub struct Postgres {
     url: String,
-    client: Mutex<Option<Client>>,
+    clients: Vec<Mutex<Option<Client>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Postgres {
     /// The sync client blocks on its own runtime when it closes: do that off any async thread.
     fn drop(&mut self) {
-        if let Some(c) = self.client.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
-            let _ = std::thread::spawn(move || drop(c));
+        let clients: Vec<Client> = self
+            .clients
+            .iter_mut()
+            .filter_map(|c| c.get_mut().unwrap_or_else(PoisonError::into_inner).take())
+            .collect();
+        if !clients.is_empty() {
+            let _ = std::thread::spawn(move || drop(clients));
         }
     }
 }
@@ -38,8 +47,13 @@ fn err(what: impl Into<String>) -> impl FnOnce(postgres::Error) -> DbError {
 impl Postgres {
     /// Connect to `url` (`postgres://user@host:port/db`, or `host=/socket/dir` forms).
     pub fn connect(url: &str) -> Result<Self, DbError> {
-        let client = Client::connect(url, NoTls).map_err(err("cannot connect"))?;
-        Ok(Self { url: url.to_string(), client: Mutex::new(Some(client)) })
+        let mut clients = Vec::with_capacity(POOL);
+        for _ in 0..POOL {
+            clients.push(Mutex::new(Some(
+                Client::connect(url, NoTls).map_err(err("cannot connect"))?,
+            )));
+        }
+        Ok(Self { url: url.to_string(), clients, next: std::sync::atomic::AtomicUsize::new(0) })
     }
 }
 
@@ -102,7 +116,13 @@ impl Backend for Postgres {
         &self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
-        let mut guard = self.client.lock().unwrap_or_else(PoisonError::into_inner);
+        // A free connection if there is one, else wait for the next in turn.
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.clients.len();
+        let mut guard =
+            (0..n).find_map(|i| self.clients[(start + i) % n].try_lock().ok()).unwrap_or_else(
+                || self.clients[start % n].lock().unwrap_or_else(PoisonError::into_inner),
+            );
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = Some(Client::connect(&self.url, NoTls).map_err(err("cannot reconnect"))?);
         }
