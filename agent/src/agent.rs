@@ -74,6 +74,9 @@ pub struct Agent {
     // Fleet (crate::fleet): desired state for the health and power subsystems, and membership.
     desired: watch::Sender<Option<hearth_proto::control::DesiredState>>,
     fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
+    // Power control: settings in (config, API, SIGHUP; the fleet later), outcome out.
+    power_settings: watch::Sender<crate::power::SettingsInput>,
+    power_outcome: watch::Sender<Option<crate::power::PowerOutcome>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -84,6 +87,7 @@ pub fn now_ms() -> u64 {
 impl Agent {
     /// Shared state for `config`; `sim` is the simulated node when the backend is `sim`.
     pub fn new(config: Config, sim: Option<Arc<SimHost>>, hostname: String) -> Arc<Self> {
+        let power_settings = config.power.settings();
         Arc::new(Self {
             config,
             started: Instant::now(),
@@ -98,6 +102,11 @@ impl Agent {
                 state: "starting".into(),
                 ..Default::default()
             }),
+            power_settings: watch::Sender::new(crate::power::SettingsInput {
+                settings: power_settings.clone(),
+                config: power_settings,
+            }),
+            power_outcome: watch::Sender::new(None),
         })
     }
 
@@ -140,6 +149,27 @@ impl Agent {
     /// Fleet membership (written by the `fleet` subsystem).
     pub fn fleet_status(&self) -> &watch::Sender<hearth_proto::api::FleetStatus> {
         &self.fleet_status
+    }
+
+    /// Power-control settings in force: the configuration's, changed at runtime by the API,
+    /// SIGHUP and (later) the fleet. The `power` subsystem reacts to every change.
+    pub fn power_settings(&self) -> &watch::Sender<crate::power::SettingsInput> {
+        &self.power_settings
+    }
+
+    /// Set new runtime settings (API, fleet): the configuration they derive from stays.
+    pub fn set_power_settings(&self, settings: hearth_proto::api::PowerSettings) {
+        self.power_settings.send_modify(|s| s.settings = settings);
+    }
+
+    /// Change only the budget (API, fleet); targets and priorities stay.
+    pub fn set_power_budget(&self, budget_w: Option<u32>) {
+        self.power_settings.send_modify(|s| s.settings.budget_w = budget_w);
+    }
+
+    /// The power controller's last step (the `power` subsystem writes it).
+    pub fn power_outcome(&self) -> &watch::Sender<Option<crate::power::PowerOutcome>> {
+        &self.power_outcome
     }
 
     /// Record a GPU event.
@@ -228,11 +258,15 @@ impl Agent {
     /// Power report (`GET /v1/power`).
     pub fn power(&self) -> PowerReport {
         let snap = self.gpus.borrow().clone();
+        let outcome = self.power_outcome.borrow().clone();
         let gpus: Vec<GpuPower> = snap
             .gpus
             .iter()
             .map(|g| {
                 let s = if g.lost { None } else { g.sample.as_ref() };
+                let chosen = outcome
+                    .as_ref()
+                    .and_then(|o| o.gpus.iter().find(|c| c.index == g.inventory.index));
                 GpuPower {
                     index: g.inventory.index,
                     draw_mw: s.map(|s| s.power_avg_mw),
@@ -241,12 +275,16 @@ impl Agent {
                     min_mw: g.inventory.power_limit_min_mw,
                     max_mw: g.inventory.power_limit_max_mw,
                     default_mw: g.inventory.power_limit_default_mw,
+                    cap_w: chosen.map(|c| c.cap_w.round() as u32),
+                    reason: chosen.map(|c| c.reason),
+                    clock_lock_mhz: chosen.and_then(|c| c.clock_lock_mhz),
                 }
             })
             .collect();
         PowerReport {
             total_draw_mw: gpus.iter().filter_map(|g| g.draw_mw).map(u64::from).sum(),
             gpus,
+            control: outcome.map(|o| o.control),
         }
     }
 }

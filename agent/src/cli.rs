@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hearth_proto::api::{HealthReport, NodeStatus, PowerLimitRequest, PowerReport};
+use hearth_proto::api::{
+    HealthReport, NodeStatus, PowerBudgetRequest, PowerLimitRequest, PowerReport,
+};
 use hearth_sim::{Fault, Workload};
 
 use crate::api::client::Client;
@@ -97,6 +99,34 @@ pub enum PowerAction {
         #[arg(long)]
         gpu: u32,
     },
+    /// Set the node power budget held by the controller (`none`: vendor limits).
+    Budget {
+        /// Watts over all GPUs, or `none`.
+        #[arg(value_parser = parse_budget)]
+        watts: Budget,
+    },
+    /// Set the node-wide temperature targets (°C; `none`: the board's limit − 8 °C).
+    Targets {
+        /// Core temperature target, °C, or `none`.
+        #[arg(long, value_parser = parse_budget)]
+        core: Option<Budget>,
+        /// Memory temperature target, °C, or `none`.
+        #[arg(long, value_parser = parse_budget)]
+        memory: Option<Budget>,
+    },
+}
+
+/// A number, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget(pub Option<u32>);
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Budget(None));
+    }
+    s.parse::<u32>()
+        .map(|w| Budget(Some(w)))
+        .map_err(|_| format!("{s:?} is not a number or `none`"))
 }
 
 /// `hearth-agent sim ...`
@@ -264,6 +294,28 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                         PowerLimitRequest { gpu, watts: Some(watts) }
                     }
                     PowerAction::Restore { gpu } => PowerLimitRequest { gpu, watts: None },
+                    PowerAction::Budget { watts } => {
+                        let req = PowerBudgetRequest { budget_w: watts.0 };
+                        let done: Done = client.post("/v1/power/budget", &req).await?;
+                        render::out(&done.done);
+                        return Ok(0);
+                    }
+                    PowerAction::Targets { core, memory } => {
+                        let report: PowerReport = client.get("/v1/power").await?;
+                        let Some(control) = report.control else {
+                            anyhow::bail!("power control has not started yet (no GPUs read)");
+                        };
+                        let mut settings = control.settings;
+                        if let Some(c) = core {
+                            settings.core_target_c = c.0;
+                        }
+                        if let Some(m) = memory {
+                            settings.memory_target_c = m.0;
+                        }
+                        let done: Done = client.post("/v1/power", &settings).await?;
+                        render::out(&done.done);
+                        return Ok(0);
+                    }
                 };
                 let done: Done = client.post("/v1/power/limit", &req).await?;
                 render::out(&done.done);
@@ -314,8 +366,8 @@ pub fn main() -> i32 {
                 EXIT_USAGE
             }
         },
-        Command::Run { config, log_format } => {
-            let config = match load_config(&config) {
+        Command::Run { config: config_path, log_format } => {
+            let config = match load_config(&config_path) {
                 Ok(c) => c,
                 Err(e) => {
                     render::err(&format!("error: {e}"));
@@ -339,7 +391,7 @@ pub fn main() -> i32 {
                 }
             };
             let notifier = Arc::new(crate::systemd::SystemdNotifier::from_env());
-            match runtime.block_on(crate::run(config, notifier)) {
+            match runtime.block_on(crate::run(config, Some(config_path), notifier)) {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::error!("agent failed: {e:#}");

@@ -37,6 +37,9 @@ pub struct Config {
     /// What the fleet may reach on this node through the tunnel (`[tunnel]`).
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Power and thermal control (`[power]`).
+    #[serde(default)]
+    pub power: PowerConfig,
 }
 
 /// `[tunnel]`: the node's end of the secure tunnel (`docs/0006-tunnel.md`). The gateway checks
@@ -83,8 +86,92 @@ impl Default for FleetConfig {
     }
 }
 
+/// `[power]`: the node power budget, temperature targets and the control loop
+/// (`docs/0004-power-control.md`). Budget and targets change at runtime too (`POST /v1/power`,
+/// SIGHUP); the last ones set are kept in the state directory and re-applied at boot.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerConfig {
+    /// Node power budget over all GPUs, W (1..=1000000). Unset (default): no budget, the GPUs
+    /// keep their vendor limits (lowered only to hold temperature targets).
+    #[serde(default)]
+    pub budget_w: Option<u32>,
+    /// Core temperature target of every GPU, °C (30..=120). Unset (default): each board's
+    /// T.Limit − 8 °C.
+    #[serde(default)]
+    pub core_target_c: Option<u32>,
+    /// Memory (HBM) temperature target, °C (30..=120). Unset (default): each board's memory
+    /// maximum − 8 °C.
+    #[serde(default)]
+    pub memory_target_c: Option<u32>,
+    /// Milliseconds between two control steps (250..=5000). Default 1000. A GPU's limit changes
+    /// at most once per second whatever the period.
+    #[serde(default = "default_control_period_ms")]
+    pub control_period_ms: u64,
+    /// Lock the SM clocks of memory-bound GPUs (memory busier than the SMs) while a budget is
+    /// set, where a power cap would not bind. Default true.
+    #[serde(default = "default_true")]
+    pub lock_memory_bound_clocks: bool,
+    /// The clock memory-bound GPUs are locked at, percent of the maximum SM clock (30..=100).
+    /// Default 70.
+    #[serde(default = "default_memory_bound_clock_pct")]
+    pub memory_bound_clock_pct: u32,
+    /// Drive the fans of fan-cooled boards toward the core target (30 % at 20 °C below it,
+    /// 100 % at it). Default true; boards without fans of their own are left alone.
+    #[serde(default = "default_true")]
+    pub fan_control: bool,
+    /// Per-GPU overrides: `[[power.gpu]]` with `index`, `priority` (1..=100, default 1: a GPU's
+    /// weight when the budget is split), `core_target_c`, `memory_target_c`.
+    #[serde(default)]
+    pub gpu: Vec<hearth_proto::api::GpuPowerSettings>,
+}
+
+impl Default for PowerConfig {
+    fn default() -> Self {
+        Self {
+            budget_w: None,
+            core_target_c: None,
+            memory_target_c: None,
+            control_period_ms: default_control_period_ms(),
+            lock_memory_bound_clocks: true,
+            memory_bound_clock_pct: default_memory_bound_clock_pct(),
+            fan_control: true,
+            gpu: Vec::new(),
+        }
+    }
+}
+
+fn default_control_period_ms() -> u64 {
+    1000
+}
+
 fn default_true() -> bool {
     true
+}
+
+fn default_memory_bound_clock_pct() -> u32 {
+    70
+}
+
+impl PowerConfig {
+    /// The runtime-changeable part: budget, targets, priorities.
+    pub fn settings(&self) -> hearth_proto::api::PowerSettings {
+        hearth_proto::api::PowerSettings {
+            budget_w: self.budget_w,
+            core_target_c: self.core_target_c,
+            memory_target_c: self.memory_target_c,
+            gpus: self.gpu.clone(),
+        }
+    }
+
+    /// The controller's tunables.
+    pub fn params(&self) -> crate::power::PowerParams {
+        crate::power::PowerParams {
+            lock_memory_bound_clocks: self.lock_memory_bound_clocks,
+            memory_bound_clock_pct: self.memory_bound_clock_pct,
+            fan_control: self.fan_control,
+        }
+    }
 }
 
 /// Default directory of the agent's persistent state.
@@ -380,6 +467,20 @@ impl Config {
         if let Some(scenario) = &self.sim.scenario {
             Scenario::load(scenario).map_err(|e| invalid("sim.scenario", format!("{e}")))?;
         }
+        if !(250..=5000).contains(&self.power.control_period_ms) {
+            return Err(invalid(
+                "power.control_period_ms",
+                format!("{} is outside 250..=5000", self.power.control_period_ms),
+            ));
+        }
+        if !(30..=100).contains(&self.power.memory_bound_clock_pct) {
+            return Err(invalid(
+                "power.memory_bound_clock_pct",
+                format!("{} is outside 30..=100", self.power.memory_bound_clock_pct),
+            ));
+        }
+        crate::power::validate_settings(&self.power.settings(), "gpu")
+            .map_err(|e| invalid(&format!("power.{}", e.key), e.message))?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid(
                 "log.level",
@@ -444,8 +545,18 @@ mod tests {
             [log]
             format = "json"
             level = "debug,hyper=info"
+            [power]
+            budget_w = 4000
+            core_target_c = 80
+            control_period_ms = 500
+            [[power.gpu]]
+            index = 2
+            priority = 3
             "#,
         )?;
+        assert_eq!(c.power.budget_w, Some(4000));
+        assert_eq!(c.power.gpu[0].priority, 3);
+        assert_eq!(c.power.settings().core_target_c, Some(80));
         assert_eq!(c.gpu.backend, BackendKind::Sim);
         assert_eq!(c.sim.gpus, 4);
         assert_eq!(c.log.format, LogFormat::Json);
@@ -487,6 +598,12 @@ mod tests {
             ("[tunnel]\nexpose_ports = [8080, 0]\n", "tunnel.expose_ports"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
             ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
+            ("[power]\nbudget_w = 0\n", "power.budget_w"),
+            ("[power]\ncore_target_c = 200\n", "power.core_target_c"),
+            ("[power]\ncontrol_period_ms = 10\n", "power.control_period_ms"),
+            ("[power]\nmemory_bound_clock_pct = 5\n", "power.memory_bound_clock_pct"),
+            ("[[power.gpu]]\nindex = 1\npriority = 0\n", "power.gpu[0].priority"),
+            ("[[power.gpu]]\nindex = 1\n[[power.gpu]]\nindex = 1\n", "power.gpu[1].index"),
         ] {
             let e = err_text(text);
             assert!(e.contains(&format!("key `{key}`")), "{text}: {e}");

@@ -10,6 +10,9 @@
 //! - `api` ([`api::server`]): the local HTTP/1.1 + JSON API under `/v1` on a Unix socket.
 //! - `fleet` ([`fleet`]): enrollment with the seed's token and the `hearth/1` control session to
 //!   the fleet; desired state flows out on [`agent::Agent::desired`] (`docs/0005-fleet.md`).
+//! - `power` ([`power`]): holds the node power budget and temperature targets (settings on a
+//!   `watch` channel of the agent: configuration, `POST /v1/power`, SIGHUP via [`reload`]);
+//!   design note `docs/0004-power-control.md`.
 //!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
@@ -27,6 +30,7 @@ pub mod gpu;
 pub mod health;
 pub mod logging;
 pub mod persist;
+pub mod power;
 pub mod render;
 pub mod sampler;
 pub mod supervisor;
@@ -80,6 +84,7 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
         Arc::new(sampler::Sampler::new(agent.clone())),
         Arc::new(events::Events::new(agent.clone())),
         Arc::new(api::server::ApiServer::new(agent.clone())),
+        Arc::new(power::task::PowerTask::new(agent.clone())),
     ];
     let mut subsystems = subsystems;
     if agent.config.fleet.enabled {
@@ -172,8 +177,13 @@ async fn notify_loop(agent: Arc<Agent>, notifier: Arc<dyn Notifier>, cancel: Can
     }
 }
 
-/// Run until SIGTERM or SIGINT, then stop within 5 s. SIGHUP is logged and ignored.
-pub async fn run(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<()> {
+/// Run until SIGTERM or SIGINT, then stop within 5 s. SIGHUP re-reads `config_path` (when
+/// given): see [`reload`].
+pub async fn run(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    notifier: Arc<dyn Notifier>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -183,12 +193,52 @@ pub async fn run(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: nothing to reload yet (the configuration is read at start)");
-            }
+            _ = hup.recv() => match &config_path {
+                Some(path) => reload(running.agent(), path),
+                None => tracing::info!("SIGHUP: no configuration file to reload"),
+            },
         }
     }
     running.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: re-read the configuration. An invalid file is refused (the error names the key) and
+/// the running configuration stays. A changed `[power]` budget, targets or priorities apply at
+/// once (the `power` subsystem steps on the change); other keys need a restart, which is logged.
+pub fn reload(agent: &Agent, path: &std::path::Path) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration refused; the running one stays");
+            return;
+        }
+    };
+    let settings = new.power.settings();
+    let changed = agent.power_settings().send_if_modified(|s| {
+        if s.config == settings {
+            return false;
+        }
+        s.settings = settings.clone();
+        s.config = settings.clone();
+        true
+    });
+    if changed {
+        tracing::info!(budget_w = ?settings.budget_w, "SIGHUP: [power] settings reloaded");
+    } else {
+        tracing::info!("SIGHUP: [power] settings unchanged");
+    }
+    // Everything but the runtime settings, compared with the running configuration.
+    let mut rest = new;
+    let old = &agent.config.power;
+    rest.power.budget_w = old.budget_w;
+    rest.power.core_target_c = old.core_target_c;
+    rest.power.memory_target_c = old.memory_target_c;
+    rest.power.gpu = old.gpu.clone();
+    if rest != agent.config {
+        tracing::warn!(
+            "SIGHUP: keys outside [power] budget/targets changed; they apply at the next restart"
+        );
+    }
 }

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 use hearth_proto::api::{
-    GpuVerdict, HealthReport, NodeState, NodeStatus, PowerReport, SubsystemState,
+    GpuVerdict, HealthReport, NodeState, NodeStatus, PowerMode, PowerReport, SubsystemState,
 };
 use hearth_proto::gpu::GpuEventKind;
 
@@ -192,21 +192,56 @@ pub fn health(h: &HealthReport) -> String {
 /// `hearth-agent power`.
 pub fn power(p: &PowerReport) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "total draw {} W", (p.total_draw_mw + 500) / 1000);
+    match &p.control {
+        Some(c) => {
+            let budget = c.settings.budget_w.map_or_else(|| "none".into(), |b| format!("{b} W"));
+            let mode = match c.mode {
+                PowerMode::NoBudget => "no budget (vendor limits, thermal only)",
+                PowerMode::Budget => "holding the budget",
+                PowerMode::Failsafe => "FAILSAFE: telemetry missing, static safe caps",
+            };
+            let target =
+                |t: Option<u32>, d: &str| t.map_or_else(|| d.to_string(), |t| format!("{t} C"));
+            let _ = writeln!(
+                o,
+                "budget {budget}, draw {} W, caps handed out {} W; {mode}",
+                (p.total_draw_mw + 500) / 1000,
+                c.allocated_w
+            );
+            let _ = writeln!(
+                o,
+                "targets: core {}, memory {} (settings generation {})",
+                target(c.settings.core_target_c, "T.Limit - 8 C"),
+                target(c.settings.memory_target_c, "max - 8 C"),
+                c.generation
+            );
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "total draw {} W; power control not running yet",
+                (p.total_draw_mw + 500) / 1000
+            );
+        }
+    }
     let _ = writeln!(
         o,
-        "{:>3} {:>7} {:>7} {:>9} {:>17}",
-        "GPU", "DRAW W", "LIMIT W", "ENFORCED", "RANGE W (DEFAULT)"
+        "{:>3} {:>7} {:>7} {:>9} {:>6} {:<8} {:>6} {:>17}",
+        "GPU", "DRAW W", "LIMIT W", "ENFORCED", "CAP W", "WHY", "LOCK", "RANGE W (DEFAULT)"
     );
     for g in &p.gpus {
         let opt = |v: Option<u32>| v.map(watts).unwrap_or_else(|| "-".into());
+        let reason = g.reason.map_or_else(|| "-".into(), |r| format!("{r:?}").to_lowercase());
         let _ = writeln!(
             o,
-            "{:>3} {:>7} {:>7} {:>9} {:>17}",
+            "{:>3} {:>7} {:>7} {:>9} {:>6} {:<8} {:>6} {:>17}",
             g.index,
             opt(g.draw_mw),
             opt(g.limit_mw),
             opt(g.enforced_limit_mw),
+            g.cap_w.map_or_else(|| "-".into(), |c| c.to_string()),
+            reason,
+            g.clock_lock_mhz.map_or_else(|| "-".into(), |m| m.to_string()),
             format!("{}-{} ({})", watts(g.min_mw), watts(g.max_mw), watts(g.default_mw))
         );
     }

@@ -20,8 +20,30 @@ const BIN: &str = env!("CARGO_BIN_EXE_hearth-agent");
 struct Agent {
     child: Child,
     dir: tempfile::TempDir,
-    notify: UnixDatagram,
+    /// Notifications read by [`notify_reader`], which, like systemd, reads the socket all the
+    /// time (an unread datagram queue would block the agent's sd_notify sends).
+    notify: std::sync::mpsc::Receiver<String>,
+    stop_reader: std::sync::Arc<std::sync::atomic::AtomicBool>,
     notices: Vec<String>,
+}
+
+/// Read every datagram of the fake systemd socket onto a channel until `stop`.
+fn notify_reader(
+    socket: UnixDatagram,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = socket.recv(&mut buf)
+                && tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 impl Agent {
@@ -38,8 +60,9 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = {:?}\n[log]\nformat = \"json\"\n{extra}",
-                socket.display().to_string()
+                "[api]\nsocket = {:?}\n[log]\nformat = \"json\"\n[state]\ndir = {:?}\n{extra}",
+                socket.display().to_string(),
+                dir.path().join("state").display().to_string()
             ),
         )?;
         let notify_path = dir.path().join("notify.sock");
@@ -54,19 +77,19 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        Ok(Self { child, dir, notify, notices: Vec::new() })
+        let stop_reader = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let notify = notify_reader(notify, stop_reader.clone());
+        Ok(Self { child, dir, notify, stop_reader, notices: Vec::new() })
     }
 
     /// Read notifications until `pred` holds for one, or `timeout`.
     fn wait_notice(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 4096];
         if self.notices.iter().any(|n| pred(n)) {
             return true;
         }
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Ok(text) = self.notify.recv_timeout(left) {
                 let hit = pred(&text);
                 self.notices.push(text);
                 if hit {
@@ -139,6 +162,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stop_reader.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -258,6 +282,94 @@ fn power_limit_is_set_validated_and_restored_through_the_api() -> TestResult {
     agent.status_until(Duration::from_secs(5), |s| {
         s.gpus[1].sample.as_ref().is_some_and(|x| x.power_limit_mw == 700_000)
     })?;
+    Ok(())
+}
+
+impl Agent {
+    /// Collect every notification read so far.
+    fn drain(&mut self) {
+        self.notices.extend(self.notify.try_iter());
+    }
+
+    fn power(&self) -> Result<PowerReport, Box<dyn std::error::Error>> {
+        self.json(&["power", "--json"])
+    }
+
+    /// Poll the power report until every GPU's limit in force sums to at most `watts`.
+    fn limits_at_most(
+        &mut self,
+        watts: u32,
+        within: Duration,
+    ) -> Result<Duration, Box<dyn std::error::Error>> {
+        let t0 = Instant::now();
+        loop {
+            self.drain();
+            let p = self.power()?;
+            let sum: u32 = p.gpus.iter().filter_map(|g| g.limit_mw).sum();
+            // Every GPU must be sampled with a limit in force (an empty report is not "under").
+            let complete = !p.gpus.is_empty() && p.gpus.iter().all(|g| g.limit_mw.is_some());
+            if complete && sum <= watts * 1000 {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > within {
+                return Err(
+                    format!("limits {sum} mW not under {watts} W after {within:?}: {p:?}").into()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn hup(&self) {
+        let pid = i32::try_from(self.child.id()).unwrap_or(0);
+        // SAFETY: kill(2) with a PID we spawned and still own (not yet reaped).
+        let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+        assert_eq!(rc, 0);
+    }
+}
+
+/// The budget changes at runtime through the CLI and through SIGHUP and takes effect within
+/// 2 s (limits in force; asserted with 1 s of slack for a loaded machine); an invalid file on
+/// SIGHUP is refused and the running settings stay; `power` shows budget, caps and reasons.
+#[test]
+fn power_budget_changes_by_cli_and_sighup_and_a_bad_reload_is_refused() -> TestResult {
+    let config = "[gpu]\nbackend = \"sim\"\nsample_interval_ms = 200\n[sim]\ngpus = 4\n\
+                  [power]\nbudget_w = 2400\n";
+    let mut agent = Agent::start(config)?;
+    assert!(agent.wait_notice(|n| n.contains("READY=1"), Duration::from_secs(10)));
+    agent.limits_at_most(2400, Duration::from_secs(10))?;
+
+    let out = agent.cli(&["power", "budget", "1600"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.limits_at_most(1600, Duration::from_secs(3))?;
+    let p = agent.power()?;
+    let control = p.control.ok_or("no control in the report")?;
+    assert_eq!(control.settings.budget_w, Some(1600));
+    assert!(p.gpus.iter().all(|g| g.cap_w.is_some() && g.reason.is_some()), "{:?}", p.gpus);
+    let text = agent.cli(&["power"])?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("budget 1600 W"), "{text}");
+
+    let bad = agent.cli(&["power", "budget", "0"])?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("budget_w"));
+
+    // SIGHUP with a new budget in the file.
+    let file = agent.dir.path().join("agent.toml");
+    let text = std::fs::read_to_string(&file)?.replace("budget_w = 2400", "budget_w = 1200");
+    std::fs::write(&file, &text)?;
+    agent.hup();
+    agent.limits_at_most(1200, Duration::from_secs(3))?;
+
+    // An invalid file: refused, the running budget stays, the agent keeps serving.
+    std::fs::write(&file, text.replace("budget_w = 1200", "budget_w = -5"))?;
+    agent.hup();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(100));
+        agent.drain();
+    }
+    let p = agent.power()?;
+    assert_eq!(p.control.map(|c| c.settings.budget_w), Some(Some(1200)));
     Ok(())
 }
 

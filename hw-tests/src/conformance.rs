@@ -141,6 +141,20 @@ fault = "cooling_failure"
 ambient_rise_c = 12.0
 "#;
 
+/// An H100 SXM (no fans of its own) and an RTX 4090-like card (two fans), both training.
+pub const FANS: &str = r#"
+seed = 5
+ambient_c = 25.0
+
+[[gpu]]
+profile = "h100-sxm"
+workload = "training"
+
+[[gpu]]
+profile = "rtx4090-pcie"
+workload = "training"
+"#;
+
 /// Every case, in a stable order.
 pub const CASES: &[Case] = &[
     Case { name: "inventory", scenario: MIXED, run: inventory },
@@ -155,6 +169,7 @@ pub const CASES: &[Case] = &[
     Case { name: "nvlink_down", scenario: TWO_H100, run: nvlink_down },
     Case { name: "bmc_limit", scenario: TWO_H100, run: bmc_limit },
     Case { name: "workload", scenario: TWO_H100, run: workload },
+    Case { name: "fans", scenario: FANS, run: fans },
 ];
 
 /// The case called `name`.
@@ -423,6 +438,43 @@ pub fn clocks(b: &dyn GpuBackend, c: &dyn SimControl) -> anyhow::Result<()> {
     ensure!(b.sample(0)?.sm_clock_mhz > 1_200, "reset releases the lock");
     expect_invalid(b.lock_clocks(0, 1_500, 1_000), 0, "lock 1500..1000")?;
     expect_invalid(b.lock_clocks(0, 100, 5_000), 0, "lock 100..5000")?;
+    Ok(())
+}
+
+/// Fan control: manual speeds are followed (and cool the card), a reset gives the fans back to
+/// the automatic curve; a fanless board answers `NotSupported`, a fan the board lacks or a speed
+/// above 100 % `InvalidArgument`.
+pub fn fans(b: &dyn GpuBackend, c: &dyn SimControl) -> anyhow::Result<()> {
+    match b.set_fan_speed(0, 0, 80) {
+        Err(GpuError::NotSupported { gpu: 0, .. }) => {}
+        other => bail!("fan speed on a fanless H100: expected NotSupported, got {other:?}"),
+    }
+    match b.reset_fan_speed(0, 0) {
+        Err(GpuError::NotSupported { gpu: 0, .. }) => {}
+        other => bail!("fan reset on a fanless H100: expected NotSupported, got {other:?}"),
+    }
+    c.advance(120_000)?;
+    let auto = b.sample(1)?;
+    ensure!(auto.fan_speed_pct.iter().all(|&p| p < 100), "automatic curve below 100 %: {auto:?}");
+    b.set_fan_speed(1, 0, 100)?;
+    b.set_fan_speed(1, 1, 100)?;
+    c.advance(60_000)?;
+    let manual = b.sample(1)?;
+    ensure!(manual.fan_speed_pct.iter().all(|&p| p >= 99), "manual 100 %: {manual:?}");
+    ensure!(
+        manual.temp_core_c + 2 < auto.temp_core_c,
+        "full airflow cools: {} °C vs {} °C",
+        manual.temp_core_c,
+        auto.temp_core_c
+    );
+    b.set_fan_speed(1, 0, 30)?;
+    b.reset_fan_speed(1, 1)?;
+    c.advance(20_000)?;
+    let mixed = b.sample(1)?;
+    ensure!(mixed.fan_speed_pct[0] <= 31, "fan 0 at manual 30 %: {mixed:?}");
+    ensure!(mixed.fan_speed_pct[1] > 31, "fan 1 back on the automatic curve: {mixed:?}");
+    expect_invalid(b.set_fan_speed(1, 2, 50), 1, "fan 2 of a two-fan card")?;
+    expect_invalid(b.set_fan_speed(1, 0, 101), 1, "fan speed 101 %")?;
     Ok(())
 }
 
@@ -697,7 +749,7 @@ macro_rules! conformance_tests {
     ($run:path) => {
         $crate::conformance_tests!(@cases $run;
             inventory, sample, power_limit, clocks, xid79, double_bit_ecc, sbe_storm, row_remap,
-            pcie_downtrain, nvlink_down, bmc_limit, workload);
+            pcie_downtrain, nvlink_down, bmc_limit, workload, fans);
     };
     (@cases $run:path; $($name:ident),* $(,)?) => {
         $(

@@ -162,6 +162,9 @@ pub struct PowerReport {
     pub total_draw_mw: u64,
     /// Per GPU, by index.
     pub gpus: Vec<GpuPower>,
+    /// The power controller: budget, targets, mode (`None` until it has run once).
+    #[serde(default)]
+    pub control: Option<PowerControl>,
 }
 
 /// One GPU's power figures.
@@ -181,6 +184,15 @@ pub struct GpuPower {
     pub max_mw: u32,
     /// Board default limit, mW.
     pub default_mw: u32,
+    /// The cap the power controller chose, W (`None` before it ran).
+    #[serde(default)]
+    pub cap_w: Option<u32>,
+    /// Why the controller chose that cap.
+    #[serde(default)]
+    pub reason: Option<CapReason>,
+    /// SM clock locked by the controller (memory-bound work), MHz.
+    #[serde(default)]
+    pub clock_lock_mhz: Option<u32>,
 }
 
 /// `POST /v1/power/limit`: set one GPU's power limit (`watts: None` restores the default).
@@ -198,4 +210,108 @@ pub struct PowerLimitRequest {
 pub struct ApiError {
     /// What went wrong, with its cause chain.
     pub error: String,
+}
+
+// ---------------------------------------------------------------- power control
+
+/// Power-control settings: the node power budget and temperature targets. Read from `[power]` in
+/// the configuration, changed at runtime by `POST /v1/power` (and later by the fleet); the last
+/// settings set are persisted and re-applied at boot. Design: `docs/0004-power-control.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerSettings {
+    /// Node power budget over all GPUs, W; `None`: no budget, GPUs keep their vendor limits.
+    #[serde(default)]
+    pub budget_w: Option<u32>,
+    /// Core (die) temperature target for every GPU, °C; `None`: T.Limit − 8 °C of each board.
+    #[serde(default)]
+    pub core_target_c: Option<u32>,
+    /// Memory (HBM) temperature target, °C; `None`: the board's memory maximum − 8 °C.
+    #[serde(default)]
+    pub memory_target_c: Option<u32>,
+    /// Per-GPU overrides (priority, targets).
+    #[serde(default)]
+    pub gpus: Vec<GpuPowerSettings>,
+}
+
+/// One GPU's power-control overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuPowerSettings {
+    /// NVML index.
+    pub index: u32,
+    /// Weight of this GPU when the budget is split (1..=100; default 1): a GPU of priority 2
+    /// gets twice the share of a busy GPU of priority 1.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Core temperature target of this GPU, °C (overrides the node-wide one).
+    #[serde(default)]
+    pub core_target_c: Option<u32>,
+    /// Memory temperature target of this GPU, °C (overrides the node-wide one).
+    #[serde(default)]
+    pub memory_target_c: Option<u32>,
+}
+
+fn default_priority() -> u32 {
+    1
+}
+
+/// What the power controller is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerMode {
+    /// No budget: vendor limits, lowered only for temperature.
+    NoBudget,
+    /// Holding the budget.
+    Budget,
+    /// Telemetry missing for more than 3 s: static safe caps (budget / GPUs, clamped).
+    Failsafe,
+}
+
+/// Why a GPU's cap is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapReason {
+    /// No budget: the board's default limit.
+    Default,
+    /// Busy at its cap: its share of the budget (split by demand and priority).
+    Share,
+    /// Drawing below its share: the cap follows its draw plus headroom.
+    Demand,
+    /// Busy and the budget allows the board's maximum.
+    Max,
+    /// The budget is too small: the board's minimum limit.
+    Min,
+    /// Above its temperature target: lowered first.
+    Thermal,
+    /// An outside limit (a BMC) is lower: respected.
+    External,
+    /// Telemetry lost, or the agent stopped: static safe cap.
+    Failsafe,
+    /// A static cap (budget / GPUs).
+    Static,
+}
+
+/// The controller's state in the power report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerControl {
+    /// What it is doing.
+    pub mode: PowerMode,
+    /// The settings in force.
+    pub settings: PowerSettings,
+    /// Generation of the persisted settings (rises on every change).
+    pub generation: u64,
+    /// Sum of the caps the controller hands out, W (above the budget when some GPUs draw less
+    /// than their cap; the loop on measured draw keeps the draw under the budget).
+    pub allocated_w: u32,
+    /// When it last ran, ms since the Unix epoch.
+    pub updated_at_ms: u64,
+}
+
+/// `POST /v1/power/budget`: change only the node budget (`None` removes it: vendor limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerBudgetRequest {
+    /// Node power budget, W.
+    pub budget_w: Option<u32>,
 }

@@ -87,12 +87,19 @@ pub(crate) fn workload_model(w: Workload) -> WorkloadModel {
     }
 }
 
-/// Work rate in full-speed units at clock fraction `x = f / fmax`.
+/// Clock fraction at and above which memory-bound work runs at full speed (memory saturates).
+pub(crate) const MEMORY_BOUND_KNEE: f64 = 0.6;
+
+/// Work rate in full-speed units at clock fraction `x = f / fmax`: `util × x` for compute-bound
+/// work, `util × min(1, x / 0.6)` for memory-bound work, where `util` is the workload's mean
+/// GPU utilisation (training 0.99, inference 0.65).
 pub(crate) fn work_rate(w: Workload, x: f64) -> f64 {
+    let m = workload_model(w);
+    let util = f64::from(m.util_gpu.0 + m.util_gpu.1) / 200.0;
     match w {
         Workload::Idle => 0.0,
-        Workload::Training => x,
-        Workload::Inference => (0.6 + 0.4 * x).min(1.0),
+        Workload::Training => util * x,
+        Workload::Inference => util * (x / MEMORY_BOUND_KNEE).min(1.0),
     }
 }
 
@@ -346,7 +353,6 @@ impl Gpu {
     }
 
     /// True power averaged over the last second, W.
-    #[cfg(test)]
     pub(crate) fn power_avg_true_w(&self) -> f64 {
         self.ring_sum as f64 / STEPS_PER_S as f64 / 1000.0
     }

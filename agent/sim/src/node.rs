@@ -294,9 +294,23 @@ impl SimNode {
     /// Work done by a GPU since start, in full-speed-seconds (1.0 = one second at full clock and
     /// full utilisation). Benchmarks compare controllers with it.
     ///
-    /// Training works at `f / fmax`; inference at `min(1, 0.6 + 0.4 f / fmax)`; idle not at all.
+    /// Training works at `util × f / fmax`; inference (memory-bound) at
+    /// `util × min(1, f / (0.6 fmax))`, `util` being the workload's mean GPU utilisation (0.99,
+    /// 0.65); idle not at all.
     pub fn work_done(&self, gpu: u32) -> Result<f64, SimError> {
         Ok(self.gpu(gpu)?.work_done)
+    }
+
+    /// True power of a GPU averaged over the last simulated second, W, without reading noise:
+    /// the ground truth benchmarks judge a power controller by (a controller sees only samples).
+    pub fn true_power_avg_w(&self, gpu: u32) -> Result<f64, SimError> {
+        Ok(self.gpu(gpu)?.power_avg_true_w())
+    }
+
+    /// True die temperature of a GPU, °C, without reading noise or rounding (ground truth for
+    /// benchmarks).
+    pub fn true_temp_core_c(&self, gpu: u32) -> Result<f64, SimError> {
+        Ok(self.gpu(gpu)?.t_die)
     }
 
     /// A GPU's current work rate in full-speed units (work done per simulated second now).

@@ -543,15 +543,20 @@ fn work_done_integrates_the_rate() -> Result<(), SimError> {
     let mut n = node(H100, 2, Workload::Training);
     n.set_workload(1, Workload::Inference)?;
     run(&mut n, 10.0);
-    let rate = 1980.0 * (630.0f64 / 690.0).powf(0.4) / 1980.0;
+    // Training: util (0.99) × f / fmax.
+    let rate = 0.99 * (630.0f64 / 690.0).powf(0.4);
     assert!((n.throughput(0)? - rate).abs() < 0.001);
     assert!((n.work_done(0)? - 10.0 * rate).abs() < 0.05, "{}", n.work_done(0)?);
-    assert!((n.throughput(1)? - 1.0).abs() < 1e-9);
-    assert!((n.work_done(1)? - 10.0).abs() < 0.05);
-    // Inference rate: min(1, 0.6 + 0.4 f / fmax).
+    // Inference: util (0.65) × min(1, f / (0.6 fmax)).
+    assert!((n.throughput(1)? - 0.65).abs() < 1e-9);
+    assert!((n.work_done(1)? - 6.5).abs() < 0.05);
+    // Memory-bound work does not slow down until the clock falls below 0.6 fmax.
+    n.lock_clocks(1, 1188, 1188)?;
+    run(&mut n, 1.0);
+    assert!((n.throughput(1)? - 0.65).abs() < 1e-9);
     n.lock_clocks(1, 990, 990)?;
     run(&mut n, 1.0);
-    assert!((n.throughput(1)? - 0.8).abs() < 1e-9);
+    assert!((n.throughput(1)? - 0.65 * 990.0 / 1188.0).abs() < 1e-9);
     Ok(())
 }
 

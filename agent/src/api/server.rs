@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hearth_proto::api::{ApiError, PowerLimitRequest};
+use hearth_proto::api::{ApiError, PowerBudgetRequest, PowerLimitRequest, PowerSettings};
 use hearth_sim::SimClock;
 
 use super::{Done, SimInfo, SimInjectRequest, SimWorkloadRequest};
@@ -111,8 +111,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(|State(a): State<Arc<Agent>>| async move { Json(a.status()) }))
         .route("/v1/health", get(|State(a): State<Arc<Agent>>| async move { Json(a.health()) }))
-        .route("/v1/power", get(|State(a): State<Arc<Agent>>| async move { Json(a.power()) }))
+        .route(
+            "/v1/power",
+            get(|State(a): State<Arc<Agent>>| async move { Json(a.power()) })
+                .post(set_power_settings),
+        )
         .route("/v1/power/limit", post(set_power_limit))
+        .route("/v1/power/budget", post(set_power_budget))
         .route("/v1/sim", get(sim_info))
         .route("/v1/sim/inject", post(sim_inject))
         .route("/v1/sim/workload", post(sim_workload))
@@ -152,6 +157,45 @@ async fn set_power_limit(
     .map_err(gpu_failure)?;
     tracing::info!(action = %done, "power limit changed through the API");
     Ok(Json(Done { done }))
+}
+
+/// `POST /v1/power`: new budget, targets and priorities (validated; a bad value changes
+/// nothing). The `power` subsystem applies them at once and persists them.
+async fn set_power_settings(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<PowerSettings>, JsonRejection>,
+) -> Result<Json<Done>, ApiFailure> {
+    let Json(settings) = body?;
+    crate::power::validate_settings(&settings, "gpus")
+        .map_err(|e| ApiFailure(StatusCode::BAD_REQUEST, format!("power settings: {e}")))?;
+    let done = match settings.budget_w {
+        Some(b) => format!("power budget set to {b} W"),
+        None => "power budget removed (vendor limits)".to_string(),
+    };
+    tracing::info!(budget_w = ?settings.budget_w, core_target_c = ?settings.core_target_c,
+        memory_target_c = ?settings.memory_target_c, "power settings changed through the API");
+    agent.set_power_settings(settings);
+    Ok(Json(Done { done }))
+}
+
+/// `POST /v1/power/budget`: only the budget; targets and priorities stay.
+async fn set_power_budget(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<PowerBudgetRequest>, JsonRejection>,
+) -> Result<Json<Done>, ApiFailure> {
+    let Json(req) = body?;
+    let mut settings = agent.power_settings().borrow().settings.clone();
+    settings.budget_w = req.budget_w;
+    crate::power::validate_settings(&settings, "gpus")
+        .map_err(|e| ApiFailure(StatusCode::BAD_REQUEST, format!("power settings: {e}")))?;
+    tracing::info!(budget_w = ?req.budget_w, "power budget changed through the API");
+    agent.set_power_budget(req.budget_w);
+    Ok(Json(Done {
+        done: match req.budget_w {
+            Some(b) => format!("power budget set to {b} W"),
+            None => "power budget removed (vendor limits)".to_string(),
+        },
+    }))
 }
 
 fn sim_host(agent: &Agent) -> Result<&Arc<hearth_sim::SimHost>, ApiFailure> {

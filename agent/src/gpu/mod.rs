@@ -120,6 +120,12 @@ pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     fn lock_clocks(&self, gpu: u32, min_mhz: u32, max_mhz: u32) -> Result<(), GpuError>;
     /// Undo [`Self::lock_clocks`].
     fn reset_clocks(&self, gpu: u32) -> Result<(), GpuError>;
+    /// Set one fan's speed in percent (0..=100) and take it off the board's automatic curve
+    /// (root). `NotSupported` on boards without fans of their own (SXM: the chassis fans are the
+    /// BMC's).
+    fn set_fan_speed(&self, gpu: u32, fan: u32, pct: u32) -> Result<(), GpuError>;
+    /// Give one fan back to the board's automatic curve.
+    fn reset_fan_speed(&self, gpu: u32, fan: u32) -> Result<(), GpuError>;
     /// Open an event source for XID, single- and double-bit ECC events on every GPU that
     /// supports them.
     fn events(&self) -> Result<Box<dyn EventSource>, GpuError>;

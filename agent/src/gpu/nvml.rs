@@ -390,6 +390,24 @@ impl GpuBackend for NvmlBackend {
         d.reset_gpu_locked_clocks().map_err(|e| map(gpu, "reset clocks", e))
     }
 
+    fn set_fan_speed(&self, gpu: u32, fan: u32, pct: u32) -> Result<(), GpuError> {
+        let op = "set fan speed";
+        if pct > 100 {
+            return Err(GpuError::InvalidArgument {
+                gpu,
+                op,
+                message: format!("fan speed {pct} % is above 100 %"),
+            });
+        }
+        let mut d = self.device(gpu)?;
+        d.set_fan_speed(fan, pct).map_err(|e| map(gpu, op, e))
+    }
+
+    fn reset_fan_speed(&self, gpu: u32, fan: u32) -> Result<(), GpuError> {
+        let mut d = self.device(gpu)?;
+        d.set_default_fan_speed(fan).map_err(|e| map(gpu, "reset fan speed", e))
+    }
+
     fn events(&self) -> Result<Box<dyn EventSource>, GpuError> {
         let unsupported = GpuError::NotSupported { gpu: DRIVER_WIDE, op: "event sets" };
         let (Some(create), Some(register), Some(wait), Some(free)) = (

@@ -70,6 +70,14 @@ impl GpuBackend for SimBackend {
         self.host.lock().reset_clocks(gpu).map_err(|e| map("reset clocks", e))
     }
 
+    fn set_fan_speed(&self, gpu: u32, fan: u32, pct: u32) -> Result<(), GpuError> {
+        self.host.lock().set_fan_speed(gpu, fan, pct).map_err(|e| map("set fan speed", e))
+    }
+
+    fn reset_fan_speed(&self, gpu: u32, fan: u32) -> Result<(), GpuError> {
+        self.host.lock().reset_fan(gpu, fan).map_err(|e| map("reset fan speed", e))
+    }
+
     fn events(&self) -> Result<Box<dyn EventSource>, GpuError> {
         // Start at the newest event: like an NVML event set, only events after registration.
         let (_, cursor) = self.host.lock().events_since(u64::MAX);

@@ -74,8 +74,10 @@ fn start_agent(
         &config,
         format!(
             "[api]\nsocket = {:?}\n[gpu]\nbackend = \"sim\"\nsample_interval_ms = 1000\n\
-             [sim]\ngpus = {gpus}\nworkload = \"training\"\n[log]\nlevel = \"warn\"\nformat = \"text\"\n",
-            socket.display().to_string()
+             [sim]\ngpus = {gpus}\nworkload = \"training\"\n[log]\nlevel = \"warn\"\nformat = \"text\"\n\
+             [state]\ndir = {:?}\n",
+            socket.display().to_string(),
+            dir.join(format!("{name}-state")).display().to_string()
         ),
     )?;
     let child = Command::new(bin)

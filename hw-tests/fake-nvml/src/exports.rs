@@ -78,6 +78,8 @@ pub const EXPORTED_SYMBOLS: &[&str] = &[
     "nvmlDeviceSetPowerManagementLimit",
     "nvmlDeviceSetGpuLockedClocks",
     "nvmlDeviceResetGpuLockedClocks",
+    "nvmlDeviceSetFanSpeed_v2",
+    "nvmlDeviceSetDefaultFanSpeed_v2",
     "nvmlDeviceGetSupportedEventTypes",
     "nvmlDeviceRegisterEvents",
     "nvmlEventSetCreate",
@@ -1026,6 +1028,32 @@ pub unsafe extern "C" fn nvmlDeviceResetGpuLockedClocks(device: nvmlDevice_t) ->
     })
 }
 
+/// `nvmlDeviceSetFanSpeed_v2`, percent: manual control of one fan. `NOT_SUPPORTED` on fanless
+/// boards, `INVALID_ARGUMENT` for a fan the board lacks or a speed above 100.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceSetFanSpeed_v2(
+    device: nvmlDevice_t,
+    fan: c_uint,
+    speed: c_uint,
+) -> Code {
+    run(|| {
+        let (d, i) = gpu(device)?;
+        d.node().set_fan_speed(i, fan, speed).map_err(code)
+    })
+}
+
+/// `nvmlDeviceSetDefaultFanSpeed_v2`: one fan back to the board's automatic curve.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceSetDefaultFanSpeed_v2(
+    device: nvmlDevice_t,
+    fan: c_uint,
+) -> Code {
+    run(|| {
+        let (d, i) = gpu(device)?;
+        d.node().reset_fan(i, fan).map_err(code)
+    })
+}
+
 // ------------------------------------------------------------------------------------------
 // Events.
 
@@ -1182,6 +1210,8 @@ fn signatures_match_bindings(lib: &mut b::NvmlLib) {
     lib.nvmlDeviceSetPowerManagementLimit = Ok(nvmlDeviceSetPowerManagementLimit);
     lib.nvmlDeviceSetGpuLockedClocks = Ok(nvmlDeviceSetGpuLockedClocks);
     lib.nvmlDeviceResetGpuLockedClocks = Ok(nvmlDeviceResetGpuLockedClocks);
+    lib.nvmlDeviceSetFanSpeed_v2 = Ok(nvmlDeviceSetFanSpeed_v2);
+    lib.nvmlDeviceSetDefaultFanSpeed_v2 = Ok(nvmlDeviceSetDefaultFanSpeed_v2);
     lib.nvmlDeviceGetSupportedEventTypes = Ok(nvmlDeviceGetSupportedEventTypes);
     lib.nvmlDeviceRegisterEvents = Ok(nvmlDeviceRegisterEvents);
     lib.nvmlEventSetCreate = Ok(nvmlEventSetCreate);

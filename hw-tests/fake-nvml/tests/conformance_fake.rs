@@ -148,3 +148,53 @@ fn the_driver_outlives_a_backend() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// The power controller's actuation path over NVML: Hearth's control loop (the agent's code:
+/// inputs from samples, `Controller::tick`, `actuate`) drives four training H100s of the fake
+/// library to a 1600 W budget, through `nvmlDeviceSetPowerManagementLimit`; leaving safe caps
+/// then sets budget / GPUs on each.
+#[test]
+fn power_control_through_the_fake_library() -> anyhow::Result<()> {
+    use hearth_agent::gpu::inventory_all;
+    use hearth_agent::power::{Controller, GpuInput, Policy, PowerParams, actuate, leave_safe};
+    use hearth_proto::api::{PowerMode, PowerSettings};
+
+    const FOUR_H100: &str =
+        "seed = 4\n[[gpu]]\nprofile = \"h100-sxm\"\ncount = 4\nworkload = \"training\"\n";
+    in_fake("power_control_through_the_fake_library", Some(FOUR_H100), &[], || {
+        let (backend, control) = open_fake()?;
+        let inventory = inventory_all(&backend)?;
+        let settings = PowerSettings { budget_w: Some(1600), ..PowerSettings::default() };
+        let mut controller = Controller::new(PowerParams::default());
+        let mut gpus = Vec::new();
+        for period in 0..10 {
+            gpus = inventory
+                .iter()
+                .map(|i| GpuInput::new(i, backend.sample(i.index).ok().as_ref(), 0.0))
+                .collect::<Vec<_>>();
+            let d = controller.tick(f64::from(period), &settings, &gpus);
+            ensure!(d.mode == PowerMode::Budget, "{d:?}");
+            let failed = actuate(&backend, &gpus, &d);
+            ensure!(failed.is_empty(), "{failed:?}");
+            control.advance(1_000)?;
+        }
+        let mut draw = 0;
+        let mut limits = 0;
+        for i in &inventory {
+            let s = backend.sample(i.index)?;
+            draw += s.power_avg_mw;
+            limits += s.power_limit_mw;
+        }
+        ensure!(draw <= 1_632_000, "draw {draw} mW over a 1600 W budget");
+        ensure!(draw >= 1_400_000, "draw {draw} mW: the budget is used");
+        ensure!(limits < 4 * 700_000, "limits were set: {limits} mW");
+        let failed = leave_safe(&backend, &settings, &gpus, controller.locked_clocks(), false);
+        ensure!(failed.is_empty(), "{failed:?}");
+        control.advance(1_000)?;
+        for i in &inventory {
+            ensure!(backend.sample(i.index)?.power_limit_mw == 400_000, "GPU {}", i.index);
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

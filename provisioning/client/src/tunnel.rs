@@ -154,8 +154,8 @@ impl Shared {
         if st.dead.is_none() {
             st.dead = Some(why.clone());
             for w in st.waiters.values_mut() {
-                w.read.take().map(Waker::wake);
-                w.write.take().map(Waker::wake);
+                wake(&mut w.read);
+                wake(&mut w.write);
             }
             drop(st);
             self.ended.send_replace(Some(why));
@@ -381,8 +381,8 @@ impl StreamControl {
         if st.mux.reset(self.id, code, reason).is_ok() {
             if let Some(w) = st.waiters.get_mut(&self.id) {
                 w.reset = Some((code, reason.to_string()));
-                w.read.take().map(Waker::wake);
-                w.write.take().map(Waker::wake);
+                wake(&mut w.read);
+                wake(&mut w.write);
             }
             drop(st);
             self.shared.tx_ready.notify_one();
@@ -438,10 +438,7 @@ impl AsyncRead for TunnelStream {
     ) -> Poll<io::Result<()>> {
         let id = self.id;
         let mut st = self.shared.lock();
-        let n = match st.mux.read(id, buf.initialize_unfilled(), Instant::now()) {
-            Ok(n) => n,
-            Err(_) => 0,
-        };
+        let n = st.mux.read(id, buf.initialize_unfilled(), Instant::now()).unwrap_or_default();
         if n > 0 {
             buf.advance(n);
             drop(st);
@@ -585,7 +582,7 @@ fn dispatch(st: &mut State, opened: &mut Vec<(StreamId, Target)>) {
             }
             Event::Readable(id) => {
                 if let Some(w) = st.waiters.get_mut(&id) {
-                    w.read.take().map(Waker::wake);
+                    wake(&mut w.read);
                     if w.dropped {
                         // No one reads it any more: discard, so the peer's credit keeps flowing.
                         while st.mux.read(id, &mut scratch, Instant::now()).unwrap_or(0) > 0 {}
@@ -595,26 +592,26 @@ fn dispatch(st: &mut State, opened: &mut Vec<(StreamId, Target)>) {
             Event::Finished(id) => {
                 if let Some(w) = st.waiters.get_mut(&id) {
                     w.finished = true;
-                    w.read.take().map(Waker::wake);
+                    wake(&mut w.read);
                 }
             }
             Event::Writable(id) => {
                 if let Some(w) = st.waiters.get_mut(&id) {
-                    w.write.take().map(Waker::wake);
+                    wake(&mut w.write);
                 }
             }
             Event::Reset { id, code, reason } => {
                 if let Some(w) = st.waiters.get_mut(&id) {
                     w.reset = Some((code, reason));
-                    w.read.take().map(Waker::wake);
-                    w.write.take().map(Waker::wake);
+                    wake(&mut w.read);
+                    wake(&mut w.write);
                 }
             }
             Event::Closed(id) => {
                 let dropped = st.waiters.get_mut(&id).is_some_and(|w| {
                     w.finished = true;
-                    w.read.take().map(Waker::wake);
-                    w.write.take().map(Waker::wake);
+                    wake(&mut w.read);
+                    wake(&mut w.write);
                     w.dropped
                 });
                 if dropped {
@@ -666,6 +663,12 @@ async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<()
             writer.write_all(&out).await.map_err(|e| TunnelError::Io(e.to_string()))?;
         }
         writer.flush().await.map_err(|e| TunnelError::Io(e.to_string()))?;
+    }
+}
+
+fn wake(w: &mut Option<Waker>) {
+    if let Some(w) = w.take() {
+        w.wake();
     }
 }
 
