@@ -467,9 +467,11 @@ impl Mux {
         // A stream that closed after its last bytes were read reads as the end.
         let Some(s) = self.live_stream_local(id)? else { return Ok(0) };
         let n = buf.len().min(s.recv_buf.len());
-        for (dst, src) in buf.iter_mut().zip(s.recv_buf.drain(..n)) {
-            *dst = src;
-        }
+        let (a, b) = s.recv_buf.as_slices();
+        let from_a = n.min(a.len());
+        buf[..from_a].copy_from_slice(&a[..from_a]);
+        buf[from_a..n].copy_from_slice(&b[..n - from_a]);
+        s.recv_buf.drain(..n);
         s.recv_consumed += n as u64;
         let mut credit = None;
         if s.recv_consumed > 0 && s.recv_consumed >= s.recv_window / 2 && !s.remote_fin {
