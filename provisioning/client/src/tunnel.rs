@@ -37,8 +37,13 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 /// Nothing received for this long: the session is dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 
-/// Bytes the writer gathers into one write.
-pub const COALESCE: usize = 256 * 1024;
+/// Bytes the writer gathers into one write (four full TLS records).
+pub const COALESCE: usize = 64 * 1024;
+
+/// TCP_NOTSENT_LOWAT: the socket takes more only when fewer bytes than this wait unsent, so the
+/// fair scheduler, not a deep kernel queue, decides what goes next (a shell's keystroke waits
+/// behind at most this much bulk data in the kernel).
+pub const NOTSENT_LOWAT: u32 = 64 * 1024;
 
 /// TCP keepalive: idle time before the first probe, and the probe interval.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -61,7 +66,8 @@ pub async fn connect(
     Ok(Tunnel::spawn(tls, Side::Node, config))
 }
 
-/// Keepalive and user timeout on a tunnel's TCP connection (best effort: logged if refused).
+/// Keepalive, user timeout and a shallow send queue on a tunnel's TCP connection (either end;
+/// best effort: logged if refused).
 pub fn tune_tcp(tcp: &tokio::net::TcpStream) {
     let sock = socket2::SockRef::from(tcp);
     let ka = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE);
@@ -71,6 +77,10 @@ pub fn tune_tcp(tcp: &tokio::net::TcpStream) {
     #[cfg(target_os = "linux")]
     if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
         tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
     }
     let _ = tcp.set_nodelay(true);
 }

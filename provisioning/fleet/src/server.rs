@@ -280,6 +280,7 @@ async fn accept_loop(
             if is_session {
                 crate::session::serve(fleet, tls, peer, cancel).await;
             } else if conn.alpn_protocol() == Some(hearth_proto::mux::TUNNEL_ALPN) {
+                hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
                 crate::tunnel::serve(fleet, tls, peer, cancel).await;
             } else {
                 let svc = hyper_util::service::TowerToHyperService::new(
