@@ -122,7 +122,7 @@ pub async fn serve(targets: Arc<Targets>, inc: Incoming) {
 }
 
 async fn echo(mut s: TunnelStream) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = s.read(&mut buf).await {
         if n == 0 || s.write_all(&buf[..n]).await.is_err() {
             break;
