@@ -71,12 +71,12 @@ pub struct Agent {
     gpus: watch::Sender<GpuSnapshot>,
     events: Mutex<EventLog>,
     subsystems: OnceLock<watch::Receiver<Vec<SubsystemStatus>>>,
-    // Fleet (crate::fleet): desired state for the health and power subsystems, and membership.
-    desired: watch::Sender<Option<hearth_proto::control::DesiredState>>,
-    fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
     // Power control: settings in (config, API, SIGHUP; the fleet later), outcome out.
     power_settings: watch::Sender<crate::power::SettingsInput>,
     power_outcome: watch::Sender<Option<crate::power::PowerOutcome>>,
+    // Fleet (crate::fleet): desired state for the health and power subsystems, and membership.
+    desired: watch::Sender<Option<hearth_proto::control::DesiredState>>,
+    fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -97,16 +97,16 @@ impl Agent {
             gpus: watch::Sender::new(GpuSnapshot::default()),
             events: Mutex::new(EventLog::default()),
             subsystems: OnceLock::new(),
-            desired: watch::Sender::new(None),
-            fleet_status: watch::Sender::new(hearth_proto::api::FleetStatus {
-                state: "starting".into(),
-                ..Default::default()
-            }),
             power_settings: watch::Sender::new(crate::power::SettingsInput {
                 settings: power_settings.clone(),
                 config: power_settings,
             }),
             power_outcome: watch::Sender::new(None),
+            desired: watch::Sender::new(None),
+            fleet_status: watch::Sender::new(hearth_proto::api::FleetStatus {
+                state: "starting".into(),
+                ..Default::default()
+            }),
         })
     }
 
@@ -140,17 +140,6 @@ impl Agent {
         self.subsystems.get().map(|rx| rx.borrow().clone()).unwrap_or_default()
     }
 
-    /// The fleet's desired state (drain, power budget, labels, update channel, generation), once
-    /// received; subscribe to follow it.
-    pub fn desired(&self) -> &watch::Sender<Option<hearth_proto::control::DesiredState>> {
-        &self.desired
-    }
-
-    /// Fleet membership (written by the `fleet` subsystem).
-    pub fn fleet_status(&self) -> &watch::Sender<hearth_proto::api::FleetStatus> {
-        &self.fleet_status
-    }
-
     /// Power-control settings in force: the configuration's, changed at runtime by the API,
     /// SIGHUP and (later) the fleet. The `power` subsystem reacts to every change.
     pub fn power_settings(&self) -> &watch::Sender<crate::power::SettingsInput> {
@@ -170,6 +159,17 @@ impl Agent {
     /// The power controller's last step (the `power` subsystem writes it).
     pub fn power_outcome(&self) -> &watch::Sender<Option<crate::power::PowerOutcome>> {
         &self.power_outcome
+    }
+
+    /// The fleet's desired state (drain, power budget, labels, update channel, generation), once
+    /// received; subscribe to follow it.
+    pub fn desired(&self) -> &watch::Sender<Option<hearth_proto::control::DesiredState>> {
+        &self.desired
+    }
+
+    /// Fleet membership (written by the `fleet` subsystem).
+    pub fn fleet_status(&self) -> &watch::Sender<hearth_proto::api::FleetStatus> {
+        &self.fleet_status
     }
 
     /// Record a GPU event.

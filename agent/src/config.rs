@@ -31,59 +31,15 @@ pub struct Config {
     /// Persistent state (`[state]`).
     #[serde(default)]
     pub state: StateConfig,
+    /// Power and thermal control (`[power]`).
+    #[serde(default)]
+    pub power: PowerConfig,
     /// Fleet membership (`[fleet]`).
     #[serde(default)]
     pub fleet: FleetConfig,
     /// What the fleet may reach on this node through the tunnel (`[tunnel]`).
     #[serde(default)]
     pub tunnel: TunnelConfig,
-    /// Power and thermal control (`[power]`).
-    #[serde(default)]
-    pub power: PowerConfig,
-}
-
-/// `[tunnel]`: the node's end of the secure tunnel (`docs/0006-tunnel.md`). The gateway checks
-/// the operator's role; these keys are the node's own policy on top.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelConfig {
-    /// Keep a tunnel to the fleet (needs an enrolled node). Default true.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// Allow `hearthctl exec` and `hearthctl shell` (commands run as the agent's user). Default
-    /// true.
-    #[serde(default = "default_true")]
-    pub exec: bool,
-    /// Loopback TCP ports the fleet may reach (`hearthctl expose`, workload ingress); every other
-    /// port is refused. Default none.
-    #[serde(default)]
-    pub expose_ports: Vec<u16>,
-}
-
-impl Default for TunnelConfig {
-    fn default() -> Self {
-        Self { enabled: true, exec: true, expose_ports: Vec::new() }
-    }
-}
-
-/// `[fleet]`: joining a fleet (`docs/0005-fleet.md`, `docs/operations.md`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FleetConfig {
-    /// Run the `fleet` subsystem (enrollment and the control session). Default true.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// A seed file to use instead of the search (`/etc/hearth/seed.toml`, the `HEARTH-SEED`
-    /// partition, the `hearth.seed` credential, `hearth.seed=` on the kernel command line). Unset
-    /// by default.
-    #[serde(default)]
-    pub seed: Option<PathBuf>,
-}
-
-impl Default for FleetConfig {
-    fn default() -> Self {
-        Self { enabled: true, seed: None }
-    }
 }
 
 /// `[power]`: the node power budget, temperature targets and the control loop
@@ -171,6 +127,50 @@ impl PowerConfig {
             memory_bound_clock_pct: self.memory_bound_clock_pct,
             fan_control: self.fan_control,
         }
+    }
+}
+
+/// `[tunnel]`: the node's end of the secure tunnel (`docs/0006-tunnel.md`). The gateway checks
+/// the operator's role; these keys are the node's own policy on top.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Keep a tunnel to the fleet (needs an enrolled node). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Allow `hearthctl exec` and `hearthctl shell` (commands run as the agent's user). Default
+    /// true.
+    #[serde(default = "default_true")]
+    pub exec: bool,
+    /// Loopback TCP ports the fleet may reach (`hearthctl expose`, workload ingress); every other
+    /// port is refused. Default none.
+    #[serde(default)]
+    pub expose_ports: Vec<u16>,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self { enabled: true, exec: true, expose_ports: Vec::new() }
+    }
+}
+
+/// `[fleet]`: joining a fleet (`docs/0005-fleet.md`, `docs/operations.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Run the `fleet` subsystem (enrollment and the control session). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A seed file to use instead of the search (`/etc/hearth/seed.toml`, the `HEARTH-SEED`
+    /// partition, the `hearth.seed` credential, `hearth.seed=` on the kernel command line). Unset
+    /// by default.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self { enabled: true, seed: None }
     }
 }
 

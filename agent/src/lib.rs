@@ -8,11 +8,11 @@
 //!   `tokio::sync::watch` channel held by the shared [`agent::Agent`].
 //! - `gpu-events` ([`events`]): a blocking thread on the backend's event set (XID, ECC).
 //! - `api` ([`api::server`]): the local HTTP/1.1 + JSON API under `/v1` on a Unix socket.
-//! - `fleet` ([`fleet`]): enrollment with the seed's token and the `hearth/1` control session to
-//!   the fleet; desired state flows out on [`agent::Agent::desired`] (`docs/0005-fleet.md`).
 //! - `power` ([`power`]): holds the node power budget and temperature targets (settings on a
 //!   `watch` channel of the agent: configuration, `POST /v1/power`, SIGHUP via [`reload`]);
 //!   design note `docs/0004-power-control.md`.
+//! - `fleet` ([`fleet`]): enrollment with the seed's token and the `hearth/1` control session to
+//!   the fleet; desired state flows out on [`agent::Agent::desired`] (`docs/0005-fleet.md`).
 //!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
