@@ -5,19 +5,21 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_proto::api::{
-    GpuHealthEntry, GpuPower, GpuStatus, HealthReport, NodeState, NodeStatus, PowerReport,
-    SubsystemState, SubsystemStatus, TimedEvent,
+    GpuHealth, GpuPower, GpuService, GpuStatus, GpuVerdict, HealthReport, NodeState, NodeStatus,
+    PowerReport, SubsystemState, SubsystemStatus, TimedEvent,
 };
 use hearth_proto::gpu::{DriverInfo, GpuEvent, GpuEventKind, GpuInventory, GpuSample};
 use hearth_sim::SimHost;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::config::Config;
 use crate::gpu::GpuBackend;
-use crate::health::{self, Evidence};
+use crate::health::{Monitor, NodeHealth};
 
 /// How many recent events the agent keeps for the health report.
 pub const RECENT_EVENTS: usize = 256;
+/// Capacity of the GPU event stream the health subsystem follows.
+pub const EVENT_STREAM: usize = 4096;
 
 /// One GPU as the sampler last saw it.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +73,10 @@ pub struct Agent {
     gpus: watch::Sender<GpuSnapshot>,
     events: Mutex<EventLog>,
     subsystems: OnceLock<watch::Receiver<Vec<SubsystemStatus>>>,
+    // Health (docs/0003-health.md).
+    event_stream: broadcast::Sender<TimedEvent>,
+    health: watch::Sender<NodeHealth>,
+    monitor: RwLock<Option<Arc<Mutex<Monitor>>>>,
     // Power control: settings in (config, API, SIGHUP; the fleet later), outcome out.
     power_settings: watch::Sender<crate::power::SettingsInput>,
     power_outcome: watch::Sender<Option<crate::power::PowerOutcome>>,
@@ -97,6 +103,9 @@ impl Agent {
             gpus: watch::Sender::new(GpuSnapshot::default()),
             events: Mutex::new(EventLog::default()),
             subsystems: OnceLock::new(),
+            event_stream: broadcast::Sender::new(EVENT_STREAM),
+            health: watch::Sender::new(NodeHealth::default()),
+            monitor: RwLock::new(None),
             power_settings: watch::Sender::new(crate::power::SettingsInput {
                 settings: power_settings.clone(),
                 config: power_settings,
@@ -182,30 +191,30 @@ impl Agent {
         if log.recent.len() == RECENT_EVENTS {
             log.recent.pop_front();
         }
-        log.recent.push_back(TimedEvent { at_ms: now_ms(), event });
-    }
-
-    fn xids(&self, gpu: u32) -> Vec<u64> {
-        let log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
-        log.xids.get(&gpu).map(|s| s.iter().copied().collect()).unwrap_or_default()
+        let timed = TimedEvent { at_ms: now_ms(), event };
+        log.recent.push_back(timed.clone());
+        // No receiver (health not running yet) is fine.
+        let _ = self.event_stream.send(timed);
     }
 
     /// Full node status (`GET /v1/status`).
     pub fn status(&self) -> NodeStatus {
         let snap = self.gpus.borrow().clone();
         let subsystems = self.subsystems();
+        let view = self.health.borrow().clone();
         let gpus: Vec<GpuStatus> = snap
             .gpus
             .iter()
             .map(|g| {
-                let xids = self.xids(g.inventory.index);
-                let health = health::assess(Evidence {
-                    inventory: &g.inventory,
-                    sample: if g.lost { None } else { g.sample.as_ref() },
-                    lost: g.lost,
-                    read_error: g.error.as_deref(),
-                    xids: &xids,
-                });
+                let health = view
+                    .gpus
+                    .iter()
+                    .find(|h| h.uuid == g.inventory.uuid)
+                    .map(|h| h.health.clone())
+                    .unwrap_or_else(|| GpuHealth {
+                        verdict: GpuVerdict::Healthy,
+                        reasons: vec!["not checked yet".into()],
+                    });
                 GpuStatus {
                     inventory: g.inventory.clone(),
                     sample: if g.lost { None } else { g.sample.clone() },
@@ -215,7 +224,7 @@ impl Agent {
                 }
             })
             .collect();
-        let state = node_state(&snap, &subsystems, &gpus);
+        let state = node_state(&snap, &subsystems, &gpus, &view);
         NodeStatus {
             api_version: hearth_proto::API_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -235,23 +244,22 @@ impl Agent {
 
     /// Health report (`GET /v1/health`).
     pub fn health(&self) -> HealthReport {
-        let status = self.status();
+        let state = self.status().state;
+        let view = self.health.borrow().clone();
         let recent = {
             let log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
             log.recent.iter().cloned().collect()
         };
         HealthReport {
-            state: status.state,
-            gpus: status
-                .gpus
-                .into_iter()
-                .map(|g| GpuHealthEntry {
-                    index: g.inventory.index,
-                    uuid: g.inventory.uuid,
-                    health: g.health,
-                })
-                .collect(),
+            state,
+            gpus: view.gpus,
             recent_events: recent,
+            missing_gpus: view.missing_gpus,
+            host: view.host,
+            history: view.history,
+            reboot_requested: view.reboot_requested,
+            drained: view.drained,
+            generation: view.generation,
         }
     }
 
@@ -289,11 +297,76 @@ impl Agent {
     }
 }
 
-fn node_state(snap: &GpuSnapshot, subsystems: &[SubsystemStatus], gpus: &[GpuStatus]) -> NodeState {
+fn node_state(
+    snap: &GpuSnapshot,
+    subsystems: &[SubsystemStatus],
+    gpus: &[GpuStatus],
+    health: &NodeHealth,
+) -> NodeState {
     if snap.rounds == 0 && subsystems.iter().all(|s| s.state != SubsystemState::Failed) {
         return NodeState::Starting;
     }
+    let out_of_service = |g: &&hearth_proto::api::GpuHealthEntry| {
+        matches!(g.service, GpuService::Quarantined | GpuService::Rma)
+    };
+    let all_out = !health.gpus.is_empty()
+        && health.gpus.iter().filter(out_of_service).count() == health.gpus.len();
+    let host_failed = health.host.iter().any(|h| h.verdict == GpuVerdict::Failed);
+    let all_idle = health.gpus.iter().all(|g| g.idle == Some(true));
+    if all_out || host_failed || (health.drained && all_idle) {
+        return NodeState::Quarantined;
+    }
+    if health.drained {
+        return NodeState::Draining;
+    }
     let subsystems_ok = subsystems.iter().all(|s| s.state == SubsystemState::Running);
-    let gpus_ok = gpus.iter().all(|g| g.health.verdict == hearth_proto::api::GpuVerdict::Healthy);
-    if subsystems_ok && gpus_ok && snap.rounds > 0 { NodeState::Ready } else { NodeState::Degraded }
+    let gpus_ok = gpus.iter().all(|g| g.health.verdict == GpuVerdict::Healthy);
+    // Degraded host checks (low disk, unsynchronised clock, corrected EDAC errors) are
+    // advisory: shown in the health report and history, they do not degrade the node; a failed
+    // one (read-only filesystem, uncorrected memory errors) quarantines it.
+    let health_ok = health.missing_gpus.is_empty() && health.reboot_requested.is_none();
+    if subsystems_ok && gpus_ok && health_ok && snap.rounds > 0 {
+        NodeState::Ready
+    } else {
+        NodeState::Degraded
+    }
+}
+
+// Health (docs/0003-health.md): what the `health` subsystem publishes and what the fleet side
+// will carry (verdict events, reboot requests).
+impl Agent {
+    /// The GPU event stream (every event the `gpu-events` subsystem records).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<TimedEvent> {
+        self.event_stream.subscribe()
+    }
+
+    /// The node health state: per-GPU verdicts and service states, host checks, the bounded
+    /// verdict-change ring and the reboot request, updated on every change.
+    pub fn health_watch(&self) -> watch::Receiver<NodeHealth> {
+        self.health.subscribe()
+    }
+
+    /// Publish a new health view (the `health` subsystem).
+    pub fn publish_health(&self, view: NodeHealth) {
+        self.health.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
+    }
+
+    /// Why the node asks the fleet for a reboot (a GPU reset is impossible or failed), if it does.
+    pub fn reboot_requested(&self) -> Option<String> {
+        self.health.borrow().reboot_requested.clone()
+    }
+
+    /// Attach the running health engine (the `health` subsystem, at each start).
+    pub fn set_monitor(&self, monitor: Arc<Mutex<Monitor>>) {
+        *self.monitor.write().unwrap_or_else(PoisonError::into_inner) = Some(monitor);
+    }
+
+    /// The running health engine, once the `health` subsystem started.
+    pub fn monitor(&self) -> Option<Arc<Mutex<Monitor>>> {
+        self.monitor.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }

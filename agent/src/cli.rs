@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hearth_proto::api::{
-    HealthReport, NodeStatus, PowerBudgetRequest, PowerLimitRequest, PowerReport,
+    DiagReport, DiagRequest, HealthReport, NodeStatus, PowerBudgetRequest, PowerLimitRequest,
+    PowerReport, ReleaseRequest,
 };
 use hearth_sim::{Fault, Workload};
 
@@ -58,11 +59,15 @@ pub enum Command {
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
     },
-    /// Health verdicts and recent GPU events.
+    /// Health verdicts, service states, host checks, verdict history and recent GPU events;
+    /// drain or undrain the node, return a GPU to service, run diagnostics.
     Health {
         /// Print JSON (`GET /v1/health`).
         #[arg(long)]
         json: bool,
+        /// An action instead of the report.
+        #[command(subcommand)]
+        action: Option<HealthCmd>,
     },
     /// Power draw and limits; set or restore a GPU's limit.
     Power {
@@ -127,6 +132,30 @@ fn parse_budget(s: &str) -> Result<Budget, String> {
     s.parse::<u32>()
         .map(|w| Budget(Some(w)))
         .map_err(|_| format!("{s:?} is not a number or `none`"))
+}
+
+/// `hearth-agent health ...`
+#[derive(Debug, Subcommand)]
+pub enum HealthCmd {
+    /// Drain the node: no new work (`POST /v1/health/drain`).
+    Drain,
+    /// Lift a drain (`POST /v1/health/undrain`).
+    Undrain,
+    /// Return a quarantined or RMA GPU to service (`POST /v1/health/release`).
+    Release {
+        /// GPU index.
+        #[arg(long)]
+        gpu: u32,
+    },
+    /// Run `dcgmi diag` (or the burn-in command) on a quarantined, idle GPU.
+    Diag {
+        /// GPU index.
+        #[arg(long)]
+        gpu: u32,
+        /// `dcgmi diag -r LEVEL` (1..=4).
+        #[arg(long, default_value_t = 1)]
+        level: u8,
+    },
 }
 
 /// `hearth-agent sim ...`
@@ -267,6 +296,9 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                         render::out("\x1b[2J\x1b[H");
                     }
                     render::out(&render::status(&status));
+                    if let Ok(h) = client.get::<HealthReport>("/v1/health").await {
+                        render::out(&render::health_summary(&h));
+                    }
                 }
                 let Some(secs) = watch else { return Ok(0) };
                 let period = Duration::try_from_secs_f64(secs.max(0.2))
@@ -277,7 +309,51 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                 }
             }
         }
-        Command::Health { json } => {
+        Command::Health { json, action: Some(action) } => {
+            let client = Client::new(socket);
+            match action {
+                HealthCmd::Drain => {
+                    let done: Done =
+                        client.post("/v1/health/drain", &serde_json::json!({})).await?;
+                    render::out(&done.done);
+                }
+                HealthCmd::Undrain => {
+                    let done: Done =
+                        client.post("/v1/health/undrain", &serde_json::json!({})).await?;
+                    render::out(&done.done);
+                }
+                HealthCmd::Release { gpu } => {
+                    let done: Done =
+                        client.post("/v1/health/release", &ReleaseRequest { gpu }).await?;
+                    render::out(&done.done);
+                }
+                HealthCmd::Diag { gpu, level } => {
+                    let report: DiagReport =
+                        client.post("/v1/health/diag", &DiagRequest { gpu, level }).await?;
+                    if json {
+                        print_json(&report)?;
+                    } else {
+                        render::out(&format!(
+                            "GPU {} {} ({})",
+                            report.gpu,
+                            if report.passed { "passed" } else { "FAILED" },
+                            report.command
+                        ));
+                        for t in &report.tests {
+                            render::out(&format!(
+                                "  {:<24} {}  {}",
+                                t.name,
+                                t.result,
+                                t.info.as_deref().unwrap_or("")
+                            ));
+                        }
+                    }
+                    return Ok(if report.passed { 0 } else { 1 });
+                }
+            }
+            Ok(0)
+        }
+        Command::Health { json, action: None } => {
             let report: HealthReport = Client::new(socket).get("/v1/health").await?;
             if json {
                 print_json(&report)?;

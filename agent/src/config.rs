@@ -31,6 +31,9 @@ pub struct Config {
     /// Persistent state (`[state]`).
     #[serde(default)]
     pub state: StateConfig,
+    /// GPU and host health (`[health]`).
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Power and thermal control (`[power]`).
     #[serde(default)]
     pub power: PowerConfig,
@@ -172,6 +175,16 @@ impl Default for FleetConfig {
     fn default() -> Self {
         Self { enabled: true, seed: None }
     }
+}
+
+/// `[health]`: GPU and host health (`docs/0003-health.md`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A health policy file (TOML: thresholds, XID overrides, reset command, host checks). Unset:
+    /// the built-in policy. Validated at load like the rest of this file.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
 }
 
 /// Default directory of the agent's persistent state.
@@ -467,6 +480,10 @@ impl Config {
         if let Some(scenario) = &self.sim.scenario {
             Scenario::load(scenario).map_err(|e| invalid("sim.scenario", format!("{e}")))?;
         }
+        if let Some(policy) = &self.health.policy {
+            crate::health::policy::Policy::load(policy)
+                .map_err(|e| invalid("health.policy", format!("{e}")))?;
+        }
         if !(250..=5000).contains(&self.power.control_period_ms) {
             return Err(invalid(
                 "power.control_period_ms",
@@ -598,6 +615,7 @@ mod tests {
             ("[tunnel]\nexpose_ports = [8080, 0]\n", "tunnel.expose_ports"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
             ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
+            ("[health]\npolicy = \"/nonexistent/health.toml\"\n", "health.policy"),
             ("[power]\nbudget_w = 0\n", "power.budget_w"),
             ("[power]\ncore_target_c = 200\n", "power.core_target_c"),
             ("[power]\ncontrol_period_ms = 10\n", "power.control_period_ms"),

@@ -8,6 +8,8 @@
 //!   `tokio::sync::watch` channel held by the shared [`agent::Agent`].
 //! - `gpu-events` ([`events`]): a blocking thread on the backend's event set (XID, ECC).
 //! - `api` ([`api::server`]): the local HTTP/1.1 + JSON API under `/v1` on a Unix socket.
+//! - `health` ([`health`]): GPU and host checks, per-GPU quarantine and reset, node drain; its
+//!   state flows out on [`agent::Agent::health_watch`] (`docs/0003-health.md`).
 //! - `power` ([`power`]): holds the node power budget and temperature targets (settings on a
 //!   `watch` channel of the agent: configuration, `POST /v1/power`, SIGHUP via [`reload`]);
 //!   design note `docs/0004-power-control.md`.
@@ -22,12 +24,14 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod events;
 pub mod fakes;
 pub mod fleet;
 pub mod gpu;
 pub mod health;
+pub mod host;
 pub mod logging;
 pub mod persist;
 pub mod power;
@@ -84,6 +88,7 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
         Arc::new(sampler::Sampler::new(agent.clone())),
         Arc::new(events::Events::new(agent.clone())),
         Arc::new(api::server::ApiServer::new(agent.clone())),
+        Arc::new(health::subsystem::Health::new(agent.clone())),
         Arc::new(power::task::PowerTask::new(agent.clone())),
     ];
     let mut subsystems = subsystems;
@@ -123,6 +128,8 @@ pub fn status_line(agent: &Agent) -> String {
         NodeState::Starting => "starting",
         NodeState::Ready => "ready",
         NodeState::Degraded => "degraded",
+        NodeState::Draining => "draining",
+        NodeState::Quarantined => "quarantined",
     };
     let healthy = status
         .gpus
@@ -139,6 +146,19 @@ pub fn status_line(agent: &Agent) -> String {
         format!("{state}; {} GPUs ({healthy} healthy) on {}", status.gpus.len(), status.backend);
     if !failed.is_empty() {
         line.push_str(&format!("; failing: {}", failed.join(", ")));
+    }
+    let health = agent.health_watch().borrow().clone();
+    let out: Vec<String> = health
+        .gpus
+        .iter()
+        .filter(|g| g.service != hearth_proto::api::GpuService::Serving)
+        .map(|g| format!("GPU {} {:?}", g.index, g.service).to_lowercase())
+        .collect();
+    if !out.is_empty() {
+        line.push_str(&format!("; {}", out.join(", ")));
+    }
+    if health.reboot_requested.is_some() {
+        line.push_str("; reboot requested");
     }
     line
 }

@@ -24,7 +24,20 @@ fn state_word(s: NodeState) -> &'static str {
         NodeState::Starting => "starting",
         NodeState::Ready => "ready",
         NodeState::Degraded => "degraded",
+        NodeState::Draining => "draining",
+        NodeState::Quarantined => "QUARANTINED",
     }
+}
+
+fn snake<T: std::fmt::Debug>(v: T) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{v:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 fn verdict_word(v: GpuVerdict) -> &'static str {
@@ -165,14 +178,103 @@ pub fn status(s: &NodeStatus) -> String {
     o
 }
 
+/// One line under `hearth-agent status`: GPUs by service state, host checks that are not
+/// healthy, the reboot request and the last verdict change.
+pub fn health_summary(h: &HealthReport) -> String {
+    let mut by_state: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    for g in &h.gpus {
+        by_state.entry(snake(g.service)).or_default().push(g.index);
+    }
+    let mut parts: Vec<String> = by_state
+        .iter()
+        .map(|(s, gpus)| {
+            if s == "serving" {
+                format!("{} serving", gpus.len())
+            } else {
+                let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+                format!("{s}: GPU {}", list.join(", "))
+            }
+        })
+        .collect();
+    if !h.missing_gpus.is_empty() {
+        parts.push(format!("{} missing", h.missing_gpus.len()));
+    }
+    for c in h.host.iter().filter(|c| c.verdict != GpuVerdict::Healthy) {
+        parts.push(format!("host {} {}: {}", c.name, verdict_word(c.verdict), c.detail));
+    }
+    if let Some(r) = &h.reboot_requested {
+        parts.push(format!("REBOOT REQUESTED: {r}"));
+    }
+    if let Some(c) = h.history.last() {
+        parts.push(format!("last change #{} {} -> {}", c.seq, c.subject, verdict_word(c.to)));
+    }
+    format!("health: {}", parts.join("; "))
+}
+
 /// `hearth-agent health`.
 pub fn health(h: &HealthReport) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "node {}", state_word(h.state));
+    let _ = writeln!(
+        o,
+        "node {}{}  (state generation {})",
+        state_word(h.state),
+        if h.drained { ", drain requested" } else { "" },
+        h.generation
+    );
+    if let Some(r) = &h.reboot_requested {
+        let _ = writeln!(o, "REBOOT REQUESTED: {r}");
+    }
     for g in &h.gpus {
-        let _ = writeln!(o, "GPU {:>2} {}  {}", g.index, g.uuid, verdict_word(g.health.verdict));
+        let idle = match g.idle {
+            Some(true) => "idle",
+            Some(false) => "busy",
+            None => "?",
+        };
+        let _ = writeln!(
+            o,
+            "GPU {:>2} {}  {}  {}  action {}  {idle}{}",
+            g.index,
+            g.uuid,
+            verdict_word(g.health.verdict),
+            snake(g.service),
+            snake(g.action),
+            if g.recurrences > 0 {
+                format!("  recurrences {}", g.recurrences)
+            } else {
+                String::new()
+            }
+        );
         for r in &g.health.reasons {
             let _ = writeln!(o, "        {r}");
+        }
+    }
+    for m in &h.missing_gpus {
+        let _ = writeln!(
+            o,
+            "GPU  - {m}  FAILED  missing (in the first-boot inventory, not on the bus)"
+        );
+    }
+    if !h.host.is_empty() {
+        let _ = writeln!(o, "host:");
+        for c in &h.host {
+            let _ = writeln!(o, "  {:<12} {:<9} {}", c.name, verdict_word(c.verdict), c.detail);
+        }
+    }
+    if !h.history.is_empty() {
+        let _ = writeln!(o, "verdict changes:");
+        for c in &h.history {
+            let _ = writeln!(
+                o,
+                "  #{} {}  {}  {} -> {}{}  action {}  {}",
+                c.seq,
+                c.at_ms,
+                c.subject,
+                verdict_word(c.from),
+                verdict_word(c.to),
+                c.service.map(|s| format!(" ({})", snake(s))).unwrap_or_default(),
+                snake(c.action),
+                c.reasons.join("; ")
+            );
         }
     }
     if !h.recent_events.is_empty() {

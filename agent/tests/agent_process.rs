@@ -427,7 +427,11 @@ fn a_second_agent_does_not_steal_the_socket() -> TestResult {
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        format!("[api]\nsocket = {:?}\n{SIM}", first.socket().display().to_string()),
+        format!(
+            "[api]\nsocket = {:?}\n[state]\ndir = {:?}\n{SIM}",
+            first.socket().display().to_string(),
+            dir.path().join("state").display().to_string()
+        ),
     )?;
     let mut second = Command::new(BIN)
         .arg("run")

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use hearth_agent::gpu::{EventSource, GpuBackend, GpuError, inventory_all};
+use hearth_agent::health::{self, Command, Monitor, policy::Policy};
+use hearth_proto::api::{GpuService, GpuVerdict, HealthAction};
 use hearth_proto::gpu::{
     EccCounters, GpuEvent, GpuEventKind, PcieLink, RemappedRows, ThrottleReasons,
 };
@@ -170,7 +172,19 @@ pub const CASES: &[Case] = &[
     Case { name: "bmc_limit", scenario: TWO_H100, run: bmc_limit },
     Case { name: "workload", scenario: TWO_H100, run: workload },
     Case { name: "fans", scenario: FANS, run: fans },
+    Case { name: "health_readings", scenario: MIXED, run: health_readings },
+    Case { name: "health_faults", scenario: SIXTEEN_H100, run: health_faults },
 ];
+
+/// Sixteen H100 SXM training: one GPU per fault of [`health_faults`], the rest healthy.
+pub const SIXTEEN_H100: &str = r#"
+seed = 5
+
+[[gpu]]
+profile = "h100-sxm"
+count = 16
+workload = "training"
+"#;
 
 /// The case called `name`.
 pub fn case(name: &str) -> anyhow::Result<&'static Case> {
@@ -741,6 +755,234 @@ pub fn equality(
     Ok(())
 }
 
+/// The health layer's GPU readings: compute processes tied to the workload, NVLink error
+/// counters (zero, rising in a burst, zeroed by a reset), persistence mode, the PCIe replay
+/// counter rising in a burst, and `GpuLost` for each on a lost GPU.
+pub fn health_readings(b: &dyn GpuBackend, c: &dyn SimControl) -> anyhow::Result<()> {
+    let busy = b.compute_processes(0)?;
+    ensure!(busy.len() == 1 && busy[0].pid == 40_000 && busy[0].used_memory_bytes > 0, "{busy:?}");
+    ensure!(b.compute_processes(1)?[0].pid == 40_100);
+    ensure!(b.compute_processes(3)?.is_empty(), "the idle GPU lists processes");
+    for gpu in 0..4 {
+        ensure!(b.persistence_mode(gpu)? == Some(true), "GPU {gpu} persistence mode");
+    }
+    let links = b.nvlink_errors(0)?;
+    ensure!(links.len() == 18 && links.iter().all(|l| l.total() == 0), "{links:?}");
+    ensure!(b.nvlink_errors(3)?.is_empty(), "the PCIe card has no NVLink");
+    c.inject(0, Fault::NvlinkErrors { link: 2, per_second: 50, duration_s: 2.0 })?;
+    c.inject(1, Fault::PcieReplayStorm { per_second: 30, duration_s: 1.0 })?;
+    c.advance(3000)?;
+    let links = b.nvlink_errors(0)?;
+    ensure!(links[2].replay == 100 && links[1].total() == 0, "{:?}", links[2]);
+    ensure!(b.sample(1)?.pcie.replay_counter == 30, "{:?}", b.sample(1)?.pcie);
+    c.reset(0)?;
+    ensure!(b.nvlink_errors(0)?.iter().all(|l| l.total() == 0), "reset keeps NVLink counters");
+    c.set_workload(0, Workload::Idle)?;
+    ensure!(b.compute_processes(0)?.is_empty());
+    c.inject(1, Fault::FallenOffBus)?;
+    expect_lost(b.compute_processes(1), 1, "compute_processes")?;
+    expect_lost(b.nvlink_errors(1), 1, "nvlink_errors")?;
+    expect_lost(b.persistence_mode(1), 1, "persistence_mode")?;
+    Ok(())
+}
+
+/// One row of [`health_faults`]: a fault on its own GPU and what the health layer must make of it.
+struct HealthRow {
+    gpu: u32,
+    fault: Fault,
+    verdict: GpuVerdict,
+    action: HealthAction,
+    service: GpuService,
+    /// Once idle, the GPU is reset and returns to service healthy.
+    returns: bool,
+}
+
+fn health_rows() -> Vec<HealthRow> {
+    use GpuService::*;
+    use GpuVerdict::*;
+    use HealthAction as A;
+    let row = |gpu, fault, verdict, action, service, returns| HealthRow {
+        gpu,
+        fault,
+        verdict,
+        action,
+        service,
+        returns,
+    };
+    vec![
+        row(1, Fault::Xid { xid: 13 }, Healthy, A::None, Serving, false),
+        row(2, Fault::DoubleBitEcc, Failed, A::Quarantine, Quarantined, true),
+        row(3, Fault::Xid { xid: 63 }, Degraded, A::ResetWhenIdle, ResetPending, true),
+        row(4, Fault::RowRemapFailure, Failed, A::QuarantineRma, Rma, false),
+        row(
+            5,
+            Fault::PcieDowntrain { generation: 3, width: 8 },
+            Degraded,
+            A::Watch,
+            Serving,
+            false,
+        ),
+        row(
+            6,
+            Fault::SingleBitEccStorm { per_second: 100, duration_s: 5.0 },
+            Degraded,
+            A::Watch,
+            Serving,
+            false,
+        ),
+        row(7, Fault::NvlinkDown { link: 0 }, Failed, A::Quarantine, Quarantined, true),
+        row(8, Fault::FallenOffBus, Failed, A::Reboot, Quarantined, false),
+        row(
+            9,
+            Fault::PcieReplayStorm { per_second: 20, duration_s: 5.0 },
+            Degraded,
+            A::Watch,
+            Serving,
+            false,
+        ),
+        row(
+            10,
+            Fault::NvlinkErrors { link: 1, per_second: 20, duration_s: 5.0 },
+            Degraded,
+            A::Watch,
+            Serving,
+            false,
+        ),
+        row(11, Fault::BmcPowerLimit { watts: 400 }, Degraded, A::Watch, Serving, false),
+        row(12, Fault::Xid { xid: 12345 }, Degraded, A::Watch, Serving, false),
+        row(13, Fault::RowRemapPending, Degraded, A::ResetWhenIdle, ResetPending, true),
+        row(14, Fault::Xid { xid: 119 }, Failed, A::Quarantine, Quarantined, true),
+    ]
+}
+
+/// Reset commands as the agent carries them out: only a GPU NVML lists no process on.
+fn run_resets(
+    m: &mut Monitor,
+    b: &dyn GpuBackend,
+    c: &dyn SimControl,
+    commands: Vec<Command>,
+    now: u64,
+) -> anyhow::Result<u32> {
+    let mut done = 0;
+    for Command::Reset { gpu, uuid } in commands {
+        ensure!(b.compute_processes(gpu)?.is_empty(), "reset asked for busy GPU {gpu}");
+        c.reset(gpu)?;
+        m.reset_result(&uuid, Ok(()), now);
+        done += 1;
+    }
+    Ok(done)
+}
+
+/// One health round: wait for events (judged at once), then one sampling round.
+fn health_round(
+    m: &mut Monitor,
+    b: &dyn GpuBackend,
+    c: &dyn SimControl,
+    events: &mut dyn EventSource,
+    inv: &[hearth_proto::gpu::GpuInventory],
+    now: u64,
+) -> anyhow::Result<u32> {
+    let mut resets = 0;
+    while let Some(e) = events.wait(Duration::from_millis(30))? {
+        let cmds = m.observe_event(&e, now);
+        resets += run_resets(m, b, c, cmds, now)?;
+    }
+    let cmds = m.observe_round(&health::observe_inventory(b, inv), now);
+    resets += run_resets(m, b, c, cmds, now)?;
+    Ok(resets)
+}
+
+/// Every fault kind of the simulator yields its verdict, action and service state on its own
+/// GPU while the others keep serving healthy; busy GPUs are never reset; once idle, resettable
+/// faults are reset and the GPU serves again after a clean check.
+pub fn health_faults(b: &dyn GpuBackend, c: &dyn SimControl) -> anyhow::Result<()> {
+    let mut m = Monitor::new(Policy::default(), None)?;
+    let inv = inventory_all(b)?;
+    let mut events = b.events()?;
+    let mut now = 1_000_000u64;
+    for _ in 0..3 {
+        c.advance(1000)?;
+        now += 1000;
+        health_round(&mut m, b, c, events.as_mut(), &inv, now)?;
+    }
+    let v = m.view();
+    ensure!(
+        v.gpus.len() == 16 && v.gpus.iter().all(|g| g.health.verdict == GpuVerdict::Healthy),
+        "{v:?}"
+    );
+    let rows = health_rows();
+    for r in &rows {
+        c.inject(r.gpu, r.fault.clone())?;
+    }
+    let mut resets = 0;
+    for _ in 0..4 {
+        c.advance(1000)?;
+        now += 1000;
+        resets += health_round(&mut m, b, c, events.as_mut(), &inv, now)?;
+    }
+    ensure!(resets == 0, "{resets} resets of GPUs that are busy");
+    let v = m.view();
+    for r in &rows {
+        let g = &v.gpus[r.gpu as usize];
+        ensure!(
+            (g.health.verdict, g.action, g.service) == (r.verdict, r.action, r.service),
+            "GPU {} after {:?}: got {:?}/{:?}/{:?} ({:?}), want {:?}/{:?}/{:?}",
+            r.gpu,
+            r.fault,
+            g.health.verdict,
+            g.action,
+            g.service,
+            g.health.reasons,
+            r.verdict,
+            r.action,
+            r.service
+        );
+    }
+    for gpu in [0, 15] {
+        ensure!(
+            v.gpus[gpu].health.verdict == GpuVerdict::Healthy,
+            "bystander {gpu}: {:?}",
+            v.gpus[gpu]
+        );
+    }
+    ensure!(v.gpus[4].rma_hint.is_some(), "{:?}", v.gpus[4]);
+    ensure!(
+        v.reboot_requested.as_deref().is_some_and(|r| r.contains("GPU 8")),
+        "{:?}",
+        v.reboot_requested
+    );
+    ensure!(
+        v.history.iter().any(|h| h.subject == "gpu 2" && h.to == GpuVerdict::Failed),
+        "{:?}",
+        v.history
+    );
+    // The jobs end: resettable GPUs are reset and return.
+    for r in rows.iter().filter(|r| r.returns || r.service == GpuService::Rma) {
+        c.set_workload(r.gpu, Workload::Idle)?;
+    }
+    for _ in 0..3 {
+        c.advance(1000)?;
+        now += 1000;
+        resets += health_round(&mut m, b, c, events.as_mut(), &inv, now)?;
+    }
+    let want = u32::try_from(rows.iter().filter(|r| r.returns).count())?;
+    ensure!(resets == want, "{resets} resets, want {want}");
+    let v = m.view();
+    for r in &rows {
+        let g = &v.gpus[r.gpu as usize];
+        if r.returns {
+            ensure!(
+                g.service == GpuService::Serving && g.health.verdict == GpuVerdict::Healthy,
+                "GPU {} did not return after reset: {g:?}",
+                r.gpu
+            );
+        } else if r.service == GpuService::Rma {
+            ensure!(g.service == GpuService::Rma, "RMA GPU {} left quarantine: {g:?}", r.gpu);
+        }
+    }
+    Ok(())
+}
+
 /// Defines, in the calling test file, one `#[test]` per conformance case that calls
 /// `$run(case_name) -> anyhow::Result<()>`, and `every_case_is_run`, which checks that this list
 /// is [`CASES`]. One list serves every backend's test file.
@@ -749,7 +991,8 @@ macro_rules! conformance_tests {
     ($run:path) => {
         $crate::conformance_tests!(@cases $run;
             inventory, sample, power_limit, clocks, xid79, double_bit_ecc, sbe_storm, row_remap,
-            pcie_downtrain, nvlink_down, bmc_limit, workload, fans);
+            pcie_downtrain, nvlink_down, bmc_limit, workload, fans, health_readings,
+            health_faults);
     };
     (@cases $run:path; $($name:ident),* $(,)?) => {
         $(

@@ -16,6 +16,11 @@ pub enum NodeState {
     Ready,
     /// The node serves, but a subsystem failed or a GPU is not healthy.
     Degraded,
+    /// The node was asked to drain (`POST /v1/health/drain`): it takes no new work and waits
+    /// for running work to end.
+    Draining,
+    /// The node must not serve: drained and idle, every GPU quarantined, or a failed host check.
+    Quarantined,
 }
 
 /// State of one supervised subsystem.
@@ -133,6 +138,25 @@ pub struct HealthReport {
     pub gpus: Vec<GpuHealthEntry>,
     /// Recent GPU events, oldest first (bounded).
     pub recent_events: Vec<TimedEvent>,
+    /// GPUs of the inventory recorded at first boot that the driver no longer lists (UUIDs):
+    /// each is a failed GPU, not a smaller node.
+    #[serde(default)]
+    pub missing_gpus: Vec<String>,
+    /// Host checks (filesystems, memory EDAC, clock sync, fleet reachability, driver).
+    #[serde(default)]
+    pub host: Vec<HostCheck>,
+    /// Verdict changes, oldest first (bounded ring).
+    #[serde(default)]
+    pub history: Vec<VerdictChange>,
+    /// Why the node asks the fleet for a reboot (a GPU reset is impossible), if it does.
+    #[serde(default)]
+    pub reboot_requested: Option<String>,
+    /// The node was asked to drain.
+    #[serde(default)]
+    pub drained: bool,
+    /// Generation of the persisted health state.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// One GPU's line in the health report.
@@ -144,6 +168,21 @@ pub struct GpuHealthEntry {
     pub uuid: String,
     /// Verdict and reasons.
     pub health: GpuHealth,
+    /// Whether the GPU serves, waits for a reset or is quarantined.
+    #[serde(default)]
+    pub service: GpuService,
+    /// What the health layer does about the GPU now.
+    #[serde(default)]
+    pub action: HealthAction,
+    /// Faults that needed a reset since the GPU last served clean for a while.
+    #[serde(default)]
+    pub recurrences: u32,
+    /// Why the board should be returned to the vendor, when the evidence says so.
+    #[serde(default)]
+    pub rma_hint: Option<String>,
+    /// No compute process runs on it (NVML's process list is empty); `None` when unread.
+    #[serde(default)]
+    pub idle: Option<bool>,
 }
 
 /// A GPU event with the time the agent received it.
@@ -203,6 +242,121 @@ pub struct PowerLimitRequest {
     pub gpu: u32,
     /// New limit in watts; `None` restores the board default.
     pub watts: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health: quarantine, actions, history, host checks, diagnostics (`docs/0003-health.md`).
+
+/// Where a GPU stands in the health layer's per-GPU state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuService {
+    /// Serving work.
+    #[default]
+    Serving,
+    /// Serving, with a reset due as soon as no compute process runs on it.
+    ResetPending,
+    /// Taken out of service (drained): no new work; reset once idle.
+    Quarantined,
+    /// Reset done; waiting for one clean check before it serves again.
+    Rechecking,
+    /// Kept out of service for good: the fault recurred or cannot be repaired by a reset.
+    Rma,
+}
+
+/// What the health layer does about a finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthAction {
+    /// Nothing (healthy, or an application fault: restart the job).
+    #[default]
+    None,
+    /// Keep serving and show the condition (degraded).
+    Watch,
+    /// Keep serving; reset the GPU when no compute process runs on it.
+    ResetWhenIdle,
+    /// Drain and quarantine the GPU alone, reset it when idle, return it after a clean check.
+    Quarantine,
+    /// Quarantine; the board is an RMA candidate (a reset does not repair it).
+    QuarantineRma,
+    /// Quarantine; a reset is impossible, so the node asks the fleet for a reboot.
+    Reboot,
+}
+
+/// One host check's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCheck {
+    /// Check name: `fs:/`, `edac`, `clock`, `fleet`, `driver`.
+    pub name: String,
+    /// Verdict (the GPU verdict scale).
+    pub verdict: GpuVerdict,
+    /// What was found (a healthy check says what it measured).
+    pub detail: String,
+}
+
+/// A verdict change: one entry of the bounded history ring (also logged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictChange {
+    /// Sequence number, rising from 1 since the agent started.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// What changed: `gpu 3`, `host fs:/`.
+    pub subject: String,
+    /// The GPU's UUID when the subject is a GPU.
+    pub uuid: Option<String>,
+    /// Verdict before.
+    pub from: GpuVerdict,
+    /// Verdict after.
+    pub to: GpuVerdict,
+    /// Service state after (GPUs).
+    pub service: Option<GpuService>,
+    /// Action after.
+    pub action: HealthAction,
+    /// Reasons after.
+    pub reasons: Vec<String>,
+}
+
+/// `POST /v1/health/diag`: run active diagnostics on one quarantined, idle GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiagRequest {
+    /// NVML index of the GPU.
+    pub gpu: u32,
+    /// `dcgmi diag -r LEVEL` (1..=4); ignored by a configured burn-in command.
+    pub level: u8,
+}
+
+/// One diagnostic test's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiagTest {
+    /// Test name as the tool reports it.
+    pub name: String,
+    /// `pass`, `fail`, `warn` or `skip`.
+    pub result: String,
+    /// The tool's message, if any.
+    pub info: Option<String>,
+}
+
+/// The result of `POST /v1/health/diag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiagReport {
+    /// NVML index of the GPU.
+    pub gpu: u32,
+    /// The command that ran.
+    pub command: String,
+    /// No test failed (and the command succeeded).
+    pub passed: bool,
+    /// Per-test outcomes.
+    pub tests: Vec<DiagTest>,
+}
+
+/// `POST /v1/health/release`: return a quarantined or RMA GPU to service (operator's call).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// NVML index of the GPU.
+    pub gpu: u32,
 }
 
 /// Error body of every non-2xx answer.

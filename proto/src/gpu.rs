@@ -239,6 +239,40 @@ pub struct GpuEvent {
     pub kind: GpuEventKind,
 }
 
+/// A process running compute work on a GPU (NVML `nvmlDeviceGetComputeRunningProcesses`).
+/// A GPU with none is idle: the health layer resets only idle GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeProcess {
+    /// Process id (in the host's PID namespace).
+    pub pid: u32,
+    /// Framebuffer the process uses, bytes (0 where NVML does not say).
+    pub used_memory_bytes: u64,
+}
+
+/// Error counters of one NVLink link (`nvmlDeviceGetNvLinkErrorCounter`), since driver load or
+/// the last GPU reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NvlinkErrorCounters {
+    /// Data-link replays (`NVML_NVLINK_ERROR_DL_REPLAY`).
+    pub replay: u64,
+    /// Link recoveries (`NVML_NVLINK_ERROR_DL_RECOVERY`).
+    pub recovery: u64,
+    /// Flit CRC errors (`NVML_NVLINK_ERROR_DL_CRC_FLIT`).
+    pub crc_flit: u64,
+    /// Data CRC errors (`NVML_NVLINK_ERROR_DL_CRC_DATA`).
+    pub crc_data: u64,
+}
+
+impl NvlinkErrorCounters {
+    /// Sum of every counter.
+    pub fn total(&self) -> u64 {
+        self.replay
+            .saturating_add(self.recovery)
+            .saturating_add(self.crc_flit)
+            .saturating_add(self.crc_data)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

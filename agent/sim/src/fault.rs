@@ -35,6 +35,22 @@ pub enum Fault {
         /// How long the storm lasts, simulated seconds.
         duration_s: f64,
     },
+    /// A burst of PCIe replays: `per_second` for `duration_s` seconds (a marginal link).
+    PcieReplayStorm {
+        /// Replays per simulated second.
+        per_second: u32,
+        /// How long the burst lasts, simulated seconds.
+        duration_s: f64,
+    },
+    /// A burst of NVLink replay errors on one link: `per_second` for `duration_s` seconds.
+    NvlinkErrors {
+        /// Link index.
+        link: u32,
+        /// Errors per simulated second.
+        per_second: u32,
+        /// How long the burst lasts, simulated seconds.
+        duration_s: f64,
+    },
     /// A row remap waits for a GPU reset.
     RowRemapPending,
     /// A row remap failed (no spare rows): XID 64.
@@ -64,7 +80,7 @@ pub enum Fault {
         watts: u32,
     },
     /// Remove every active fault from the GPU except a lost GPU: cooling failure (the inlet
-    /// ramps back), BMC limit, PCIe downtrain, NVLink down, ECC storm, pending and failed row
-    /// remaps. Counters and settings (power limit, clock lock, fans, workload) stay.
+    /// ramps back), BMC limit, PCIe downtrain, NVLink down, ECC, PCIe-replay and NVLink-error
+    /// bursts, pending and failed row remaps. Counters and settings (power limit, clock lock, fans, workload) stay.
     Clear,
 }

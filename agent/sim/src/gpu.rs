@@ -4,7 +4,8 @@
 //! NVML's units (mW, whole °C) only in [`Gpu::sample`].
 
 use hearth_proto::gpu::{
-    EccCounters, GpuEventKind, GpuInventory, GpuSample, PcieLink, RemappedRows, ThrottleReasons,
+    ComputeProcess, EccCounters, GpuEventKind, GpuInventory, GpuSample, NvlinkErrorCounters,
+    PcieLink, RemappedRows, ThrottleReasons,
 };
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
@@ -13,6 +14,7 @@ use crate::events::EventLog;
 use crate::fault::{Fault, Workload};
 use crate::node::SimError;
 use crate::profile::GpuProfile;
+use crate::scenario::Background;
 
 /// The step in seconds (equals [`crate::node::STEP`]).
 pub(crate) const DT: f64 = 0.01;
@@ -120,6 +122,42 @@ struct Storm {
     counted: u64,
 }
 
+impl Storm {
+    /// A burst of `per_second` errors for `duration_s` (validated by the caller); `None` when
+    /// it would count nothing.
+    fn new(per_second: u32, duration_s: f64) -> Option<Self> {
+        let total_steps = ((duration_s * 1e9).round() as u64).div_ceil(STEP_NS);
+        (total_steps > 0 && per_second > 0).then_some(Self {
+            per_second: u64::from(per_second),
+            total_steps,
+            elapsed_steps: 0,
+            counted: 0,
+        })
+    }
+}
+
+/// Advance a burst by one step: the errors due this step (the burst ends after its last step).
+fn burst_step(burst: &mut Option<Storm>) -> u64 {
+    let Some(mut b) = *burst else { return 0 };
+    b.elapsed_steps += 1;
+    let due = b.per_second.saturating_mul(b.elapsed_steps) / STEPS_PER_S;
+    let new = due - b.counted;
+    b.counted = due;
+    *burst = if b.elapsed_steps >= b.total_steps { None } else { Some(b) };
+    new
+}
+
+/// Advance a background accumulator by one step at `per_hour`: whole errors due now.
+fn background_step(acc: &mut f64, per_hour: f64) -> u64 {
+    if per_hour <= 0.0 {
+        return 0;
+    }
+    *acc += per_hour / 3600.0 * DT;
+    let whole = acc.floor();
+    *acc -= whole;
+    whole as u64
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Fan {
     /// Manual speed, %, or `None` for the automatic curve.
@@ -187,6 +225,15 @@ pub(crate) struct Gpu {
     storm: Option<Storm>,
     sbe_window: u64,
     sbe_window_events: u32,
+    pub(crate) pcie_replay: u64,
+    pcie_burst: Option<Storm>,
+    pub(crate) nvlink_errors: Vec<NvlinkErrorCounters>,
+    nvlink_bursts: Vec<Option<Storm>>,
+    /// Background error rates and their fractional accumulators (SBE, PCIe, per NVLink link).
+    background: Background,
+    bg_sbe: f64,
+    bg_pcie: f64,
+    bg_nvlink: Vec<f64>,
 }
 
 /// SplitMix64: a tiny hash for identities (UUID, serial) that must not use the physics RNG.
@@ -314,6 +361,14 @@ impl Gpu {
             storm: None,
             sbe_window: 0,
             sbe_window_events: 0,
+            pcie_replay: 0,
+            pcie_burst: None,
+            nvlink_errors: vec![NvlinkErrorCounters::default(); profile.nvlink_count as usize],
+            nvlink_bursts: vec![None; profile.nvlink_count as usize],
+            background: Background::default(),
+            bg_sbe: 0.0,
+            bg_pcie: 0.0,
+            bg_nvlink: vec![0.0; profile.nvlink_count as usize],
             profile,
         };
         // Equilibrium at idle power; on fan boards the fan speed and temperature depend on each
@@ -541,32 +596,75 @@ impl Gpu {
             self.pending_limit = None;
         }
 
-        // ECC storm.
-        if let Some(mut storm) = self.storm {
-            storm.elapsed_steps += 1;
-            let due = storm.per_second.saturating_mul(storm.elapsed_steps) / STEPS_PER_S;
-            let new = due - storm.counted;
-            storm.counted = due;
-            self.ecc.volatile_corrected += new;
-            self.ecc.aggregate_corrected += new;
-            let window = k / STEPS_PER_S;
-            if window != self.sbe_window {
-                self.sbe_window = window;
-                self.sbe_window_events = 0;
+        // Single-bit ECC: storm and background.
+        let mut sbe = burst_step(&mut self.storm);
+        if self.profile.ecc {
+            sbe += background_step(&mut self.bg_sbe, self.background.sbe_per_hour);
+        }
+        if sbe > 0 {
+            self.count_sbe(k, sbe, log);
+        }
+
+        // PCIe replays and NVLink errors: bursts and background.
+        self.pcie_replay += burst_step(&mut self.pcie_burst)
+            + background_step(&mut self.bg_pcie, self.background.pcie_replay_per_hour);
+        for (l, c) in self.nvlink_errors.iter_mut().enumerate() {
+            let mut new = self.nvlink_bursts.get_mut(l).map_or(0, burst_step);
+            if let Some(acc) = self.bg_nvlink.get_mut(l) {
+                new += background_step(acc, self.background.nvlink_replay_per_hour);
             }
-            let room = u64::from(SBE_EVENTS_PER_S - self.sbe_window_events);
-            let emit = new.min(room);
-            for _ in 0..emit {
-                log.push(self.index, &self.inventory.uuid, GpuEventKind::SingleBitEcc);
-            }
-            self.sbe_window_events += u32::try_from(emit).unwrap_or(SBE_EVENTS_PER_S);
-            self.storm = if storm.elapsed_steps >= storm.total_steps { None } else { Some(storm) };
+            c.replay += new;
         }
 
         // Shutdown: the GPU drops off the bus.
         if self.t_die >= f64::from(self.profile.shutdown_temp_c) {
             self.fall_off_bus(log);
         }
+    }
+
+    /// Count `new` corrected errors at step `k` and log at most [`SBE_EVENTS_PER_S`] events per
+    /// simulated second.
+    fn count_sbe(&mut self, k: u64, new: u64, log: &mut EventLog) {
+        self.ecc.volatile_corrected += new;
+        self.ecc.aggregate_corrected += new;
+        let window = k / STEPS_PER_S;
+        if window != self.sbe_window {
+            self.sbe_window = window;
+            self.sbe_window_events = 0;
+        }
+        let room = u64::from(SBE_EVENTS_PER_S - self.sbe_window_events);
+        let emit = new.min(room);
+        for _ in 0..emit {
+            log.push(self.index, &self.inventory.uuid, GpuEventKind::SingleBitEcc);
+        }
+        self.sbe_window_events += u32::try_from(emit).unwrap_or(SBE_EVENTS_PER_S);
+    }
+
+    /// Set the background error rates.
+    ///
+    /// Each counter starts at its own phase (by GPU index and link) so that GPUs and links do
+    /// not all count their background errors in the same step, as independent faults would not.
+    pub(crate) fn set_background(&mut self, background: Background) {
+        let frac = |x: f64| x - x.floor();
+        let i = f64::from(self.index);
+        self.background = background;
+        self.bg_sbe = frac(i * 0.381_966);
+        self.bg_pcie = frac(0.5 + i * 0.618_034);
+        let n = self.bg_nvlink.len() as f64;
+        for (l, acc) in self.bg_nvlink.iter_mut().enumerate() {
+            *acc = frac(l as f64 / n + i * 0.137);
+        }
+    }
+
+    /// The compute processes: one while a workload runs (pid `40000 + 100 × index`), using the
+    /// workload's framebuffer.
+    pub(crate) fn compute_processes(&self) -> Vec<ComputeProcess> {
+        if self.workload == Workload::Idle {
+            return Vec::new();
+        }
+        let used = (self.profile.memory_total_bytes as f64 * workload_model(self.workload).mem_used)
+            as u64;
+        vec![ComputeProcess { pid: 40_000 + 100 * self.index, used_memory_bytes: used }]
     }
 
     fn fall_off_bus(&mut self, log: &mut EventLog) {
@@ -609,11 +707,15 @@ impl Gpu {
             ecc: ecc.then_some(self.ecc),
             retired_pages: None,
             remapped_rows: ecc.then_some(self.remap),
-            pcie: PcieLink { generation: self.pcie_gen, width: self.pcie_width, replay_counter: 0 },
+            pcie: PcieLink {
+                generation: self.pcie_gen,
+                width: self.pcie_width,
+                replay_counter: self.pcie_replay,
+            },
             nvlink_active: self.nvlink.clone(),
             fan_speed_pct: self.fans.iter().map(|f| f.speed.round() as u32).collect(),
             memory_used_bytes: (p.memory_total_bytes as f64 * model.mem_used) as u64,
-            compute_processes: u32::from(self.workload != Workload::Idle),
+            compute_processes: u32::try_from(self.compute_processes().len()).unwrap_or(u32::MAX),
         }
     }
 
@@ -715,14 +817,33 @@ impl Gpu {
                         self.invalid(format!("storm duration {duration_s} s is outside 0..=1e7 s"))
                     );
                 }
-                let duration_ns = (duration_s * 1e9).round() as u64;
-                let total_steps = duration_ns.div_ceil(STEP_NS);
-                self.storm = (total_steps > 0 && per_second > 0).then_some(Storm {
-                    per_second: u64::from(per_second),
-                    total_steps,
-                    elapsed_steps: 0,
-                    counted: 0,
-                });
+                self.storm = Storm::new(per_second, duration_s);
+            }
+            Fault::PcieReplayStorm { per_second, duration_s } => {
+                if !duration_s.is_finite() || !(0.0..=1e7).contains(&duration_s) {
+                    return Err(
+                        self.invalid(format!("burst duration {duration_s} s is outside 0..=1e7 s"))
+                    );
+                }
+                self.pcie_burst = Storm::new(per_second, duration_s);
+            }
+            Fault::NvlinkErrors { link, per_second, duration_s } => {
+                if p.nvlink_count == 0 {
+                    return Err(self.not_supported("NVLink"));
+                }
+                if !duration_s.is_finite() || !(0.0..=1e7).contains(&duration_s) {
+                    return Err(
+                        self.invalid(format!("burst duration {duration_s} s is outside 0..=1e7 s"))
+                    );
+                }
+                let burst = Storm::new(per_second, duration_s);
+                let Some(slot) = self.nvlink_bursts.get_mut(link as usize) else {
+                    return Err(self.invalid(format!(
+                        "no NVLink link {link} (the GPU has {})",
+                        p.nvlink_count
+                    )));
+                };
+                *slot = burst;
             }
             Fault::RowRemapPending => {
                 if !p.ecc {
@@ -786,6 +907,8 @@ impl Gpu {
                 self.inlet_rise_target = 0.0;
                 self.bmc_limit_mw = None;
                 self.storm = None;
+                self.pcie_burst = None;
+                self.nvlink_bursts.fill(None);
                 self.pcie_gen = p.max_pcie_gen;
                 self.pcie_width = p.max_pcie_width;
                 self.nvlink.fill(true);
@@ -807,6 +930,9 @@ impl Gpu {
         self.pcie_width = p.max_pcie_width;
         self.nvlink.fill(true);
         self.storm = None;
+        self.pcie_burst = None;
+        self.nvlink_bursts.fill(None);
+        self.nvlink_errors.fill(NvlinkErrorCounters::default());
         self.ecc.volatile_corrected = 0;
         self.ecc.volatile_uncorrected = 0;
         for f in &mut self.fans {

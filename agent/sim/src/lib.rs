@@ -20,7 +20,7 @@ pub use fault::{Fault, Workload};
 pub use host::{SimClock, SimHost};
 pub use node::{EVENT_LOG_CAPACITY, STEP, SimError, SimNode};
 pub use profile::GpuProfile;
-pub use scenario::{Scenario, ScenarioError};
+pub use scenario::{Background, Scenario, ScenarioError};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use hearth_proto::gpu::{DriverInfo, GpuEvent, GpuInventory, GpuSample};
+use hearth_proto::gpu::{
+    ComputeProcess, DriverInfo, GpuEvent, GpuInventory, GpuSample, NvlinkErrorCounters,
+};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -99,7 +101,9 @@ impl SimNode {
         let mut gpus = Vec::new();
         for (i, (profile, workload)) in scenario.expanded().into_iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            gpus.push(Gpu::new(index, profile, workload, scenario.seed, ambient));
+            let mut gpu = Gpu::new(index, profile, workload, scenario.seed, ambient);
+            gpu.set_background(scenario.background);
+            gpus.push(gpu);
         }
         // Noise for readings at time zero.
         for g in &mut gpus {
@@ -280,6 +284,22 @@ impl SimNode {
     pub fn reset_gpu(&mut self, gpu: u32) -> Result<(), SimError> {
         self.gpu_mut(gpu)?.reset();
         Ok(())
+    }
+
+    /// The compute processes running on a GPU: one while it runs a workload, none when idle
+    /// (what `nvmlDeviceGetComputeRunningProcesses` lists).
+    pub fn compute_processes(&self, gpu: u32) -> Result<Vec<ComputeProcess>, SimError> {
+        Ok(self.gpu(gpu)?.compute_processes())
+    }
+
+    /// Error counters of each NVLink link (empty without NVLink). A reset zeroes them.
+    pub fn nvlink_errors(&self, gpu: u32) -> Result<Vec<NvlinkErrorCounters>, SimError> {
+        Ok(self.gpu(gpu)?.nvlink_errors.clone())
+    }
+
+    /// Persistence mode: the simulated driver keeps every GPU initialised (enabled).
+    pub fn persistence_mode(&self, gpu: u32) -> Result<bool, SimError> {
+        self.gpu(gpu).map(|_| true)
     }
 
     /// Events with a sequence number greater than `after`, oldest first, and the newest sequence

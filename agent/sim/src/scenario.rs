@@ -43,6 +43,27 @@ pub struct Scenario {
     /// Timed events.
     #[serde(default, rename = "event")]
     pub events: Vec<TimedAction>,
+    /// Background error rates of healthy hardware (`[background]`; all zero by default).
+    #[serde(default)]
+    pub background: Background,
+}
+
+/// `[background]`: error rates a healthy board shows anyway (cosmic-ray single-bit ECC
+/// corrections, occasional PCIe and NVLink replays). Counted deterministically: a rate of
+/// 2 per hour adds one error every 1800 simulated seconds; no random draw, so the physics'
+/// random stream does not depend on them.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Background {
+    /// Corrected (single-bit) ECC errors per GPU per hour (boards with ECC).
+    #[serde(default)]
+    pub sbe_per_hour: f64,
+    /// PCIe replays per GPU per hour.
+    #[serde(default)]
+    pub pcie_replay_per_hour: f64,
+    /// NVLink replays per link per hour (boards with NVLink).
+    #[serde(default)]
+    pub nvlink_replay_per_hour: f64,
 }
 
 fn default_seed() -> u64 {
@@ -138,6 +159,7 @@ impl Scenario {
             ambient_c: default_ambient(),
             gpus: vec![GpuSpec { profile: profile.to_string(), count: n, workload }],
             events: Vec::new(),
+            background: Background::default(),
         }
     }
 
@@ -177,6 +199,16 @@ impl Scenario {
                 "ambient_c".into(),
                 format!("{} is outside -20..=60 °C", self.ambient_c),
             ));
+        }
+        let bg = self.background;
+        for (key, v) in [
+            ("background.sbe_per_hour", bg.sbe_per_hour),
+            ("background.pcie_replay_per_hour", bg.pcie_replay_per_hour),
+            ("background.nvlink_replay_per_hour", bg.nvlink_replay_per_hour),
+        ] {
+            if !v.is_finite() || !(0.0..=1e6).contains(&v) {
+                return Err(invalid(key.into(), format!("{v} is outside 0..=1e6 per hour")));
+            }
         }
         if self.gpus.is_empty() {
             return Err(invalid("gpu".into(), "a node needs at least one [[gpu]]".into()));

@@ -10,7 +10,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hearth_proto::api::{ApiError, PowerBudgetRequest, PowerLimitRequest, PowerSettings};
+use hearth_proto::api::{
+    ApiError, DiagReport, DiagRequest, PowerBudgetRequest, PowerLimitRequest, PowerSettings,
+    ReleaseRequest,
+};
 use hearth_sim::SimClock;
 
 use super::{Done, SimInfo, SimInjectRequest, SimWorkloadRequest};
@@ -117,6 +120,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
                 .post(set_power_settings),
         )
         .route("/v1/power/limit", post(set_power_limit))
+        .route("/v1/health/drain", post(health_drain))
+        .route("/v1/health/undrain", post(health_undrain))
+        .route("/v1/health/release", post(health_release))
+        .route("/v1/health/diag", post(health_diag))
         .route("/v1/power/budget", post(set_power_budget))
         .route("/v1/sim", get(sim_info))
         .route("/v1/sim/inject", post(sim_inject))
@@ -246,6 +253,103 @@ async fn sim_workload(
         .map_err(|e| ApiFailure(StatusCode::BAD_REQUEST, e.to_string()))?;
     tracing::info!(gpu = req.gpu, workload = ?req.workload, "simulated workload changed");
     Ok(Json(Done { done: format!("GPU {} now runs {:?}", req.gpu, req.workload) }))
+}
+
+// Health (docs/0003-health.md).
+
+fn monitor(agent: &Agent) -> Result<Arc<std::sync::Mutex<crate::health::Monitor>>, ApiFailure> {
+    agent.monitor().ok_or_else(|| {
+        ApiFailure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the health subsystem is not running yet".into(),
+        )
+    })
+}
+
+fn with_monitor<T>(
+    agent: &Agent,
+    f: impl FnOnce(&mut crate::health::Monitor) -> T,
+) -> Result<T, ApiFailure> {
+    let m = monitor(agent)?;
+    let mut guard = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = f(&mut guard);
+    agent.publish_health(guard.view());
+    Ok(out)
+}
+
+async fn health_drain(State(agent): State<Arc<Agent>>) -> Result<Json<Done>, ApiFailure> {
+    with_monitor(&agent, |m| m.set_drained(true, crate::agent::now_ms()))?;
+    tracing::warn!("node drain requested through the API");
+    Ok(Json(Done { done: "node draining: no new work; running work continues".into() }))
+}
+
+async fn health_undrain(State(agent): State<Arc<Agent>>) -> Result<Json<Done>, ApiFailure> {
+    with_monitor(&agent, |m| m.set_drained(false, crate::agent::now_ms()))?;
+    tracing::info!("node drain lifted through the API");
+    Ok(Json(Done { done: "node serving again".into() }))
+}
+
+async fn health_release(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<ReleaseRequest>, JsonRejection>,
+) -> Result<Json<Done>, ApiFailure> {
+    let Json(req) = body?;
+    if !with_monitor(&agent, |m| m.release(req.gpu, crate::agent::now_ms()))? {
+        return Err(ApiFailure(
+            StatusCode::BAD_REQUEST,
+            format!("no GPU {} has been checked", req.gpu),
+        ));
+    }
+    tracing::warn!(gpu = req.gpu, "GPU returned to service by the operator");
+    Ok(Json(Done { done: format!("GPU {} returned to service", req.gpu) }))
+}
+
+async fn health_diag(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<DiagRequest>, JsonRejection>,
+) -> Result<Json<DiagReport>, ApiFailure> {
+    let Json(req) = body?;
+    let m = monitor(&agent)?;
+    let policy = {
+        let guard = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.may_diagnose(req.gpu).map_err(|e| ApiFailure(StatusCode::CONFLICT, e))?;
+        guard.policy().diag.clone()
+    };
+    // Check the process list once more right before running.
+    if let Some(b) = agent.backend() {
+        let gpu = req.gpu;
+        let procs = tokio::task::spawn_blocking(move || b.compute_processes(gpu))
+            .await
+            .map_err(|e| {
+                ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, format!("GPU call failed: {e}"))
+            })?
+            .map_err(gpu_failure)?;
+        if !procs.is_empty() {
+            return Err(ApiFailure(
+                StatusCode::CONFLICT,
+                format!(
+                    "GPU {gpu} has {} compute processes; diagnostics wait until idle",
+                    procs.len()
+                ),
+            ));
+        }
+    }
+    let report = tokio::task::spawn_blocking(move || {
+        crate::health::diag::run(&crate::command::SystemRunner, &policy, req.gpu, req.level)
+    })
+    .await
+    .map_err(|e| {
+        ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, format!("diagnostic thread failed: {e}"))
+    })?
+    .map_err(|e| {
+        let code = match e {
+            crate::health::diag::DiagError::Level { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        ApiFailure(code, format!("{:#}", anyhow::Error::from(e)))
+    })?;
+    tracing::info!(gpu = report.gpu, passed = report.passed, command = %report.command, "diagnostic done");
+    Ok(Json(report))
 }
 
 /// Serves the API.

@@ -12,7 +12,9 @@ pub mod sim;
 
 use std::time::Duration;
 
-use hearth_proto::gpu::{DriverInfo, GpuEvent, GpuInventory, GpuSample};
+use hearth_proto::gpu::{
+    ComputeProcess, DriverInfo, GpuEvent, GpuInventory, GpuSample, NvlinkErrorCounters,
+};
 
 /// Why a GPU call failed. Every variant names the GPU (or the library) it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,16 @@ pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     /// Open an event source for XID, single- and double-bit ECC events on every GPU that
     /// supports them.
     fn events(&self) -> Result<Box<dyn EventSource>, GpuError>;
+
+    // Health (docs/0003-health.md).
+
+    /// The compute processes running on the GPU; empty means idle (the health layer resets only
+    /// idle GPUs).
+    fn compute_processes(&self, gpu: u32) -> Result<Vec<ComputeProcess>, GpuError>;
+    /// Error counters of each NVLink link, in link order (empty where the GPU has no NVLink).
+    fn nvlink_errors(&self, gpu: u32) -> Result<Vec<NvlinkErrorCounters>, GpuError>;
+    /// Whether persistence mode is on (`None` where the platform has no such mode).
+    fn persistence_mode(&self, gpu: u32) -> Result<Option<bool>, GpuError>;
 }
 
 /// Read the whole inventory.

@@ -21,14 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_proto::gpu::{
-    DriverInfo, EccCounters, GpuEvent, GpuEventKind, GpuInventory, GpuSample, PcieLink,
-    RemappedRows, RetiredPages,
+    ComputeProcess, DriverInfo, EccCounters, GpuEvent, GpuEventKind, GpuInventory, GpuSample,
+    NvlinkErrorCounters, PcieLink, RemappedRows, RetiredPages,
 };
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, RetirementCause, TemperatureSensor, TemperatureThreshold,
 };
-use nvml_wrapper::enums::device::{GpuLockedClocksSetting, SampleValue};
+use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+use nvml_wrapper::enums::device::{GpuLockedClocksSetting, SampleValue, UsedGpuMemory};
 use nvml_wrapper::error::{NvmlError, nvml_try};
 use nvml_wrapper::struct_wrappers::device::FieldValueSample;
 use nvml_wrapper::structs::device::FieldId;
@@ -472,6 +473,44 @@ impl GpuBackend for NvmlBackend {
             }
         }
         Ok(Box::new(source))
+    }
+
+    fn compute_processes(&self, gpu: u32) -> Result<Vec<ComputeProcess>, GpuError> {
+        let d = self.device(gpu)?;
+        let list = d.running_compute_processes().map_err(|e| map(gpu, "compute processes", e))?;
+        Ok(list
+            .into_iter()
+            .map(|p| ComputeProcess {
+                pid: p.pid,
+                used_memory_bytes: match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => b,
+                    UsedGpuMemory::Unavailable => 0,
+                },
+            })
+            .collect())
+    }
+
+    fn nvlink_errors(&self, gpu: u32) -> Result<Vec<NvlinkErrorCounters>, GpuError> {
+        let d = self.device(gpu)?;
+        let e = |err| map(gpu, "NVLink error counters", err);
+        let links = nvlink_states(&d).map_err(e)?.len();
+        let mut out = Vec::with_capacity(links);
+        for link in 0..u32::try_from(links).unwrap_or(0) {
+            let w = d.link_wrapper_for(link);
+            let read = |c| optional(w.error_counter(c)).map(Option::unwrap_or_default);
+            out.push(NvlinkErrorCounters {
+                replay: read(ErrorCounter::DlReplay).map_err(e)?,
+                recovery: read(ErrorCounter::DlRecovery).map_err(e)?,
+                crc_flit: read(ErrorCounter::DlCrcFlit).map_err(e)?,
+                crc_data: read(ErrorCounter::DlCrcData).map_err(e)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn persistence_mode(&self, gpu: u32) -> Result<Option<bool>, GpuError> {
+        let d = self.device(gpu)?;
+        optional(d.is_in_persistent_mode()).map_err(|e| map(gpu, "persistence mode", e))
     }
 }
 

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_proto::gpu::{DriverInfo, GpuEvent, GpuInventory, GpuSample};
+use hearth_proto::gpu::{
+    ComputeProcess, DriverInfo, GpuEvent, GpuInventory, GpuSample, NvlinkErrorCounters,
+};
 use hearth_sim::{SimError, SimHost};
 
 use super::{EventSource, GpuBackend, GpuError};
@@ -82,6 +84,18 @@ impl GpuBackend for SimBackend {
         // Start at the newest event: like an NVML event set, only events after registration.
         let (_, cursor) = self.host.lock().events_since(u64::MAX);
         Ok(Box::new(SimEvents { host: self.host.clone(), cursor, pending: Vec::new() }))
+    }
+
+    fn compute_processes(&self, gpu: u32) -> Result<Vec<ComputeProcess>, GpuError> {
+        self.host.lock().compute_processes(gpu).map_err(|e| map("compute processes", e))
+    }
+
+    fn nvlink_errors(&self, gpu: u32) -> Result<Vec<NvlinkErrorCounters>, GpuError> {
+        self.host.lock().nvlink_errors(gpu).map_err(|e| map("NVLink error counters", e))
+    }
+
+    fn persistence_mode(&self, gpu: u32) -> Result<Option<bool>, GpuError> {
+        self.host.lock().persistence_mode(gpu).map(Some).map_err(|e| map("persistence mode", e))
     }
 }
 

@@ -57,6 +57,8 @@ pub const EXPORTED_SYMBOLS: &[&str] = &[
     "nvmlDeviceGetCurrPcieLinkWidth",
     "nvmlDeviceGetPcieReplayCounter",
     "nvmlDeviceGetNvLinkState",
+    "nvmlDeviceGetNvLinkErrorCounter",
+    "nvmlDeviceGetPersistenceMode",
     "nvmlDeviceGetNumFans",
     "nvmlDeviceGetFanSpeed",
     "nvmlDeviceGetFanSpeed_v2",
@@ -645,6 +647,50 @@ pub unsafe extern "C" fn nvmlDeviceGetNvLinkState(
     })
 }
 
+/// `nvmlDeviceGetNvLinkErrorCounter`: the simulator's per-link counters; `NOT_SUPPORTED`
+/// without NVLink and for the ECC-data counter, `INVALID_ARGUMENT` for a link the GPU lacks or
+/// an unknown counter.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
+    device: nvmlDevice_t,
+    link: c_uint,
+    counter: b::nvmlNvLinkErrorCounter_t,
+    value: *mut c_ulonglong,
+) -> Code {
+    run(|| {
+        let (d, i) = gpu(device)?;
+        // SAFETY: NVML's contract: `value` is null or valid for writes.
+        let slot = unsafe { out(value) }?;
+        let links = d.node().nvlink_errors(i).map_err(code)?;
+        if links.is_empty() {
+            return Err(rc::NOT_SUPPORTED);
+        }
+        let c = links.get(link as usize).ok_or(rc::INVALID_ARGUMENT)?;
+        *slot = match counter {
+            b::nvmlNvLinkErrorCounter_enum_NVML_NVLINK_ERROR_DL_REPLAY => c.replay,
+            b::nvmlNvLinkErrorCounter_enum_NVML_NVLINK_ERROR_DL_RECOVERY => c.recovery,
+            b::nvmlNvLinkErrorCounter_enum_NVML_NVLINK_ERROR_DL_CRC_FLIT => c.crc_flit,
+            b::nvmlNvLinkErrorCounter_enum_NVML_NVLINK_ERROR_DL_CRC_DATA => c.crc_data,
+            b::nvmlNvLinkErrorCounter_enum_NVML_NVLINK_ERROR_DL_ECC_DATA => {
+                return Err(rc::NOT_SUPPORTED);
+            }
+            _ => return Err(rc::INVALID_ARGUMENT),
+        };
+        Ok(())
+    })
+}
+
+device_getter!(
+    /// `nvmlDeviceGetPersistenceMode`: the simulated driver keeps persistence mode on.
+    nvmlDeviceGetPersistenceMode -> nvmlEnableState_t = |d, i| {
+        if d.node().persistence_mode(i).map_err(code)? {
+            b::nvmlEnableState_enum_NVML_FEATURE_ENABLED
+        } else {
+            b::nvmlEnableState_enum_NVML_FEATURE_DISABLED
+        }
+    }
+);
+
 device_getter!(
     /// `nvmlDeviceGetNumFans`: 0 on boards whose cooling is the chassis' (SXM).
     nvmlDeviceGetNumFans -> c_uint = |d, i| alive(d, i)?.fan_count
@@ -950,7 +996,8 @@ pub unsafe extern "C" fn nvmlDeviceGetRemappedRows(
 // ------------------------------------------------------------------------------------------
 // Processes.
 
-/// `nvmlDeviceGetComputeRunningProcesses_v3`: one simulated process while a workload runs.
+/// `nvmlDeviceGetComputeRunningProcesses_v3`: the simulator's process list (one process while a
+/// workload runs, pid `40000 + 100 × index`).
 /// `*info_count` below the number of processes: `INSUFFICIENT_SIZE` with the number written
 /// (a null `infos` with a count of 0 is NVML's size query).
 #[unsafe(no_mangle)]
@@ -963,8 +1010,8 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         let (d, i) = gpu(device)?;
         // SAFETY: NVML's contract: `info_count` is null or valid for reads and writes.
         let count = unsafe { out(info_count) }?;
-        let s = d.sample(i)?;
-        let n = s.compute_processes;
+        let procs = d.node().compute_processes(i).map_err(code)?;
+        let n = u32::try_from(procs.len()).unwrap_or(c_uint::MAX);
         let room = *count;
         *count = n;
         if room < n {
@@ -978,10 +1025,10 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         }
         // SAFETY: NVML's contract: `infos` is valid for `room >= n` entries (checked above).
         let infos = unsafe { std::slice::from_raw_parts_mut(infos, n as usize) };
-        for (k, info) in (0u32..).zip(infos.iter_mut()) {
+        for (info, p) in infos.iter_mut().zip(&procs) {
             *info = nvmlProcessInfo_t {
-                pid: 40_000 + i * 100 + k,
-                usedGpuMemory: s.memory_used_bytes,
+                pid: p.pid,
+                usedGpuMemory: p.used_memory_bytes,
                 gpuInstanceId: NO_INSTANCE,
                 computeInstanceId: NO_INSTANCE,
             };
@@ -1188,6 +1235,8 @@ fn signatures_match_bindings(lib: &mut b::NvmlLib) {
     lib.nvmlDeviceGetCurrPcieLinkGeneration = Ok(nvmlDeviceGetCurrPcieLinkGeneration);
     lib.nvmlDeviceGetCurrPcieLinkWidth = Ok(nvmlDeviceGetCurrPcieLinkWidth);
     lib.nvmlDeviceGetPcieReplayCounter = Ok(nvmlDeviceGetPcieReplayCounter);
+    lib.nvmlDeviceGetNvLinkErrorCounter = Ok(nvmlDeviceGetNvLinkErrorCounter);
+    lib.nvmlDeviceGetPersistenceMode = Ok(nvmlDeviceGetPersistenceMode);
     lib.nvmlDeviceGetNvLinkState = Ok(nvmlDeviceGetNvLinkState);
     lib.nvmlDeviceGetNumFans = Ok(nvmlDeviceGetNumFans);
     lib.nvmlDeviceGetFanSpeed = Ok(nvmlDeviceGetFanSpeed);
