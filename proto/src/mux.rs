@@ -289,6 +289,8 @@ struct Stream {
     last_credit: Option<Instant>,
     /// The peer's FIN arrived.
     remote_fin: bool,
+    /// The peer reset the stream while bytes were still unread: readable until drained.
+    peer_reset: bool,
 }
 
 impl Stream {
@@ -307,6 +309,7 @@ impl Stream {
             recv_window: u64::from(INITIAL_WINDOW),
             last_credit: None,
             remote_fin: false,
+            peer_reset: false,
         }
     }
 
@@ -316,7 +319,7 @@ impl Stream {
     }
 
     fn done(&self) -> bool {
-        self.fin_sent && self.remote_fin && self.recv_buf.is_empty()
+        (self.fin_sent && self.remote_fin || self.peer_reset) && self.recv_buf.is_empty()
     }
 }
 
@@ -474,7 +477,11 @@ impl Mux {
         s.recv_buf.drain(..n);
         s.recv_consumed += n as u64;
         let mut credit = None;
-        if s.recv_consumed > 0 && s.recv_consumed >= s.recv_window / 2 && !s.remote_fin {
+        if s.recv_consumed > 0
+            && s.recv_consumed >= s.recv_window / 2
+            && !s.remote_fin
+            && !s.peer_reset
+        {
             // The whole window went by within two round trips: the window is what limits the
             // stream, so double it (bandwidth-delay product growth).
             let fast = s.last_credit.is_some_and(|t| now.saturating_duration_since(t) < rtt * 2);
@@ -561,10 +568,22 @@ impl Mux {
                 };
                 let code = u32::from_be_bytes(*code);
                 let reason = String::from_utf8_lossy(&payload[4..]).into_owned();
-                if self.live_stream(FrameType::Reset, id)?.is_some() {
-                    self.streams.remove(&id);
+                if let Some(s) = self.live_stream(FrameType::Reset, id)? {
+                    // Bytes that arrived before the reset stay readable (an exec's output before
+                    // its exit status); the stream closes once they are read.
+                    let keep = !s.recv_buf.is_empty();
+                    if keep {
+                        s.peer_reset = true;
+                        s.send_buf.clear();
+                        s.fin_queued = true;
+                        s.fin_sent = true;
+                    } else {
+                        self.streams.remove(&id);
+                    }
                     self.events.push_back(Event::Reset { id, code, reason });
-                    self.events.push_back(Event::Closed(id));
+                    if !keep {
+                        self.events.push_back(Event::Closed(id));
+                    }
                 }
             }
         }
@@ -675,6 +694,9 @@ impl Mux {
 
     fn on_data(&mut self, id: StreamId, fin: bool, payload: &[u8]) -> Result<(), MuxError> {
         let Some(s) = self.live_stream(FrameType::Data, id)? else { return Ok(()) };
+        if s.peer_reset {
+            return Ok(());
+        }
         if s.remote_fin {
             return Err(MuxError::DataAfterFin(id));
         }

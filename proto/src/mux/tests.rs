@@ -363,3 +363,28 @@ fn a_thousand_idle_streams_cost_little() -> R {
     assert!(node.stream_ids().all(|id| node.stats(id).is_some_and(|s| s.recv_buffered == 0)));
     Ok(())
 }
+
+#[test]
+fn bytes_before_a_reset_stay_readable() -> R {
+    let (mut gw, mut node) = pair();
+    let id = gw.open(&Target::Exec { argv: vec!["false".into()] })?;
+    pump(&mut gw, &mut node)?;
+    node.write(id, b"output")?;
+    let mut out = Vec::new();
+    node.poll_transmit(&mut out, 1 << 20);
+    node.reset(id, reset::EXIT + 1, "exit status 1")?;
+    node.poll_transmit(&mut out, 1 << 20);
+    // Data and reset arrive in one read.
+    gw.receive(&out)?;
+    assert_eq!(
+        events(&mut gw),
+        vec![
+            Event::Readable(id),
+            Event::Reset { id, code: reset::EXIT + 1, reason: "exit status 1".into() }
+        ]
+    );
+    assert_eq!(read_all(&mut gw, id, Instant::now())?, b"output");
+    assert_eq!(events(&mut gw), vec![Event::Closed(id)]);
+    assert_eq!(gw.stream_count(), 0);
+    Ok(())
+}

@@ -381,6 +381,13 @@ pub struct StreamControl {
 }
 
 impl StreamControl {
+    /// Wait until every byte written so far has left for the peer (or the stream is gone).
+    pub async fn flushed(&self) {
+        while self.queued() > 0 && self.shared.lock().dead.is_none() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Bytes written to the stream and not yet handed to the connection.
     pub fn queued(&self) -> usize {
         self.shared.lock().mux.stats(self.id).map_or(0, |s| s.send_queued)
@@ -430,6 +437,9 @@ where
                 moved += n as u64;
             }
             Err(e) => {
+                // What was relayed before the reset goes first (a reset overtakes queued data),
+                // unless the far side stops taking it.
+                let _ = tokio::time::timeout(Duration::from_secs(30), to_ctl.flushed()).await;
                 match StreamReset::of(&e) {
                     Some(r) => to_ctl.reset(r.code, &r.reason),
                     None => to_ctl.reset(reset::CANCEL, &e.to_string()),
