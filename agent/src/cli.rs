@@ -50,6 +50,16 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Render the seed's `[network]` settings into systemd-networkd units (run at boot by
+    /// `hearth-seed.service`, before networkd). Exit 2 when the seed is invalid (nothing written).
+    RenderNetwork {
+        /// The seed (TOML); keys other than `[network]` are ignored here.
+        #[arg(long)]
+        seed: PathBuf,
+        /// Directory of the rendered units.
+        #[arg(long, default_value = "/run/systemd/network")]
+        out: PathBuf,
+    },
     /// Node state and every GPU's telemetry and health.
     Status {
         /// Print JSON (`GET /v1/status`).
@@ -284,7 +294,9 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 /// Run a client subcommand. Returns the process exit code.
 pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Run { .. } | Command::CheckConfig { .. } => Ok(EXIT_USAGE),
+        Command::Run { .. } | Command::CheckConfig { .. } | Command::RenderNetwork { .. } => {
+            Ok(EXIT_USAGE)
+        }
         Command::Status { json, watch } => {
             let client = Client::new(socket);
             loop {
@@ -428,6 +440,25 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
     }
 }
 
+/// `render-network`: 0 when written, 2 for an invalid or unreadable seed, 1 when writing failed.
+fn render_network(seed: &std::path::Path, out: &std::path::Path) -> i32 {
+    use crate::netconfig::NetConfigError;
+    match crate::netconfig::render_seed(seed, out) {
+        Ok(n) => {
+            render::out(&format!("{}: {n} network units in {}", seed.display(), out.display()));
+            0
+        }
+        Err(e @ NetConfigError::Write { .. }) => {
+            render::err(&format!("error: {}", format_args!("{:#}", anyhow::Error::new(e))));
+            1
+        }
+        Err(e) => {
+            render::err(&format!("error: {}", format_args!("{:#}", anyhow::Error::new(e))));
+            EXIT_USAGE
+        }
+    }
+}
+
 /// Entry point of the binary: parse, dispatch, map errors to exit codes.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -442,6 +473,7 @@ pub fn main() -> i32 {
                 EXIT_USAGE
             }
         },
+        Command::RenderNetwork { seed, out } => render_network(&seed, &out),
         Command::Run { config: config_path, log_format } => {
             let config = match load_config(&config_path) {
                 Ok(c) => c,

@@ -133,6 +133,16 @@ impl PowerConfig {
     }
 }
 
+/// `[health]`: GPU and host health (`docs/0003-health.md`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A health policy file (TOML: thresholds, XID overrides, reset command, host checks). Unset:
+    /// the built-in policy. Validated at load like the rest of this file.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+}
+
 /// `[tunnel]`: the node's end of the secure tunnel (`docs/0006-tunnel.md`). The gateway checks
 /// the operator's role; these keys are the node's own policy on top.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -175,16 +185,6 @@ impl Default for FleetConfig {
     fn default() -> Self {
         Self { enabled: true, seed: None }
     }
-}
-
-/// `[health]`: GPU and host health (`docs/0003-health.md`).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// A health policy file (TOML: thresholds, XID overrides, reset command, host checks). Unset:
-    /// the built-in policy. Validated at load like the rest of this file.
-    #[serde(default)]
-    pub policy: Option<PathBuf>,
 }
 
 /// Default directory of the agent's persistent state.

@@ -18,7 +18,9 @@
 //!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
-//! Every subcommand other than `run` is a client of the API ([`api::client`], [`cli`]).
+//! Every subcommand other than `run` and `render-network` is a client of the API
+//! ([`api::client`], [`cli`]); `render-network` ([`netconfig`]) renders the seed's network
+//! settings into systemd-networkd units at boot (`docs/0008-image.md`).
 //! Architecture: `docs/architecture.md`; the GPU layer: `docs/0001-gpu-layer.md`.
 
 pub mod agent;
@@ -33,6 +35,7 @@ pub mod gpu;
 pub mod health;
 pub mod host;
 pub mod logging;
+pub mod netconfig;
 pub mod persist;
 pub mod power;
 pub mod render;

@@ -19,9 +19,11 @@ use hearth_fleet::config::FleetConfig;
 use hearth_fleet_client::https::{Endpoint, json};
 use hearth_fleet_client::seed::Seed;
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
+use hearth_proto::api::{GpuVerdict, HealthAction, VerdictChange};
 use hearth_proto::control::{CommandKind, CommandOutcome};
 use hearth_proto::fleet::{
-    CommandRequest, CommandView, DrainRequest, NodeView, TokenCreateRequest, TokenCreated,
+    CommandRequest, CommandView, DrainRequest, EventView, NodeView, PowerBudgetRequest,
+    TokenCreateRequest, TokenCreated,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -96,7 +98,52 @@ async fn agent_enrolls_follows_desired_state_acks_commands_and_stops_when_revoke
     })
     .await;
 
-    // Reboot goes through the Rebooter; diagnostics are honestly not supported yet.
+    // A power budget set on the fleet reaches the node's power settings.
+    let _: NodeView = json(
+        &ep,
+        admin.clone(),
+        "POST",
+        &format!("/v1/nodes/{node}/power-budget"),
+        Some(&PowerBudgetRequest { watts: Some(3000) }),
+    )
+    .await?;
+    wait_for("the fleet's power budget", || {
+        agent.power_settings().borrow().settings.budget_w == Some(3000)
+    })
+    .await;
+
+    // A health verdict change on the node lands in the fleet's event log.
+    let mut view = agent.health_watch().borrow().clone();
+    view.history.push(VerdictChange {
+        seq: 1,
+        at_ms: 1_700_000_000_000,
+        subject: "gpu 3".into(),
+        uuid: None,
+        from: GpuVerdict::Healthy,
+        to: GpuVerdict::Failed,
+        service: None,
+        action: HealthAction::Quarantine,
+        reasons: vec!["XID 79: fallen off the bus".into()],
+    });
+    agent.publish_health(view);
+    let mut reported = false;
+    for _ in 0..100 {
+        let events: Vec<EventView> =
+            json::<(), _>(&ep, admin.clone(), "GET", "/v1/events", None).await?;
+        reported = events.iter().any(|e| {
+            e.kind == "node.health"
+                && e.node_id.as_deref() == Some(node.as_str())
+                && e.message.contains("gpu 3: Healthy -> Failed")
+                && e.message.contains("XID 79")
+        });
+        if reported {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reported, "the verdict change never reached the fleet's events");
+
+    // Reboot goes through the Rebooter; diagnostics need a GPU the command cannot name.
     let cmds = format!("/v1/nodes/{node}/commands");
     let _: CommandView = json(
         &ep,
@@ -127,7 +174,7 @@ async fn agent_enrolls_follows_desired_state_acks_commands_and_stops_when_revoke
     assert!(outcomes.contains(&(CommandKind::Reboot, CommandOutcome::Accepted)), "{outcomes:?}");
     assert!(
         outcomes.iter().any(|(k, o)| *k == CommandKind::RunDiagnostics
-            && matches!(o, CommandOutcome::NotSupported(r) if r.contains("not supported yet"))),
+            && matches!(o, CommandOutcome::NotSupported(r) if r.contains("names none"))),
         "{outcomes:?}"
     );
 

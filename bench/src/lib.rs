@@ -1,6 +1,12 @@
 //! Helpers shared by Hearth's benchmarks (`src/bin/*`): process sampling from `/proc` and
 //! child processes that are killed when dropped. Each benchmark is listed in
 //! `docs/benchmarks.md` with its command, what it compares and its goal.
+//!
+//! Modules: [`hist`] (a lock-free latency histogram) and [`fleet_scale`] (the fleet scale
+//! benchmark's load generator; entry point [`fleet_scale::run`]).
+
+pub mod fleet_scale;
+pub mod hist;
 
 use std::path::Path;
 use std::process::Child;

@@ -84,6 +84,20 @@ pub enum ControlMessage {
     Command(Command),
     /// Node → fleet: what became of a command.
     CommandAck(CommandAck),
+    /// Node → fleet: something to record in the fleet's event log (a health verdict change, a
+    /// reboot request). Added at the end of the enum so older messages keep their encoding.
+    Event(NodeEvent),
+}
+
+/// An event the node reports for the fleet's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEvent {
+    /// When it happened on the node, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// What kind: `health` (a verdict change) or `reboot_requested`.
+    pub kind: String,
+    /// One line for operators.
+    pub message: String,
 }
 
 /// The node introduces itself (its identity is its client certificate).

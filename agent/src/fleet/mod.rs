@@ -24,8 +24,8 @@ use hearth_fleet_client::session::{Session, SessionError, read_message};
 use hearth_fleet_client::tls::ClientIdentity;
 use hearth_proto::api::{FleetStatus, GpuVerdict};
 use hearth_proto::control::{
-    CommandAck, CommandKind, CommandOutcome, ControlMessage, HealthSummary, Heartbeat,
-    PowerSummary, Versions,
+    CommandAck, CommandKind, CommandOutcome, ControlMessage, DesiredState, HealthSummary,
+    Heartbeat, NodeEvent, PowerSummary, Versions,
 };
 use hearth_proto::fleet::{EnrollRequest, HardwareIdentity};
 
@@ -48,6 +48,9 @@ pub struct Fleet {
     sources: Vec<Box<dyn seed::SeedSource>>,
     dmi: Box<dyn hardware::Dmi>,
     rebooter: Arc<dyn reboot::Rebooter>,
+    /// What has been reported to the fleet: the last verdict-change `seq` and the last reboot
+    /// request (advanced only after the fleet's connection took the message).
+    reported: std::sync::Mutex<(u64, Option<String>)>,
 }
 
 impl Fleet {
@@ -74,7 +77,73 @@ impl Fleet {
         dmi: Box<dyn hardware::Dmi>,
         rebooter: Arc<dyn reboot::Rebooter>,
     ) -> Self {
-        Self { agent, sources, dmi, rebooter }
+        Self { agent, sources, dmi, rebooter, reported: std::sync::Mutex::new((0, None)) }
+    }
+
+    /// Health events not yet reported to the fleet, and the marker to record once they are sent.
+    fn pending_events(&self) -> (Vec<ControlMessage>, (u64, Option<String>)) {
+        let health = self.agent.health_watch().borrow().clone();
+        let (last_seq, last_reboot) =
+            self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut out: Vec<ControlMessage> = health
+            .history
+            .iter()
+            .filter(|c| c.seq > last_seq)
+            .map(|c| {
+                let mut message = format!("{}: {:?} -> {:?}", c.subject, c.from, c.to);
+                if let Some(service) = &c.service {
+                    message.push_str(&format!(", {service:?}"));
+                }
+                message.push_str(&format!(", action {:?}", c.action));
+                if !c.reasons.is_empty() {
+                    message.push_str(&format!(": {}", c.reasons.join("; ")));
+                }
+                ControlMessage::Event(NodeEvent { at_ms: c.at_ms, kind: "health".into(), message })
+            })
+            .collect();
+        let seq = health.history.last().map_or(last_seq, |c| c.seq.max(last_seq));
+        if health.reboot_requested != last_reboot
+            && let Some(reason) = &health.reboot_requested
+        {
+            out.push(ControlMessage::Event(NodeEvent {
+                at_ms: now_ms(),
+                kind: "reboot_requested".into(),
+                message: reason.clone(),
+            }));
+        }
+        (out, (seq, health.reboot_requested))
+    }
+
+    /// Apply a newer desired state to the node: the power budget and the drain flag, each only
+    /// when the fleet changed it (so a fleet that never set a budget leaves the local one).
+    fn apply_desired(&self, prev: Option<&DesiredState>, d: &DesiredState) {
+        let prev_budget = prev.and_then(|p| p.power_budget_w);
+        if d.power_budget_w != prev_budget {
+            tracing::info!(budget_w = ?d.power_budget_w, "power budget from the fleet");
+            self.agent.set_power_budget(d.power_budget_w);
+        }
+        if d.drain != prev.is_some_and(|p| p.drain) {
+            self.set_drained(d.drain);
+        }
+    }
+
+    fn set_drained(&self, drained: bool) -> bool {
+        match self.agent.monitor() {
+            Some(m) => {
+                m.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .set_drained(drained, now_ms());
+                tracing::warn!(drained, "node drain set by the fleet");
+                true
+            }
+            None => {
+                tracing::warn!(
+                    drained,
+                    "node drain from the fleet: the health subsystem is not running"
+                );
+                false
+            }
+        }
     }
 
     fn publish(&self, f: impl FnOnce(&mut FleetStatus)) {
@@ -335,6 +404,8 @@ impl Fleet {
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_s.max(1)));
         let mut tick = tokio::time::interval(interval);
         let mut seq = 0u64;
+        let mut health_rx = self.agent.health_watch();
+        health_rx.mark_changed();
         let renew_in = Duration::from_millis(renew_at_ms.saturating_sub(now_ms()));
         let renew = tokio::time::sleep(renew_in);
         tokio::pin!(renew);
@@ -348,6 +419,20 @@ impl Fleet {
                     if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
                     }
+                }
+                Ok(()) = health_rx.changed() => {
+                    let (events, marker) = self.pending_events();
+                    let mut failed = None;
+                    for e in &events {
+                        if let Err(err) = hearth_fleet_client::session::write_message(&mut writer, e).await {
+                            failed = Some(err);
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
+                    }
+                    *self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = marker;
                 }
                 m = rx.recv() => {
                     let m = match m {
@@ -381,6 +466,8 @@ impl Fleet {
                     .as_ref()
                     .is_none_or(|c| d.generation >= c.generation);
                 if newer {
+                    let prev = self.agent.desired().borrow().clone();
+                    self.apply_desired(prev.as_ref(), &d);
                     tracing::info!(generation = d.generation, drain = d.drain, power_budget_w = ?d.power_budget_w, "desired state");
                     self.publish(|s| s.desired_generation = Some(d.generation));
                     self.agent.desired().send_replace(Some(d));
@@ -393,12 +480,18 @@ impl Fleet {
                         Ok(()) => CommandOutcome::Accepted,
                         Err(e) => CommandOutcome::Failed(e.to_string()),
                     },
-                    CommandKind::Drain => CommandOutcome::NotSupported(
-                        "drain as a command is not supported yet by this agent (the desired state's drain flag is published)".into(),
-                    ),
-                    CommandKind::RunDiagnostics => {
-                        CommandOutcome::NotSupported("diagnostics are not supported yet by this agent".into())
+                    CommandKind::Drain => {
+                        if self.set_drained(true) {
+                            CommandOutcome::Accepted
+                        } else {
+                            CommandOutcome::Failed("the health subsystem is not running".into())
+                        }
                     }
+                    CommandKind::RunDiagnostics => CommandOutcome::NotSupported(
+                        "diagnostics run on one quarantined, idle GPU named on the node \
+                         (`hearth-agent health diag --gpu N`); this command names none"
+                            .into(),
+                    ),
                 };
                 tracing::info!(id = c.id, kind = ?c.kind, ?outcome, "fleet command");
                 Some(ControlMessage::CommandAck(CommandAck { id: c.id, outcome }))

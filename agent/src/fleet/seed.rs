@@ -47,6 +47,9 @@ pub enum SourceError {
     /// The seed is invalid.
     #[error(transparent)]
     Invalid(#[from] SeedError),
+    /// The seed's `[network]` table is invalid (the same check `render-network` makes at boot).
+    #[error(transparent)]
+    Network(#[from] crate::netconfig::NetConfigError),
 }
 
 /// One place a seed may be.
@@ -186,7 +189,9 @@ pub fn discover(sources: &[Box<dyn SeedSource>]) -> Result<Option<(Seed, String)
     for s in sources {
         if let Some(text) = s.read()? {
             let origin = s.origin();
-            return Ok(Some((Seed::parse(&text, &origin)?, origin)));
+            let seed = Seed::parse(&text, &origin)?;
+            crate::netconfig::NetworkSettings::parse_seed(&text, Path::new(&origin))?;
+            return Ok(Some((seed, origin)));
         }
     }
     Ok(None)
@@ -227,6 +232,15 @@ mod tests {
         ];
         let e = discover(&sources).err().map(|e| e.to_string());
         assert_eq!(e.as_deref(), Some("seed from credential is invalid"));
+    }
+
+    #[test]
+    fn an_invalid_network_table_is_refused_naming_the_key() {
+        let text = format!("{}[network]\nmtu = 5\n", seed_text("t"));
+        let sources: Vec<Box<dyn SeedSource>> =
+            vec![Box::new(FakeSeedSource::new("credential", Some(text)))];
+        let e = discover(&sources).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("network.mtu"), "{e}");
     }
 
     #[test]

@@ -166,9 +166,15 @@ impl Subsystem for Health {
                         let (probe, hp, fs, base) =
                             (self.probe.clone(), policy.host.clone(), filesystems.clone(), baseline.clone());
                         // The fleet endpoint exists once the node has a fleet seed (None until then).
+                        let endpoint = agent
+                            .fleet_status()
+                            .borrow()
+                            .fleet_url
+                            .as_deref()
+                            .and_then(crate::host::endpoint_of_url);
                         let mut checks = tokio::task::spawn_blocking(move || {
                             let mut b = base.lock().unwrap_or_else(PoisonError::into_inner);
-                            check_all(probe.as_ref(), &hp, &fs, None, &mut b)
+                            check_all(probe.as_ref(), &hp, &fs, endpoint.as_deref(), &mut b)
                         })
                         .await
                         .context("host check thread failed")?;

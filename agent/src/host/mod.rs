@@ -160,6 +160,18 @@ fn check(name: &str, verdict: GpuVerdict, detail: String) -> HostCheck {
     HostCheck { name: name.into(), verdict, detail }
 }
 
+/// `host:port` of an `https://` URL (port 443 when none is given), for the reachability check;
+/// `None` for anything else.
+pub fn endpoint_of_url(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split(['/', '?', '#']).next().filter(|a| !a.is_empty())?;
+    let has_port = match authority.rfind(']') {
+        Some(end) => authority[end..].contains(':'),
+        None => authority.contains(':'),
+    };
+    Some(if has_port { authority.to_string() } else { format!("{authority}:443") })
+}
+
 /// Run every host check. `filesystems` are watched mount points; `endpoint` the fleet
 /// endpoint (`None` until the node has a fleet seed: the check is left out).
 pub fn check_all(
@@ -300,6 +312,12 @@ mod tests {
         let c = check_all(&fake, &p, &fs, None, &mut base);
         assert_eq!(by_name(&c, "edac").verdict, GpuVerdict::Failed);
         assert!(c.iter().all(|c| c.name != "fleet"), "no endpoint, no fleet check");
+        assert_eq!(endpoint_of_url("https://10.0.2.2:7443/v1").as_deref(), Some("10.0.2.2:7443"));
+        assert_eq!(endpoint_of_url("https://fleet.example").as_deref(), Some("fleet.example:443"));
+        assert_eq!(endpoint_of_url("https://[::1]:7443").as_deref(), Some("[::1]:7443"));
+        assert_eq!(endpoint_of_url("https://[::1]").as_deref(), Some("[::1]:443"));
+        assert_eq!(endpoint_of_url("http://x:1"), None);
+        assert_eq!(endpoint_of_url("https://"), None);
     }
 
     #[test]

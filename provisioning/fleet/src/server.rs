@@ -345,8 +345,16 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
                     .collect()
             };
             let n = batch.len();
-            if let Err(e) = fleet.db(move |r| r.record_seen(&batch)).await {
-                tracing::warn!(error = %format!("{e:#}"), nodes = n, "cannot write liveness");
+            let started = std::time::Instant::now();
+            match fleet.db(move |r| r.record_seen(&batch)).await {
+                Ok(()) if n > 0 => {
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    tracing::debug!(nodes = n, elapsed_ms, "liveness written");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), nodes = n, "cannot write liveness")
+                }
             }
         }
         if stopping {

@@ -184,6 +184,15 @@ where
                     tracing::warn!(%node, error = %format!("{e:#}"), "cannot record a command ack");
                 }
             }
+            ControlMessage::Event(ev) => {
+                let id = node.clone();
+                let kind = format!("node.{}", ev.kind);
+                if let Err(e) =
+                    fleet.db(move |r| r.event(Some(&id), &kind, &ev.message, ev.at_ms)).await
+                {
+                    tracing::warn!(%node, error = %format!("{e:#}"), "cannot record a node event");
+                }
+            }
             other => {
                 tracing::info!(%node, message = kind(&other), "unexpected message from a node: closing");
                 break;
@@ -212,5 +221,6 @@ fn kind(m: &ControlMessage) -> &'static str {
         ControlMessage::Desired(_) => "Desired",
         ControlMessage::Command(_) => "Command",
         ControlMessage::CommandAck(_) => "CommandAck",
+        ControlMessage::Event(_) => "Event",
     }
 }

@@ -223,6 +223,10 @@ pub struct Seen {
     pub protocol_version: u16,
 }
 
+/// Nodes per statement in [`Registry::record_seen`] (4 parameters each: well under SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters per statement).
+pub const SEEN_CHUNK: usize = 500;
+
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
@@ -787,22 +791,42 @@ impl Registry {
         })
     }
 
-    /// Write a batch of liveness updates (one transaction).
+    /// Write a batch of liveness updates: one transaction, one multi-row `UPDATE … FROM (VALUES
+    /// …)` per [`SEEN_CHUNK`] nodes (portable: both SQLite and PostgreSQL name the columns of a
+    /// `VALUES` list `column1…`), so a batch of 50,000 nodes is 100 statements, not 50,000 round
+    /// trips. Unknown node ids are ignored.
     pub fn record_seen(&self, batch: &[Seen]) -> Result<(), RegistryError> {
         if batch.is_empty() {
             return Ok(());
         }
         self.tx(|tx| {
-            for b in batch {
-                tx.exec(
-                    "UPDATE nodes SET last_seen_ms = $2, heartbeat = $3, protocol_version = $4 WHERE id = $1",
-                    &[
+            for chunk in batch.chunks(SEEN_CHUNK) {
+                let mut sql = String::from(
+                    "UPDATE nodes SET last_seen_ms = v.column2, heartbeat = v.column3, \
+                     protocol_version = v.column4 FROM (VALUES ",
+                );
+                let mut params = Vec::with_capacity(chunk.len() * 4);
+                for (k, b) in chunk.iter().enumerate() {
+                    let p = k * 4;
+                    if k > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!(
+                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
+                        p + 1,
+                        p + 2,
+                        p + 3,
+                        p + 4
+                    ));
+                    params.extend([
                         text(&b.node_id),
                         int(b.last_seen_ms),
                         Value::Text(b.heartbeat.as_ref().map(to_json)),
                         int(b.protocol_version),
-                    ],
-                )?;
+                    ]);
+                }
+                sql.push_str(") AS v WHERE nodes.id = v.column1");
+                tx.exec(&sql, &params)?;
             }
             Ok(())
         })

@@ -1,0 +1,1135 @@
+//! The fleet scale benchmark (`src/bin/fleet_scale.rs`, driven by `bench/fleet-scale`): many
+//! light simulated nodes against one `hearth-fleet` process, on SQLite and on PostgreSQL.
+//!
+//! Entry point: [`run`]. For each registry it starts `hearth-fleet serve` pinned to one core
+//! (`taskset`), pins itself to the other, and then:
+//! 1. enrolls `--sessions` nodes through the real enrollment API (`POST /v1/enroll`, one token
+//!    with that many uses), each with its own P-256 key and CSR made here beforehand: the
+//!    enrollment rate is timed over all of them;
+//! 2. opens one mTLS `hearth/1` session per node, each from its own source address in
+//!    127.0.0.0/8 ([`source_addr`]) so ephemeral ports never run out;
+//! 3. sends heartbeats at `--rate` per second in total (spread evenly over the sessions with
+//!    random phases) and times each until its `HeartbeatAck`;
+//! 4. after a warm-up, measures over `--seconds`: acks per second, latency quantiles
+//!    ([`crate::hist::Histogram`]), the fleet's CPU and memory per session (`/proc`), and, read
+//!    from the registry itself every poll, how many node rows changed (durable liveness writes)
+//!    and how stale the oldest `last_seen_ms` is; the fleet's `liveness written` log lines give
+//!    its batch write time.
+//!
+//! Everything ends in one table ([`print_table`]) with both backends, the goals and the
+//! extrapolation to 200,000 nodes. Design and the scaling past one machine:
+//! `docs/fleet-scaling.md`.
+
+#![allow(clippy::print_stdout)] // the benchmark's product is its table and progress lines
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hearth_fleet_client::enroll::enroll;
+use hearth_fleet_client::https::{Endpoint, json};
+use hearth_fleet_client::identity::{csr_pem, generate_key_pem};
+use hearth_fleet_client::session::{SessionError, read_message, write_message};
+use hearth_fleet_client::tls::{ClientIdentity, client_config, server_name};
+use hearth_proto::api::NodeState;
+use hearth_proto::control::{
+    self, ControlMessage, HealthSummary, Heartbeat, Hello, PowerSummary, Versions,
+};
+use hearth_proto::fleet::{EnrollRequest, HardwareIdentity, TokenCreateRequest, TokenCreated};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::hist::Histogram;
+use crate::{Guarded, mib, proc_sample, today};
+
+/// The fleet name used by the benchmark's fleets.
+const FLEET_NAME: &str = "hearth-fleet";
+/// File descriptors kept back from `RLIMIT_NOFILE` for everything but sessions.
+const FD_MARGIN: u64 = 512;
+/// Nodes the extrapolation is made for.
+pub const EXTRAPOLATE_NODES: u64 = 200_000;
+
+/// The goals on a 2-core machine.
+pub mod goals {
+    /// Sessions held.
+    pub const SESSIONS: u64 = 50_000;
+    /// Heartbeats per second, sustained.
+    pub const HEARTBEATS_PER_S: f64 = 20_000.0;
+    /// p99 heartbeat latency, ms.
+    pub const P99_MS: f64 = 50.0;
+    /// Enrollments per second.
+    pub const ENROLLMENTS_PER_S: f64 = 500.0;
+    /// Oldest durable `last_seen_ms` of a node that heartbeats, seconds.
+    pub const STALENESS_S: f64 = 30.0;
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `hearth-fleet` binary.
+    pub fleet_bin: PathBuf,
+    /// Registries, in order: `sqlite` or a PostgreSQL server URL (a fresh database is created
+    /// on it for each run and dropped after).
+    pub registries: Vec<String>,
+    /// Nodes (enrollments and sessions).
+    pub sessions: u64,
+    /// Heartbeats per second offered in total.
+    pub rate: f64,
+    /// Warm-up after the last session opened, seconds.
+    pub warmup_s: u64,
+    /// Measurement window, seconds.
+    pub seconds: u64,
+    /// Enrollments in flight.
+    pub enroll_concurrency: usize,
+    /// Session opens in flight.
+    pub connect_concurrency: usize,
+    /// The fleet's `flush_interval_ms`.
+    pub flush_ms: u64,
+    /// CPU the fleet (and PostgreSQL) runs on.
+    pub fleet_cpu: usize,
+    /// CPU this load generator runs on.
+    pub load_cpu: usize,
+}
+
+/// Source address of session `i`: spread over 127.1.0.1–127.1.64.254 (16,384 addresses), so each
+/// address carries few connections and its ephemeral ports never run out.
+pub fn source_addr(i: u64) -> Ipv4Addr {
+    let k = i % 16_384;
+    let c = (k / 254) as u8;
+    let d = (k % 254) as u8 + 1;
+    Ipv4Addr::new(127, 1, c, d)
+}
+
+/// A stable pseudo-random fraction in [0, 1) for session `i` (its heartbeat phase).
+pub fn phase_fraction(i: u64) -> f64 {
+    // SplitMix64 finaliser.
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Pin this process (all its threads to come) to one CPU.
+pub fn pin_self(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is bounds-checked by the macro.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; `set` is a valid cpu_set_t of the size given.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot pin to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard one; the new soft limit.
+pub fn raise_nofile() -> anyhow::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit to write into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit; raising the soft limit to the hard one is always allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Sessions one process can hold with a file-descriptor limit of `nofile`.
+pub fn sessions_allowed(nofile: u64) -> u64 {
+    nofile.saturating_sub(FD_MARGIN)
+}
+
+/// Counters shared by every session task.
+#[derive(Debug, Default)]
+struct Load {
+    /// Sessions open now.
+    open: AtomicU64,
+    /// Sessions that opened (some may have ended since).
+    opened: AtomicU64,
+    /// Sessions that failed to open.
+    open_failed: AtomicU64,
+    /// Sessions that ended after opening (the fleet closed or an error).
+    dropped: AtomicU64,
+    /// Recording window on.
+    measuring: AtomicBool,
+    /// Heartbeats sent in the window.
+    sent: AtomicU64,
+    /// Acks received in the window.
+    acked: AtomicU64,
+    /// Heartbeat → ack latency in the window.
+    latency: Histogram,
+    /// The first error seen.
+    first_error: Mutex<Option<String>>,
+}
+
+impl Load {
+    fn error(&self, e: impl std::fmt::Display) {
+        let mut f = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+    }
+}
+
+/// One backend's figures.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    /// `sqlite` or `postgres`.
+    pub backend: String,
+    /// Sessions asked for.
+    pub requested: u64,
+    /// Sessions the fd limit allowed.
+    pub capped_by_nofile: Option<u64>,
+    /// Enrollments that succeeded.
+    pub enrolled: u64,
+    /// Enrollments per second.
+    pub enroll_rate: f64,
+    /// p99 enrollment latency.
+    pub enroll_p99: Duration,
+    /// Sessions opened per second (TLS handshake with client certificate, Hello, Welcome).
+    pub open_rate: f64,
+    /// Sessions open at the end of the window.
+    pub held: u64,
+    /// Sessions that failed to open or dropped.
+    pub failed: u64,
+    /// Heartbeats offered per second.
+    pub offered: f64,
+    /// Heartbeats acked per second over the window.
+    pub acked_rate: f64,
+    /// Latency quantiles.
+    pub p50: Duration,
+    /// p99.
+    pub p99: Duration,
+    /// p99.9.
+    pub p999: Duration,
+    /// Node rows whose `last_seen_ms` changed in the registry, per second of the window.
+    pub writes_rate: f64,
+    /// Oldest `last_seen_ms` seen in the registry during the window, seconds.
+    pub staleness_s: f64,
+    /// Rows the fleet wrote per second of registry time (its batches).
+    pub write_capacity: f64,
+    /// Liveness batches in the window.
+    pub batches: u64,
+    /// Fleet RSS before sessions.
+    pub rss_before: u64,
+    /// Fleet RSS with the sessions open.
+    pub rss_after: u64,
+    /// Fleet CPU over the window, share of one core.
+    pub fleet_cpu: f64,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+}
+
+impl Figures {
+    /// Fleet memory per held session, bytes.
+    pub fn bytes_per_session(&self) -> f64 {
+        if self.held == 0 {
+            return 0.0;
+        }
+        self.rss_after.saturating_sub(self.rss_before) as f64 / self.held as f64
+    }
+}
+
+fn heartbeat(seq: u64) -> ControlMessage {
+    ControlMessage::Heartbeat(Heartbeat {
+        seq,
+        at_ms: now_ms(),
+        state: NodeState::Ready,
+        health: HealthSummary { gpus: 8, healthy: 8, degraded: 0, failed: 0 },
+        power: PowerSummary { draw_w: 4200 + (seq % 50) as u32, limit_w: 5600 },
+        versions: Versions {
+            agent: "0.1.0".into(),
+            driver: Some("580.65.06".into()),
+            os: Some("hearth-os 2026.11".into()),
+        },
+        desired_generation: 1,
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+type Reader = ReadHalf<TlsStream<TcpStream>>;
+type Writer = WriteHalf<TlsStream<TcpStream>>;
+
+async fn read_owned(mut r: Reader) -> (Reader, Result<ControlMessage, SessionError>) {
+    let m = read_message(&mut r).await;
+    (r, m)
+}
+
+/// TCP from `src`, TLS 1.3 with the node's certificate (ALPN `hearth/1`), Hello → Welcome.
+async fn open_session(
+    fleet: SocketAddr,
+    src: Ipv4Addr,
+    config: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<(Reader, Writer)> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src.into(), 0)).with_context(|| format!("bind {src}"))?;
+    let tcp = sock.connect(fleet).await.with_context(|| format!("connect from {src}"))?;
+    tcp.set_nodelay(true)?;
+    let name = server_name(FLEET_NAME)?;
+    let tls = TlsConnector::from(config).connect(name, tcp).await.context("TLS handshake")?;
+    let (mut r, mut w) = tokio::io::split(tls);
+    let hello = ControlMessage::Hello(Hello {
+        protocol_version: control::PROTOCOL_VERSION,
+        agent_version: "0.1.0".into(),
+    });
+    write_message(&mut w, &hello).await?;
+    match read_message(&mut r).await? {
+        ControlMessage::Welcome(_) => Ok((r, w)),
+        other => bail!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Heartbeat every `period` (first after `phase`) until `stop`; time each ack.
+async fn heartbeat_loop(
+    r: Reader,
+    mut w: Writer,
+    period: Duration,
+    phase: Duration,
+    load: Arc<Load>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next = tokio::time::Instant::now() + phase;
+    let mut seq = 0u64;
+    let mut pending: VecDeque<(u64, Instant, bool)> = VecDeque::new();
+    let mut read = Box::pin(read_owned(r));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            (r, m) = &mut read => {
+                match m {
+                    Ok(ControlMessage::HeartbeatAck { seq: s }) => {
+                        while let Some((ps, at, measured)) = pending.pop_front() {
+                            if ps == s {
+                                if measured && load.measuring.load(Ordering::Relaxed) {
+                                    load.latency.record(at.elapsed());
+                                    load.acked.fetch_add(1, Ordering::Relaxed);
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    Ok(_) => {} // Desired state, commands: a light node ignores them.
+                    Err(e) => {
+                        load.error(format!("session ended: {e:#}"));
+                        break;
+                    }
+                }
+                read.set(read_owned(r));
+            }
+            () = tokio::time::sleep_until(next) => {
+                seq += 1;
+                let measured = load.measuring.load(Ordering::Relaxed);
+                if measured {
+                    load.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                pending.push_back((seq, Instant::now(), measured));
+                if pending.len() > 64 {
+                    pending.pop_front();
+                }
+                if let Err(e) = write_message(&mut w, &heartbeat(seq)).await {
+                    load.error(format!("heartbeat write: {e:#}"));
+                    break;
+                }
+                let now = tokio::time::Instant::now();
+                next += period;
+                if next < now {
+                    next = now + period; // fell behind: no catch-up burst
+                }
+            }
+        }
+    }
+    load.open.fetch_sub(1, Ordering::Relaxed);
+    load.dropped.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A started fleet: the child, its state directory and log.
+struct FleetProc {
+    child: Guarded,
+    addr: SocketAddr,
+    log: PathBuf,
+    admin: ClientIdentity,
+    ep: Endpoint,
+    pin: String,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn start_fleet(opts: &Options, dir: &Path, registry: &str) -> anyhow::Result<FleetProc> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let state = dir.join("fleet");
+    let config = dir.join("fleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\nname = \"{FLEET_NAME}\"\nstate_dir = \"{}\"\nregistry = \"{registry}\"\nflush_interval_ms = {}\n",
+            state.display(),
+            opts.flush_ms
+        ),
+    )
+    .with_context(|| format!("write {}", config.display()))?;
+    let ops = dir.join("operator");
+    let out = Command::new(&opts.fleet_bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["operator-cert", "--name", "bench", "--role", "admin", "--out"])
+        .arg(&ops)
+        .env("NO_COLOR", "1")
+        .output()
+        .with_context(|| format!("run {}", opts.fleet_bin.display()))?;
+    if !out.status.success() {
+        bail!("hearth-fleet operator-cert failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |f: &str| std::fs::read_to_string(ops.join(f)).with_context(|| format!("read {f}"));
+    let admin = ClientIdentity { cert_pem: read("operator.crt")?, key_pem: read("operator.key")? };
+    let log = dir.join("fleet.log");
+    let logf = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg(opts.fleet_cpu.to_string())
+        .arg(&opts.fleet_bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("NO_COLOR", "1")
+        .env("HEARTH_LOG", "info,hearth_fleet::server=debug")
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .context("start `taskset … hearth-fleet serve` (is taskset installed?)")?;
+    let mut child = Guarded(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.0.try_wait()? {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("hearth-fleet exited ({status}) before listening:\n{tail}");
+        }
+        if Instant::now() > deadline {
+            bail!("hearth-fleet did not listen on {addr} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ca = std::fs::read_to_string(state.join("ca.crt")).context("read the fleet CA")?;
+    let pin = hearth_fleet_client::tls::pin_of_pem(&ca)?;
+    let ep = Endpoint::from_url(&format!("https://{addr}"), FLEET_NAME)?;
+    Ok(FleetProc { child, addr, log, admin, ep, pin })
+}
+
+/// `postgres://…/DB` → a fresh database on the same server (its URL), created here.
+fn fresh_postgres(base: &str) -> anyhow::Result<(String, String)> {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).context("getrandom")?;
+    let name = format!("hearth_bench_{}", b.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let mut c = postgres::Client::connect(base, postgres::NoTls)
+        .with_context(|| format!("connect to {base}"))?;
+    c.batch_execute(&format!("CREATE DATABASE {name}")).context("CREATE DATABASE")?;
+    let (prefix, _) = base.rsplit_once('/').unwrap_or((base, ""));
+    Ok((format!("{prefix}/{name}"), name))
+}
+
+fn drop_postgres(base: &str, name: &str) {
+    if let Ok(mut c) = postgres::Client::connect(base, postgres::NoTls) {
+        let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+}
+
+/// One reading of the registry's node rows.
+#[derive(Debug, Clone, Copy)]
+struct Poll {
+    at: Instant,
+    /// Rows whose `last_seen_ms` changed since the previous reading.
+    changed: u64,
+    /// Oldest `last_seen_ms` (rows without one count from `since_ms`), seconds.
+    stalest_s: f64,
+}
+
+enum RegistryReader {
+    Sqlite(rusqlite::Connection),
+    Postgres(postgres::Client),
+}
+
+impl RegistryReader {
+    fn open(url: &str) -> anyhow::Result<Self> {
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let c = rusqlite::Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .with_context(|| format!("open {path} read-only"))?;
+            c.busy_timeout(Duration::from_secs(10))?;
+            Ok(Self::Sqlite(c))
+        } else {
+            Ok(Self::Postgres(
+                postgres::Client::connect(url, postgres::NoTls).context("connect the poller")?,
+            ))
+        }
+    }
+
+    fn last_seen(&mut self) -> anyhow::Result<Vec<(String, Option<i64>)>> {
+        const Q: &str = "SELECT id, last_seen_ms FROM nodes";
+        match self {
+            Self::Sqlite(c) => {
+                let mut st = c.prepare_cached(Q)?;
+                let rows = st
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            Self::Postgres(c) => {
+                Ok(c.query(Q, &[])?.iter().map(|r| (r.get(0), r.get(1))).collect())
+            }
+        }
+    }
+}
+
+/// Read the registry every `every` until `stop`, sending one [`Poll`] per reading.
+fn poll_registry(
+    url: String,
+    every: Duration,
+    since_ms: u64,
+    stop: Arc<AtomicBool>,
+    out: std::sync::mpsc::Sender<Poll>,
+) -> anyhow::Result<()> {
+    let mut reader = RegistryReader::open(&url)?;
+    let mut prev: HashMap<String, Option<i64>> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let rows = reader.last_seen()?;
+        let now = now_ms() as i64;
+        let mut changed = 0;
+        let mut oldest = now;
+        for (id, seen) in rows {
+            oldest = oldest.min(seen.unwrap_or(since_ms as i64));
+            if prev.get(&id).is_some_and(|p| *p != seen) {
+                changed += 1;
+            }
+            prev.insert(id, seen);
+        }
+        let stalest_s = (now - oldest).max(0) as f64 / 1000.0;
+        if out.send(Poll { at: started, changed, stalest_s }).is_err() {
+            break;
+        }
+        std::thread::sleep(every.saturating_sub(started.elapsed()));
+    }
+    Ok(())
+}
+
+/// The fleet's `liveness written` log lines in `text`: (batches, rows, milliseconds).
+pub fn parse_liveness_log(text: &str) -> (u64, u64, u64) {
+    let field = |line: &str, key: &str| -> Option<u64> {
+        let at = line.find(key)? + key.len();
+        line.get(at..)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let mut out = (0, 0, 0);
+    for line in text.lines().filter(|l| l.contains("liveness written")) {
+        if let (Some(n), Some(ms)) = (field(line, "nodes="), field(line, "elapsed_ms=")) {
+            out.0 += 1;
+            out.1 += n;
+            out.2 += ms;
+        }
+    }
+    out
+}
+
+fn log_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+fn log_slice(path: &Path, from: u64, to: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.seek(SeekFrom::Start(from)).is_ok()
+    {
+        let _ = f.take(to.saturating_sub(from)).read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn progress(what: &str, done: u64, total: u64, started: Instant) {
+    let s = started.elapsed().as_secs_f64().max(1e-9);
+    println!("  {what}: {done}/{total} ({:.0}/s, {:.0} s)", done as f64 / s, s);
+}
+
+/// Enroll `n` nodes with concurrency `c`: their identities (index → node certificate and key).
+async fn enroll_all(
+    fleet: &FleetProc,
+    n: u64,
+    c: usize,
+    figures: &mut Figures,
+) -> anyhow::Result<Vec<Option<ClientIdentity>>> {
+    let req = TokenCreateRequest {
+        labels: BTreeMap::from([("site".to_string(), "bench".to_string())]),
+        ttl_s: 86_400,
+        max_uses: u32::try_from(n).context("too many sessions for one token")?,
+    };
+    let http = client_config(&fleet.pin, Some(&fleet.admin), b"http/1.1")?;
+    let token: TokenCreated = json(&fleet.ep, http, "POST", "/v1/tokens", Some(&req)).await?;
+
+    println!("  generating {n} node keys and CSRs (on the load core; not timed)");
+    let started = Instant::now();
+    let mut prepared = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let key = generate_key_pem()?;
+        let csr = csr_pem(&key, &format!("node{i}"))?;
+        prepared.push((
+            key,
+            EnrollRequest {
+                token: token.token.clone(),
+                csr_pem: csr,
+                hardware: HardwareIdentity {
+                    dmi_uuid: format!("4c4c4544-0000-4000-8000-{i:012}"),
+                    board_serial: format!("BENCH{i:08}"),
+                    gpu_uuids: (0..8).map(|g| format!("GPU-{i:08}-{g}")).collect(),
+                },
+                hostname: format!("bench-node-{i}"),
+                gpus: vec![],
+                agent_version: "0.1.0".into(),
+            },
+        ));
+        if (i + 1) % 10_000 == 0 {
+            progress("keys", i + 1, n, started);
+        }
+    }
+
+    let prepared = Arc::new(prepared);
+    let results: Arc<Mutex<Vec<Option<ClientIdentity>>>> =
+        Arc::new(Mutex::new(vec![None; n as usize]));
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Histogram::new());
+    let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..c.max(1) {
+        let (prepared, results, next, done, hist, first_error) = (
+            prepared.clone(),
+            results.clone(),
+            next.clone(),
+            done.clone(),
+            hist.clone(),
+            first_error.clone(),
+        );
+        let ep = fleet.ep.clone();
+        let pin = fleet.pin.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((key, req)) = prepared.get(i) else { return };
+                let t = Instant::now();
+                match enroll(&ep, &pin, req).await {
+                    Ok(resp) => {
+                        hist.record(t.elapsed());
+                        done.fetch_add(1, Ordering::Relaxed);
+                        let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key.clone() };
+                        if let Some(slot) =
+                            results.lock().unwrap_or_else(PoisonError::into_inner).get_mut(i)
+                        {
+                            *slot = Some(id);
+                        }
+                    }
+                    Err(e) => {
+                        first_error
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert(format!("{e:#}"));
+                    }
+                }
+            }
+        }));
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    let all = futures_join(workers);
+    tokio::pin!(all);
+    loop {
+        tokio::select! {
+            () = &mut all => break,
+            _ = tick.tick() => progress("enrolled", done.load(Ordering::Relaxed), n, started),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    figures.enrolled = done.load(Ordering::Relaxed);
+    figures.enroll_rate = figures.enrolled as f64 / secs;
+    figures.enroll_p99 = hist.quantile(0.99);
+    progress("enrolled", figures.enrolled, n, started);
+    if let Some(e) = first_error.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        println!("  first enrollment error: {e}");
+        figures.first_error.get_or_insert(format!("enrollment: {e}"));
+    }
+    let out = std::mem::take(&mut *results.lock().unwrap_or_else(PoisonError::into_inner));
+    Ok(out)
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+/// One backend, start to end.
+async fn run_backend(opts: &Options, registry: &str, sessions: u64) -> anyhow::Result<Figures> {
+    let dir = tempfile::Builder::new().prefix("hearth-fleet-scale.").tempdir()?;
+    let (url, pg) = if registry == "sqlite" {
+        (format!("sqlite:{}", dir.path().join("fleet").join("registry.db").display()), None)
+    } else {
+        let base = registry.to_string();
+        let (url, name) = tokio::task::spawn_blocking(move || fresh_postgres(&base)).await??;
+        (url, Some(name))
+    };
+    let backend = if pg.is_some() { "postgres" } else { "sqlite" };
+    println!("== {backend}: {sessions} nodes, {} heartbeats/s offered", opts.rate);
+    let result = run_on(opts, dir.path(), &url, backend, sessions).await;
+    if let Some(name) = pg {
+        let base = registry.to_string();
+        let _ = tokio::task::spawn_blocking(move || drop_postgres(&base, &name)).await;
+    }
+    result
+}
+
+async fn run_on(
+    opts: &Options,
+    dir: &Path,
+    url: &str,
+    backend: &str,
+    sessions: u64,
+) -> anyhow::Result<Figures> {
+    let mut f = Figures {
+        backend: backend.to_string(),
+        requested: opts.sessions,
+        capped_by_nofile: (sessions < opts.sessions).then_some(sessions),
+        offered: opts.rate,
+        ..Figures::default()
+    };
+    let fleet = {
+        let (o, d, u) = (opts.clone(), dir.to_path_buf(), url.to_string());
+        tokio::task::spawn_blocking(move || start_fleet(&o, &d, &u)).await??
+    };
+    let pid = fleet.child.0.id();
+    println!("  hearth-fleet pid {pid} on CPU {} at {}", opts.fleet_cpu, fleet.addr);
+
+    // 1. Enrollment.
+    let ids = enroll_all(&fleet, sessions, opts.enroll_concurrency, &mut f).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.rss_before = proc_sample(pid)?.rss;
+
+    // 2. Sessions, heartbeating as soon as they are open.
+    let load = Arc::new(Load::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let period = Duration::from_secs_f64(sessions.max(1) as f64 / opts.rate.max(1e-3));
+    let gate = Arc::new(Semaphore::new(opts.connect_concurrency.max(1)));
+    let since_ms = now_ms();
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(ids.len());
+    for (i, id) in ids.into_iter().enumerate() {
+        let Some(id) = id else { continue };
+        let config = client_config(&fleet.pin, Some(&id), control::ALPN)?;
+        let (load, stop, gate, addr) = (load.clone(), stop_rx.clone(), gate.clone(), fleet.addr);
+        let phase = period.mul_f64(phase_fraction(i as u64));
+        tasks.push(tokio::spawn(async move {
+            let opened = {
+                let Ok(_permit) = gate.acquire().await else { return };
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    open_session(addr, source_addr(i as u64), config),
+                )
+                .await
+            };
+            match opened {
+                Ok(Ok((r, w))) => {
+                    load.open.fetch_add(1, Ordering::Relaxed);
+                    load.opened.fetch_add(1, Ordering::Relaxed);
+                    heartbeat_loop(r, w, period, phase, load, stop).await;
+                }
+                Ok(Err(e)) => {
+                    load.open_failed.fetch_add(1, Ordering::Relaxed);
+                    load.error(format!("session open: {e:#}"));
+                }
+                Err(_) => {
+                    load.open_failed.fetch_add(1, Ordering::Relaxed);
+                    load.error("session open: timed out after 30 s");
+                }
+            }
+        }));
+        if (i + 1) % 256 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let want = tasks.len() as u64;
+    let mut last = Instant::now();
+    loop {
+        let done = load.opened.load(Ordering::Relaxed) + load.open_failed.load(Ordering::Relaxed);
+        if done >= want {
+            break;
+        }
+        if last.elapsed() >= Duration::from_secs(5) {
+            progress("sessions open", load.open.load(Ordering::Relaxed), want, started);
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.open_rate = load.opened.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    progress("sessions open", load.opened.load(Ordering::Relaxed), want, started);
+
+    // 3. Warm-up, then the window.
+    let stop_poll = Arc::new(AtomicBool::new(false));
+    let (poll_tx, poll_rx) = std::sync::mpsc::channel();
+    let poll_every = Duration::from_millis((opts.flush_ms / 2).clamp(200, 2000));
+    let poller = {
+        let (u, s) = (url.to_string(), stop_poll.clone());
+        std::thread::spawn(move || poll_registry(u, poll_every, since_ms, s, poll_tx))
+    };
+    println!("  warm-up {} s, then measuring {} s", opts.warmup_s, opts.seconds);
+    tokio::time::sleep(Duration::from_secs(opts.warmup_s)).await;
+    load.latency.reset();
+    load.measuring.store(true, Ordering::Relaxed);
+    let cpu0 = proc_sample(pid)?.cpu;
+    let log0 = log_len(&fleet.log);
+    let window_start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    while window_start.elapsed() < Duration::from_secs(opts.seconds) {
+        let left = Duration::from_secs(opts.seconds).saturating_sub(window_start.elapsed());
+        tokio::select! {
+            _ = tick.tick() => {
+                let s = window_start.elapsed().as_secs_f64();
+                println!(
+                    "  {:.0} s: {} sessions, {:.0} acks/s, p99 {:.1} ms",
+                    s,
+                    load.open.load(Ordering::Relaxed),
+                    load.acked.load(Ordering::Relaxed) as f64 / s,
+                    load.latency.quantile(0.99).as_secs_f64() * 1e3
+                );
+            }
+            () = tokio::time::sleep(left) => {}
+        }
+    }
+    load.measuring.store(false, Ordering::Relaxed);
+    let secs = window_start.elapsed().as_secs_f64();
+    let window_end = Instant::now();
+    let s1 = proc_sample(pid)?;
+    let log1 = log_len(&fleet.log);
+    f.rss_after = s1.rss;
+    f.fleet_cpu = s1.cpu.saturating_sub(cpu0).as_secs_f64() / secs;
+    f.held = load.open.load(Ordering::Relaxed);
+    f.acked_rate = load.acked.load(Ordering::Relaxed) as f64 / secs;
+    f.p50 = load.latency.quantile(0.5);
+    f.p99 = load.latency.quantile(0.99);
+    f.p999 = load.latency.quantile(0.999);
+    let (batches, rows, ms) = parse_liveness_log(&log_slice(&fleet.log, log0, log1));
+    f.batches = batches;
+    f.write_capacity = if ms > 0 { rows as f64 * 1000.0 / ms as f64 } else { 0.0 };
+
+    stop_poll.store(true, Ordering::Relaxed);
+    let polled = tokio::task::spawn_blocking(move || poller.join()).await;
+    match polled {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => bail!("reading the registry failed: {e:#}"),
+        _ => bail!("the registry poller panicked"),
+    }
+    let polls: Vec<Poll> =
+        poll_rx.try_iter().filter(|p| p.at >= window_start && p.at <= window_end).collect();
+    let changed: u64 = polls.iter().map(|p| p.changed).sum();
+    f.writes_rate = changed as f64 / secs;
+    f.staleness_s = polls.iter().map(|p| p.stalest_s).fold(0.0, f64::max);
+    if polls.is_empty() {
+        f.staleness_s = f64::INFINITY;
+    }
+
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    // Failed to open, or dropped before the window ended.
+    f.failed = want.saturating_sub(f.held);
+    if let Some(e) = load.first_error.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        f.first_error.get_or_insert(e);
+    }
+    drop(fleet);
+    println!(
+        "  {backend}: {} held, {:.0} acks/s, p99 {:.1} ms, {:.0} registry writes/s",
+        f.held,
+        f.acked_rate,
+        f.p99.as_secs_f64() * 1e3,
+        f.writes_rate
+    );
+    Ok(f)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "yes" } else { "NO" }
+}
+
+/// The one table: both backends, the goals, whether each is met, and the 200,000-node
+/// extrapolation.
+pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
+    let cols: Vec<&Figures> = all.iter().collect();
+    let header: Vec<String> = cols.iter().map(|f| f.backend.clone()).collect();
+    println!();
+    println!(
+        "fleet scale, {} (fleet on CPU {}, load on CPU {}; {load_note})",
+        today(),
+        opts.fleet_cpu,
+        opts.load_cpu
+    );
+    println!();
+    println!("| figure | {} | goal |", header.join(" | "));
+    println!("|---|{}---|", "---|".repeat(cols.len()));
+    let row = |name: &str, vals: Vec<String>, goal: &str| {
+        println!("| {name} | {} | {goal} |", vals.join(" | "));
+    };
+    row(
+        "sessions held (mTLS, own certificate each)",
+        cols.iter()
+            .map(|f| {
+                let cap = f
+                    .capped_by_nofile
+                    .map_or(String::new(), |c| format!(", capped to {c} by RLIMIT_NOFILE"));
+                format!("{} of {}{cap} [{}]", f.held, f.requested, mark(f.held >= goals::SESSIONS))
+            })
+            .collect(),
+        ">= 50,000",
+    );
+    row(
+        "sessions opened per second",
+        cols.iter().map(|f| format!("{:.0}", f.open_rate)).collect(),
+        "",
+    );
+    row(
+        "heartbeats acked per second (offered)",
+        cols.iter()
+            .map(|f| {
+                format!(
+                    "{:.0} ({:.0}) [{}]",
+                    f.acked_rate,
+                    f.offered,
+                    mark(f.acked_rate >= goals::HEARTBEATS_PER_S * 0.99)
+                )
+            })
+            .collect(),
+        ">= 20,000",
+    );
+    row(
+        "heartbeat latency p50 / p99 / p99.9",
+        cols.iter()
+            .map(|f| {
+                format!(
+                    "{} / {} / {} [{}]",
+                    ms(f.p50),
+                    ms(f.p99),
+                    ms(f.p999),
+                    mark(f.p99.as_secs_f64() * 1e3 <= goals::P99_MS && f.acked_rate > 0.0)
+                )
+            })
+            .collect(),
+        "p99 <= 50 ms",
+    );
+    row(
+        "registry liveness writes per second (rows)",
+        cols.iter().map(|f| format!("{:.0} in {} batches", f.writes_rate, f.batches)).collect(),
+        "",
+    );
+    row(
+        "registry write capacity (rows per second of batch time)",
+        cols.iter().map(|f| format!("{:.0}", f.write_capacity)).collect(),
+        "",
+    );
+    row(
+        "oldest last_seen in the registry",
+        cols.iter()
+            .map(|f| {
+                format!("{:.1} s [{}]", f.staleness_s, mark(f.staleness_s <= goals::STALENESS_S))
+            })
+            .collect(),
+        "<= 30 s",
+    );
+    row(
+        "enrollments per second (p99 latency)",
+        cols.iter()
+            .map(|f| {
+                format!(
+                    "{:.0} ({}) [{}]",
+                    f.enroll_rate,
+                    ms(f.enroll_p99),
+                    mark(f.enroll_rate >= goals::ENROLLMENTS_PER_S)
+                )
+            })
+            .collect(),
+        ">= 500",
+    );
+    row(
+        "fleet memory per session",
+        cols.iter().map(|f| format!("{:.1} KiB", f.bytes_per_session() / 1024.0)).collect(),
+        "",
+    );
+    row(
+        "fleet RSS before / with sessions",
+        cols.iter().map(|f| format!("{} / {}", mib(f.rss_before), mib(f.rss_after))).collect(),
+        "",
+    );
+    row(
+        "fleet CPU (share of its core)",
+        cols.iter().map(|f| format!("{:.0}%", f.fleet_cpu * 100.0)).collect(),
+        "",
+    );
+    println!();
+    println!(
+        "Extrapolation to {EXTRAPOLATE_NODES} nodes (heartbeat every {} s):",
+        control::HEARTBEAT_INTERVAL_S
+    );
+    for f in &cols {
+        for line in extrapolate(f, opts.flush_ms) {
+            println!("  {}: {line}", f.backend);
+        }
+    }
+    for f in &cols {
+        if let Some(e) = &f.first_error {
+            println!("  {}: first error: {e}", f.backend);
+        }
+    }
+}
+
+/// What 200,000 nodes need of one fleet, from one backend's measurements.
+pub fn extrapolate(f: &Figures, flush_ms: u64) -> Vec<String> {
+    let n = EXTRAPOLATE_NODES as f64;
+    let hb_needed = n / f64::from(control::HEARTBEAT_INTERVAL_S);
+    let mem = f.rss_before as f64 + n * f.bytes_per_session();
+    let rows_needed = n * 1000.0 / flush_ms as f64;
+    let flush_s = if f.write_capacity > 0.0 { n / f.write_capacity } else { f64::INFINITY };
+    let cpu_per_hb = if f.acked_rate > 0.0 { f.fleet_cpu / f.acked_rate } else { f64::INFINITY };
+    vec![
+        format!(
+            "heartbeats {hb_needed:.0}/s needed, {:.0}/s measured ({:.0}% of one core at that rate)",
+            f.acked_rate,
+            cpu_per_hb * hb_needed * 100.0
+        ),
+        format!(
+            "memory {:.2} GiB ({:.1} KiB × {n:.0} + base)",
+            mem / (1u64 << 30) as f64,
+            f.bytes_per_session() / 1024.0
+        ),
+        format!(
+            "registry {rows_needed:.0} rows/s at a {flush_ms} ms flush; one batch of {n:.0} rows takes {flush_s:.1} s at the measured capacity"
+        ),
+        format!("file descriptors {n:.0} (set LimitNOFILE above that)"),
+    ]
+}
+
+/// Run every registry in `opts.registries` and print the table.
+pub async fn run(opts: Options) -> anyhow::Result<Vec<Figures>> {
+    let nofile = raise_nofile()?;
+    let allowed = sessions_allowed(nofile);
+    let sessions = opts.sessions.min(allowed);
+    if sessions < opts.sessions {
+        println!(
+            "warning: RLIMIT_NOFILE is {nofile} here (hard limit): at most {allowed} sessions, not {}. \
+             Raise the hard limit (ulimit -Hn as root, LimitNOFILE=, docker --ulimit nofile=) for the full run.",
+            opts.sessions
+        );
+    }
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_note = format!(
+        "load average before: {}",
+        load_avg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    let mut all = Vec::new();
+    for r in &opts.registries {
+        all.push(run_backend(&opts, r, sessions).await.with_context(|| format!("the run on {r}"))?);
+    }
+    print_table(&all, &opts, &load_note);
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_spread_over_127_8_and_avoid_network_and_broadcast() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..50_000u64 {
+            let a = source_addr(i);
+            let o = a.octets();
+            assert_eq!(o[0], 127);
+            assert!(a.is_loopback());
+            assert!(o[3] != 0 && o[3] != 255, "{a}");
+            seen.insert(a);
+        }
+        assert_eq!(seen.len(), 16_384, "each address carries at most 4 of 50,000 sessions");
+        assert_ne!(source_addr(0), source_addr(1));
+    }
+
+    #[test]
+    fn phases_are_spread_over_the_period() {
+        let mut buckets = [0u32; 10];
+        for i in 0..10_000 {
+            let p = phase_fraction(i);
+            assert!((0.0..1.0).contains(&p));
+            buckets[(p * 10.0) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((900..=1100).contains(&b), "uneven phases: {buckets:?}");
+        }
+    }
+
+    #[test]
+    fn liveness_lines_are_summed_and_others_ignored() {
+        let log = "2026-11-27T04:00:00Z DEBUG hearth_fleet::server: liveness written nodes=50000 elapsed_ms=812\n\
+                   2026-11-27T04:00:01Z  INFO hearth_fleet::session: session open node=n-1\n\
+                   2026-11-27T04:00:05Z DEBUG hearth_fleet::server: liveness written nodes=49000 elapsed_ms=788\n\
+                   liveness written nodes=garbage\n";
+        assert_eq!(parse_liveness_log(log), (2, 99_000, 1600));
+        assert_eq!(parse_liveness_log(""), (0, 0, 0));
+    }
+
+    #[test]
+    fn fd_margin_is_kept() {
+        assert_eq!(sessions_allowed(20_000), 19_488);
+        assert_eq!(sessions_allowed(100), 0);
+    }
+
+    #[test]
+    fn extrapolation_scales_memory_and_registry_load() {
+        let f = Figures {
+            backend: "sqlite".into(),
+            held: 50_000,
+            rss_before: 100 << 20,
+            rss_after: (100 << 20) + 50_000 * 20 * 1024,
+            acked_rate: 20_000.0,
+            fleet_cpu: 0.5,
+            write_capacity: 100_000.0,
+            ..Figures::default()
+        };
+        assert!((f.bytes_per_session() - 20.0 * 1024.0).abs() < 1e-6);
+        let lines = extrapolate(&f, 5000);
+        assert!(lines[0].contains("20000/s needed"), "{lines:?}");
+        assert!(lines[0].contains("(50% of one core"), "{lines:?}");
+        // 100 MiB + 200,000 × 20 KiB = 3.91 GiB.
+        assert!(lines[1].starts_with("memory 3.91 GiB"), "{lines:?}");
+        assert!(lines[2].contains("40000 rows/s") && lines[2].contains("takes 2.0 s"), "{lines:?}");
+    }
+}

@@ -1,0 +1,587 @@
+//! `hearth-qemu`: boot Hearth OS images in QEMU and watch them from the host.
+//!
+//! Entry point: [`Vm::start`] with a [`VmConfig`]; it returns a handle that reads the guest's
+//! serial console line by line ([`Vm::wait_for`]), speaks QMP ([`Vm::qmp`], [`Vm::powerdown`])
+//! and kills QEMU on drop. One reader thread per VM collects the console into a shared log with
+//! timestamps measured from the start of QEMU.
+//!
+//! - Firmware: OVMF + systemd-boot + the UKI (the path real hardware takes), or direct kernel
+//!   boot ([`Boot::Kernel`]) where a test wants to skip the firmware.
+//! - Disk: a qcow2 overlay over the built raw image ([`overlay`]), so the image stays pristine
+//!   and the disk can be larger than the image (first boot grows the data partition into it).
+//! - Network: user-mode (slirp); the guest reaches the host's loopback at [`HOST_FROM_GUEST`].
+//! - Credentials: systemd credentials through SMBIOS type 11 ([`VmConfig::credential`]).
+//! - Acceleration: TCG unless KVM is proven to run a guest here ([`Accel::detect`]).
+//!
+//! The update tests build on this launcher (snapshots through QMP, power cuts with
+//! [`Vm::kill`]). Design: `docs/0008-image.md`; code tour: `hw-tests/README.md`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+/// The host's loopback as the guest sees it under user-mode networking.
+pub const HOST_FROM_GUEST: &str = "10.0.2.2";
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Where Debian's `ovmf` package puts the firmware (code, variables template).
+pub const OVMF_CANDIDATES: &[(&str, &str)] = &[
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/qemu/OVMF_CODE.fd", "/usr/share/qemu/OVMF_VARS.fd"),
+];
+
+/// Why a VM could not be started or did not do what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A file the VM needs is missing.
+    #[error("{what} {path} does not exist{hint}")]
+    Missing {
+        /// What the file is.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// No OVMF firmware in any known place.
+    #[error("no OVMF firmware found (install Debian's ovmf package); looked in {looked}")]
+    NoFirmware {
+        /// The paths tried.
+        looked: String,
+    },
+    /// A command (QEMU, qemu-img) could not be run or failed.
+    #[error("{command} failed: {detail}")]
+    Command {
+        /// The command.
+        command: String,
+        /// Its exit status and output, or the spawn error.
+        detail: String,
+    },
+    /// A file operation in the work directory failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console did not show what was awaited in time.
+    #[error("no console line {what} within {timeout:?}; QEMU {state}; last console lines:\n{tail}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout: Duration,
+        /// Whether QEMU is still running.
+        state: String,
+        /// The end of the console log.
+        tail: String,
+    },
+    /// A QMP exchange failed.
+    #[error("QMP {command}: {detail}")]
+    Qmp {
+        /// The command.
+        command: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// How QEMU executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation: slow, works everywhere.
+    Tcg,
+    /// Hardware virtualisation.
+    Kvm,
+}
+
+impl Accel {
+    /// `HEARTH_QEMU_ACCEL=tcg|kvm` when set; otherwise KVM only if `/dev/kvm` opens and a guest
+    /// kernel actually runs under it ([`Accel::probe_kvm`] with `probe_kernel`), else TCG.
+    /// (`/dev/kvm` of a paravirtual nested hypervisor opens but cannot run ordinary guests.)
+    pub fn detect(probe_kernel: Option<&Path>) -> Accel {
+        match std::env::var("HEARTH_QEMU_ACCEL").as_deref() {
+            Ok("kvm") => return Accel::Kvm,
+            Ok("tcg") => return Accel::Tcg,
+            _ => {}
+        }
+        let openable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        match probe_kernel {
+            Some(kernel) if openable && Self::probe_kvm(kernel) => Accel::Kvm,
+            _ => Accel::Tcg,
+        }
+    }
+
+    /// Boot `kernel` under KVM with no root file system for at most 20 s: KVM works when the
+    /// kernel gets as far as its panic for the missing root.
+    pub fn probe_kvm(kernel: &Path) -> bool {
+        let child = Command::new(QEMU)
+            .args(["-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "256"])
+            .args(["-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"])
+            .arg("-kernel")
+            .arg(kernel)
+            .args(["-append", "console=ttyS0 panic=-1 root=/dev/hearth-probe-none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(mut child) = child else { return false };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut out = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        out.contains("Kernel panic") || out.contains("VFS: Unable to mount root")
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+        }
+    }
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// UEFI: OVMF, then systemd-boot from the ESP, then the UKI.
+    Uefi {
+        /// OVMF code (read-only).
+        code: PathBuf,
+        /// OVMF variables template (copied into the work directory per VM).
+        vars: PathBuf,
+    },
+    /// Direct kernel boot, skipping the firmware and boot loader.
+    Kernel {
+        /// The kernel.
+        kernel: PathBuf,
+        /// An initrd, if any.
+        initrd: Option<PathBuf>,
+        /// The kernel command line.
+        append: String,
+    },
+}
+
+impl Boot {
+    /// UEFI with the first OVMF found in [`OVMF_CANDIDATES`].
+    pub fn uefi() -> Result<Boot, QemuError> {
+        OVMF_CANDIDATES
+            .iter()
+            .find(|(code, vars)| Path::new(code).exists() && Path::new(vars).exists())
+            .map(|(code, vars)| Boot::Uefi { code: code.into(), vars: vars.into() })
+            .ok_or_else(|| QemuError::NoFirmware {
+                looked: OVMF_CANDIDATES.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", "),
+            })
+    }
+}
+
+/// What to boot, and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The disk (raw or qcow2; see [`overlay`]).
+    pub disk: PathBuf,
+    /// Firmware or kernel.
+    pub boot: Boot,
+    /// TCG or KVM.
+    pub accel: Accel,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    pub cpus: u32,
+    /// systemd credentials passed through SMBIOS type 11: name and value.
+    pub credentials: Vec<(String, Vec<u8>)>,
+    /// Directory for the QMP socket, the firmware variables and the console log.
+    pub work_dir: PathBuf,
+}
+
+impl VmConfig {
+    /// A VM booting `disk` through UEFI with 2 CPUs and 2 GiB, TCG unless KVM works.
+    pub fn new(disk: &Path, work_dir: &Path) -> Result<VmConfig, QemuError> {
+        Ok(VmConfig {
+            disk: disk.to_path_buf(),
+            boot: Boot::uefi()?,
+            accel: Accel::Tcg,
+            memory_mib: 2048,
+            cpus: 2,
+            credentials: Vec::new(),
+            work_dir: work_dir.to_path_buf(),
+        })
+    }
+
+    /// Add a systemd credential (`io.systemd.credential.binary:NAME=BASE64`).
+    pub fn credential(mut self, name: &str, value: &[u8]) -> VmConfig {
+        self.credentials.push((name.to_string(), value.to_vec()));
+        self
+    }
+
+    /// QEMU's arguments for this configuration.
+    pub fn args(&self) -> Result<Vec<String>, QemuError> {
+        let mut a: Vec<String> = self.accel.args().iter().map(|s| s.to_string()).collect();
+        let m = self.memory_mib.to_string();
+        let c = self.cpus.to_string();
+        a.extend(["-machine", "q35", "-m", &m, "-smp", &c].map(String::from));
+        a.extend(
+            ["-display", "none", "-no-reboot", "-monitor", "none", "-serial", "stdio"]
+                .map(String::from),
+        );
+        let qmp = self.work_dir.join("qmp.sock");
+        a.push("-qmp".into());
+        a.push(format!("unix:{},server=on,wait=off", qmp.display()));
+        match &self.boot {
+            Boot::Uefi { code, vars } => {
+                let vars_copy = self.work_dir.join("ovmf-vars.fd");
+                std::fs::copy(vars, &vars_copy).map_err(|source| QemuError::Io {
+                    op: "copy",
+                    path: vars.clone(),
+                    source,
+                })?;
+                a.push("-drive".into());
+                a.push(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()));
+                a.push("-drive".into());
+                a.push(format!("if=pflash,format=raw,unit=1,file={}", vars_copy.display()));
+            }
+            Boot::Kernel { kernel, initrd, append } => {
+                a.push("-kernel".into());
+                a.push(kernel.display().to_string());
+                if let Some(initrd) = initrd {
+                    a.push("-initrd".into());
+                    a.push(initrd.display().to_string());
+                }
+                a.push("-append".into());
+                a.push(append.clone());
+            }
+        }
+        let format =
+            if self.disk.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+        a.push("-drive".into());
+        a.push(format!("if=virtio,format={format},file={}", self.disk.display()));
+        a.extend(
+            ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"].map(String::from),
+        );
+        a.extend(["-device", "virtio-rng-pci"].map(String::from));
+        for (name, value) in &self.credentials {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+            a.push("-smbios".into());
+            a.push(format!("type=11,value=io.systemd.credential.binary:{name}={b64}"));
+        }
+        Ok(a)
+    }
+}
+
+/// A fresh work directory for one test's VM, `target/qemu/NAME` of this workspace (or
+/// `$CARGO_TARGET_DIR/qemu/NAME`): emptied first, kept afterwards so its `console.log` can be
+/// read after a failure.
+pub fn work_dir(name: &str) -> Result<PathBuf, QemuError> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let dir = target.join("qemu").join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|source| QemuError::Io {
+            op: "remove",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| QemuError::Io {
+        op: "create",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+/// `key=value` from a console line (`HEARTH-BOOT-CHECK ...`, `HEARTH-IMAGE ...`); values have no
+/// spaces, except a quoted last field such as `status="..."`, which this does not return whole.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+}
+
+/// Create a qcow2 overlay at `overlay` over the raw `base` image, `size_gib` large.
+pub fn overlay(base: &Path, overlay: &Path, size_gib: u32) -> Result<(), QemuError> {
+    if !base.exists() {
+        return Err(QemuError::Missing {
+            what: "image",
+            path: base.to_path_buf(),
+            hint: " (build it with image/build --profile PROFILE)",
+        });
+    }
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .arg(format!("{size_gib}G"))
+        .output()
+        .map_err(|e| QemuError::Command {
+            command: "qemu-img create".into(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(QemuError::Command {
+            command: "qemu-img create".into(),
+            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        });
+    }
+    Ok(())
+}
+
+/// One console line and when it arrived (since QEMU started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// Time since start.
+    pub at: Duration,
+    /// The text, terminal escapes removed.
+    pub text: String,
+}
+
+#[derive(Debug, Default)]
+struct Console {
+    lines: Vec<Line>,
+    closed: bool,
+}
+
+/// A running VM; QEMU is killed on drop.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    started: Instant,
+    console: Arc<(Mutex<Console>, Condvar)>,
+    qmp_path: PathBuf,
+    log_path: PathBuf,
+}
+
+/// Remove terminal escape sequences (`ESC [ ... letter`) and carriage returns.
+pub fn strip_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Vm {
+    /// Start QEMU. The console is also written to `work_dir/console.log`.
+    pub fn start(config: &VmConfig) -> Result<Vm, QemuError> {
+        if !config.disk.exists() {
+            return Err(QemuError::Missing { what: "disk", path: config.disk.clone(), hint: "" });
+        }
+        let args = config.args()?;
+        tracing::info!(accel = ?config.accel, disk = %config.disk.display(), "starting QEMU");
+        let mut child = Command::new(QEMU)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| QemuError::Command { command: QEMU.into(), detail: e.to_string() })?;
+        let started = Instant::now();
+        let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+        let log_path = config.work_dir.join("console.log");
+        let mut log = std::fs::File::create(&log_path).map_err(|source| QemuError::Io {
+            op: "create",
+            path: log_path.clone(),
+            source,
+        })?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let shared = console.clone();
+        std::thread::spawn(move || {
+            if let Some(stdout) = stdout {
+                let mut reader = BufReader::new(stdout);
+                let mut buf = Vec::new();
+                while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+                    let text = strip_escapes(String::from_utf8_lossy(&buf).trim_end_matches('\n'));
+                    let _ = writeln!(log, "[{:8.3}] {text}", started.elapsed().as_secs_f64());
+                    let (lock, cvar) = &*shared;
+                    if let Ok(mut c) = lock.lock() {
+                        c.lines.push(Line { at: started.elapsed(), text });
+                    }
+                    cvar.notify_all();
+                    buf.clear();
+                }
+            }
+            let (lock, cvar) = &*shared;
+            if let Ok(mut c) = lock.lock() {
+                c.closed = true;
+            }
+            cvar.notify_all();
+        });
+        let shared = console.clone();
+        std::thread::spawn(move || {
+            if let Some(stderr) = stderr {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let (lock, _) = &*shared;
+                    if let Ok(mut c) = lock.lock() {
+                        c.lines.push(Line { at: started.elapsed(), text: format!("qemu: {line}") });
+                    }
+                }
+            }
+        });
+        Ok(Vm { child, started, console, qmp_path: config.work_dir.join("qmp.sock"), log_path })
+    }
+
+    /// Time since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The console log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Every console line so far.
+    pub fn lines(&self) -> Vec<Line> {
+        self.console.0.lock().map(|c| c.lines.clone()).unwrap_or_default()
+    }
+
+    /// The last `n` console lines, one string.
+    pub fn tail(&self, n: usize) -> String {
+        let lines = self.lines();
+        let start = lines.len().saturating_sub(n);
+        lines[start..]
+            .iter()
+            .map(|l| format!("[{:8.3}] {}", l.at.as_secs_f64(), l.text))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Wait until a console line satisfies `pred` (lines already seen count), at most `timeout`.
+    /// Fails early when QEMU exits.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Line, QemuError> {
+        let deadline = Instant::now() + timeout;
+        let console = self.console.clone();
+        let (lock, cvar) = &*console;
+        let mut seen = 0;
+        let Ok(mut guard) = lock.lock() else { return Err(self.timeout(what, timeout)) };
+        loop {
+            if let Some(line) = guard.lines[seen..].iter().find(|l| pred(&l.text)) {
+                return Ok(line.clone());
+            }
+            seen = guard.lines.len();
+            let now = Instant::now();
+            if guard.closed || now >= deadline {
+                break;
+            }
+            guard = match cvar.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(_) => return Err(self.timeout(what, timeout)),
+            };
+        }
+        drop(guard);
+        Err(self.timeout(what, timeout))
+    }
+
+    fn timeout(&mut self, what: &str, timeout: Duration) -> QemuError {
+        let state = match self.child.try_wait() {
+            Ok(Some(status)) => format!("exited ({status})"),
+            _ => "still running".into(),
+        };
+        QemuError::Timeout { what: what.into(), timeout, state, tail: self.tail(40) }
+    }
+
+    /// Run one QMP command (after the capabilities handshake) and return the reply line.
+    pub fn qmp(&self, command: &str) -> Result<String, QemuError> {
+        let err = |detail: String| QemuError::Qmp { command: command.into(), detail };
+        let mut stream = UnixStream::connect(&self.qmp_path).map_err(|e| err(e.to_string()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| err(e.to_string()))?;
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| err(e.to_string()))?);
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(|e| err(format!("greeting: {e}")))?;
+        let mut send = |json: String| -> Result<String, QemuError> {
+            stream.write_all(json.as_bytes()).map_err(|e| err(e.to_string()))?;
+            loop {
+                let mut reply = String::new();
+                let n = reader.read_line(&mut reply).map_err(|e| err(e.to_string()))?;
+                if n == 0 {
+                    return Err(err("QMP closed the connection".into()));
+                }
+                // Asynchronous events interleave with replies.
+                if reply.contains("\"return\"") || reply.contains("\"error\"") {
+                    return Ok(reply);
+                }
+            }
+        };
+        send("{\"execute\":\"qmp_capabilities\"}\n".into())?;
+        let reply = send(format!("{{\"execute\":\"{command}\"}}\n"))?;
+        if reply.contains("\"error\"") {
+            return Err(err(reply.trim().to_string()));
+        }
+        Ok(reply)
+    }
+
+    /// ACPI power button (QMP `system_powerdown`), then wait for QEMU to exit.
+    pub fn powerdown(&mut self, timeout: Duration) -> Result<ExitStatus, QemuError> {
+        self.qmp("system_powerdown")?;
+        self.wait_exit(timeout)
+    }
+
+    /// Wait for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, QemuError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Ok(None) => return Err(self.timeout("QEMU exit", timeout)),
+                Err(e) => {
+                    return Err(QemuError::Command { command: QEMU.into(), detail: e.to_string() });
+                }
+            }
+        }
+    }
+
+    /// Pull the plug: kill QEMU at once (a power cut for the guest).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
