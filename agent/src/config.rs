@@ -40,6 +40,9 @@ pub struct Config {
     /// Fleet membership (`[fleet]`).
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// What the fleet may reach on this node through the tunnel (`[tunnel]`).
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
 }
 
 /// `[power]`: the node power budget, temperature targets and the control loop
@@ -138,6 +141,30 @@ pub struct HealthConfig {
     /// the built-in policy. Validated at load like the rest of this file.
     #[serde(default)]
     pub policy: Option<PathBuf>,
+}
+
+/// `[tunnel]`: the node's end of the secure tunnel (`docs/0006-tunnel.md`). The gateway checks
+/// the operator's role; these keys are the node's own policy on top.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// Keep a tunnel to the fleet (needs an enrolled node). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Allow `hearthctl exec` and `hearthctl shell` (commands run as the agent's user). Default
+    /// true.
+    #[serde(default = "default_true")]
+    pub exec: bool,
+    /// Loopback TCP ports the fleet may reach (`hearthctl expose`, workload ingress); every other
+    /// port is refused. Default none.
+    #[serde(default)]
+    pub expose_ports: Vec<u16>,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self { enabled: true, exec: true, expose_ports: Vec::new() }
+    }
 }
 
 /// `[fleet]`: joining a fleet (`docs/0005-fleet.md`, `docs/operations.md`).
@@ -415,6 +442,9 @@ impl Config {
                 format!("{} is not an absolute path", self.api.socket.display()),
             ));
         }
+        if self.tunnel.expose_ports.contains(&0) {
+            return Err(invalid("tunnel.expose_ports", "port 0 is not a port".into()));
+        }
         if !self.state.dir.is_absolute() {
             return Err(invalid(
                 "state.dir",
@@ -582,6 +612,7 @@ mod tests {
             ("[sim]\ntime_scale = 0.0\n", "sim.time_scale"),
             ("[api]\nsocket = \"relative.sock\"\n", "api.socket"),
             ("[state]\ndir = \"var/lib\"\n", "state.dir"),
+            ("[tunnel]\nexpose_ports = [8080, 0]\n", "tunnel.expose_ports"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
             ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
             ("[health]\npolicy = \"/nonexistent/health.toml\"\n", "health.policy"),

@@ -9,7 +9,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some((header, payload, used))) = frame::decode(data) {
         assert!(used <= data.len());
         assert!(header.len <= frame::MAX_PAYLOAD);
-        let again = frame::encode(header.kind, header.stream, payload).expect("re-encode");
+        let again =
+            frame::encode_flags(header.kind, header.flags, header.stream, payload).expect("re-encode");
         assert_eq!(&again[..], &data[..used]);
     }
 });

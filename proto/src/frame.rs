@@ -8,10 +8,13 @@
 //! ```
 //!
 //! Stream 0 carries the control session ([`FrameType::Control`], one
-//! [`crate::control::ControlMessage`] per frame). The tunnel adds frame types for data streams
-//! (stream ids > 0); a decoder refuses types it does not know, unknown flag bits, non-zero reserved
-//! bytes, control frames off stream 0 and payloads over [`MAX_PAYLOAD`] before reading the payload,
-//! so a peer cannot make it allocate more than that. The wire format: `docs/protocol.md`.
+//! [`crate::control::ControlMessage`] per frame) and the session's liveness pings
+//! ([`FrameType::Ping`]). The tunnel's data streams (stream ids > 0) use [`FrameType::Open`],
+//! [`FrameType::Data`], [`FrameType::Window`] and [`FrameType::Reset`]; their state machine is
+//! [`crate::mux`] (`docs/0006-tunnel.md`). A decoder refuses types it does not know, flag bits the
+//! type does not define, non-zero reserved bytes, session frames off stream 0, stream frames on
+//! stream 0 and payloads over [`MAX_PAYLOAD`] before reading the payload, so a peer cannot make it
+//! allocate more than that. The wire format: `docs/protocol.md`.
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
@@ -25,19 +28,53 @@ pub const MAX_PAYLOAD: u32 = 256 * 1024;
 pub enum FrameType {
     /// A control message (stream 0 only).
     Control = 0x01,
+    /// Open a data stream; the payload names the target ([`crate::mux::Target`], postcard).
+    Open = 0x02,
+    /// Stream bytes; [`FLAG_FIN`] ends the sender's direction after them.
+    Data = 0x03,
+    /// Flow-control credit: the payload is a 4-byte big-endian increment of the receive window.
+    Window = 0x04,
+    /// Abort a stream (or refuse an Open): 4-byte big-endian code, then a UTF-8 reason.
+    Reset = 0x05,
+    /// Liveness probe on stream 0 with 8 opaque bytes; [`FLAG_ACK`] marks the answer.
+    Ping = 0x06,
 }
 
 impl FrameType {
     fn from_u8(b: u8) -> Option<Self> {
         match b {
             0x01 => Some(Self::Control),
+            0x02 => Some(Self::Open),
+            0x03 => Some(Self::Data),
+            0x04 => Some(Self::Window),
+            0x05 => Some(Self::Reset),
+            0x06 => Some(Self::Ping),
             _ => None,
+        }
+    }
+
+    /// Frames of this type belong to the session (stream 0), not to a data stream.
+    pub fn is_session(self) -> bool {
+        matches!(self, Self::Control | Self::Ping)
+    }
+
+    /// The flag bits this type may carry.
+    pub fn allowed_flags(self) -> u8 {
+        match self {
+            Self::Data => FLAG_FIN,
+            Self::Ping => FLAG_ACK,
+            _ => 0,
         }
     }
 }
 
-/// Flag bits this version understands (none are defined yet: the tunnel will add some).
-pub const KNOWN_FLAGS: u8 = 0;
+/// On [`FrameType::Data`]: the sender's last bytes on this stream.
+pub const FLAG_FIN: u8 = 0x01;
+/// On [`FrameType::Ping`]: an answer to a ping (same payload).
+pub const FLAG_ACK: u8 = 0x02;
+
+/// Flag bits this version understands (on some frame type).
+pub const KNOWN_FLAGS: u8 = FLAG_FIN | FLAG_ACK;
 
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +104,22 @@ pub enum FrameError {
     /// A control frame on a stream other than 0.
     #[error("control frame on stream {0} (control is stream 0)")]
     ControlOffStream0(u32),
+    /// A flag bit defined, but not for this frame type.
+    #[error("flags 0x{flags:02x} not allowed on a {kind:?} frame")]
+    FlagsNotAllowed {
+        /// The frame type.
+        kind: FrameType,
+        /// The flags.
+        flags: u8,
+    },
+    /// A data-stream frame on stream 0 (or a session frame off it).
+    #[error("{kind:?} frame on stream {stream}")]
+    WrongStream {
+        /// The frame type.
+        kind: FrameType,
+        /// The stream.
+        stream: u32,
+    },
     /// The announced payload is larger than [`MAX_PAYLOAD`].
     #[error("frame payload of {len} bytes exceeds the {max}-byte limit")]
     TooLarge {
@@ -95,9 +148,7 @@ impl Header {
         }
         let stream = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
         let len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-        if kind == FrameType::Control && stream != 0 {
-            return Err(FrameError::ControlOffStream0(stream));
-        }
+        check(kind, flags, stream)?;
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLarge { len, max: MAX_PAYLOAD });
         }
@@ -115,19 +166,53 @@ impl Header {
     }
 }
 
+/// The rules a header's type, flags and stream must follow together.
+fn check(kind: FrameType, flags: u8, stream: u32) -> Result<(), FrameError> {
+    if kind == FrameType::Control && stream != 0 {
+        return Err(FrameError::ControlOffStream0(stream));
+    }
+    if kind.is_session() != (stream == 0) {
+        return Err(FrameError::WrongStream { kind, stream });
+    }
+    if flags & !kind.allowed_flags() != 0 {
+        return Err(FrameError::FlagsNotAllowed { kind, flags });
+    }
+    Ok(())
+}
+
 /// Encode one frame (header + payload) into a new buffer.
 pub fn encode(kind: FrameType, stream: u32, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    encode_flags(kind, 0, stream, payload)
+}
+
+/// Encode one frame with flag bits.
+pub fn encode_flags(
+    kind: FrameType,
+    flags: u8,
+    stream: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    encode_into(&mut out, kind, flags, stream, payload)?;
+    Ok(out)
+}
+
+/// Append one frame to `out` (the tunnel coalesces many frames into one buffer this way).
+pub fn encode_into(
+    out: &mut Vec<u8>,
+    kind: FrameType,
+    flags: u8,
+    stream: u32,
+    payload: &[u8],
+) -> Result<(), FrameError> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|l| *l <= MAX_PAYLOAD)
         .ok_or(FrameError::TooLarge { len: u32::MAX, max: MAX_PAYLOAD })?;
-    if kind == FrameType::Control && stream != 0 {
-        return Err(FrameError::ControlOffStream0(stream));
-    }
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&Header { kind, flags: 0, stream, len }.to_bytes());
+    check(kind, flags, stream)?;
+    out.extend_from_slice(&Header { kind, flags, stream, len }.to_bytes());
     out.extend_from_slice(payload);
-    Ok(out)
+    Ok(())
 }
 
 /// A decoded frame: its header, its payload and the bytes consumed.
@@ -186,5 +271,31 @@ mod tests {
             Err(FrameError::TooLarge { len: MAX_PAYLOAD + 1, max: MAX_PAYLOAD })
         );
         assert!(encode(FrameType::Control, 2, b"x").is_err());
+    }
+
+    #[test]
+    fn stream_frames_keep_to_their_streams_and_flags() -> Result<(), FrameError> {
+        let data = encode_flags(FrameType::Data, FLAG_FIN, 7, b"abc")?;
+        let (h, p, _) = decode(&data)?.ok_or(FrameError::UnknownType(0))?;
+        assert_eq!((h.kind, h.flags, h.stream, p), (FrameType::Data, FLAG_FIN, 7, &b"abc"[..]));
+        assert_eq!(
+            encode(FrameType::Data, 0, b"x"),
+            Err(FrameError::WrongStream { kind: FrameType::Data, stream: 0 })
+        );
+        assert_eq!(
+            encode(FrameType::Ping, 3, &[0; 8]),
+            Err(FrameError::WrongStream { kind: FrameType::Ping, stream: 3 })
+        );
+        // FIN is defined, but not on a Window frame: refused on the way in as well as out.
+        let mut w = Header { kind: FrameType::Window, flags: 0, stream: 5, len: 4 }.to_bytes();
+        w[1] = FLAG_FIN;
+        assert_eq!(
+            Header::parse(&w),
+            Err(FrameError::FlagsNotAllowed { kind: FrameType::Window, flags: FLAG_FIN })
+        );
+        assert!(encode_flags(FrameType::Ping, FLAG_FIN, 0, &[0; 8]).is_err());
+        let ping = encode_flags(FrameType::Ping, FLAG_ACK, 0, &[1; 8])?;
+        assert_eq!(decode(&ping)?.map(|(h, _, _)| h.flags), Some(FLAG_ACK));
+        Ok(())
     }
 }

@@ -6,6 +6,8 @@
 //! - [`api`]: the JSON bodies of the agent's local HTTP API under `/v1` (see `docs/api.md`).
 //! - [`frame`] and [`control`]: the node ↔ fleet control session (binary frames, one versioned
 //!   postcard-encoded message enum on stream 0; see `docs/protocol.md`, `docs/0005-fleet.md`).
+//! - [`mux`]: the tunnel's data streams on the same session (credit-based flow control, fair
+//!   scheduling; see `docs/0006-tunnel.md`).
 //! - [`fleet`]: the JSON bodies of the fleet's HTTPS API (enrollment, `hearthctl`).
 //!
 //! Units follow NVML's so that no value is rescaled on the way: temperatures in whole °C,
@@ -16,6 +18,7 @@ pub mod control;
 pub mod fleet;
 pub mod frame;
 pub mod gpu;
+pub mod mux;
 
 /// Version of the local API and of the data types in this crate. Bumped on any incompatible change.
 pub const API_VERSION: u32 = 1;

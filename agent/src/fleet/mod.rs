@@ -13,6 +13,7 @@ pub mod hardware;
 pub mod reboot;
 pub mod seed;
 pub mod state;
+pub mod tunnel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -374,6 +375,22 @@ impl Fleet {
             st.state = "connected".into();
             st.last_error = None;
         });
+        // The tunnel lives as long as this session (docs/0006-tunnel.md).
+        let lane = self.agent.config.tunnel.enabled.then(|| {
+            let targets = Arc::new(tunnel::Targets {
+                api_socket: self.agent.config.api.socket.clone(),
+                policy: self.agent.config.tunnel.clone(),
+            });
+            let stop = ctx.cancel.child_token();
+            let task = tokio::spawn(tunnel::run(
+                ep.clone(),
+                pin.to_string(),
+                identity.clone(),
+                targets,
+                stop.clone(),
+            ));
+            (stop, task)
+        });
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let reader_task = tokio::spawn(async move {
             loop {
@@ -432,6 +449,10 @@ impl Fleet {
             }
         };
         reader_task.abort();
+        if let Some((stop, task)) = lane {
+            stop.cancel();
+            let _ = task.await;
+        }
         result
     }
 

@@ -6,17 +6,22 @@
 //! - [`https`]: one JSON request over HTTPS (HTTP/1.1), optionally through an HTTPS proxy.
 //! - [`session`]: the `hearth/1` control session: frame I/O shared with the fleet, and
 //!   [`session::Session`], one mTLS connection carrying control messages.
+//! - [`tunnel`]: data streams multiplexed on the session (`hearth_proto::mux` driven by two tasks,
+//!   each stream an `AsyncRead + AsyncWrite`), with pings and dead-session detection;
+//!   [`backoff`]: the reconnect schedule. Design: `docs/0006-tunnel.md`.
 //! - [`identity`]: key pairs and CSRs; [`enroll`] exchanges a token and a CSR for a certificate.
 //! - [`seed`]: the seed file a node is provisioned with.
 //!
 //! The design: `docs/0005-fleet.md`; the wire format: `docs/protocol.md`.
 
+pub mod backoff;
 pub mod enroll;
 pub mod https;
 pub mod identity;
 pub mod seed;
 pub mod session;
 pub mod tls;
+pub mod tunnel;
 
 /// The URI SAN prefix of node certificates: `urn:hearth:node:ID`.
 pub const NODE_URI_PREFIX: &str = "urn:hearth:node:";

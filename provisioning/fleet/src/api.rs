@@ -449,6 +449,7 @@ async fn revoke_node(
         l.tx = None;
         l.kill.cancel();
     }
+    fleet.gateway.disconnect(&id);
     Ok(Json(node_or_404(&fleet, id).await?))
 }
 

@@ -3,7 +3,7 @@
 //! Entry point: [`server::start`] (what `hearth-fleet serve` calls) opens the [`server::Fleet`]
 //! (its [`ca::Ca`], created on first start, and the [`registry::Registry`] on SQLite or
 //! PostgreSQL) and starts two tasks: the accept loop (one TLS 1.3 listener; ALPN `hearth/1` goes
-//! to [`session`], everything else to the HTTPS + JSON [`api`] under `/v1`) and the sweep task
+//! to [`session`], `hearth-tunnel/1` to the tunnel gateway [`tunnel`], everything else to the HTTPS + JSON [`api`] under `/v1`) and the sweep task
 //! (marks nodes offline after 3 missed heartbeats, writes liveness to the registry in batches).
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
 //! Design: `docs/0005-fleet.md`; wire format: `docs/protocol.md`.
@@ -15,6 +15,7 @@ pub mod config;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod tunnel;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

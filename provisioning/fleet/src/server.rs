@@ -57,6 +57,8 @@ pub struct Fleet {
     pub registry: Arc<Registry>,
     /// Live nodes.
     pub live: Mutex<HashMap<String, Live>>,
+    /// Node tunnels ([`crate::tunnel`]).
+    pub gateway: crate::tunnel::Gateway,
     sessions: std::sync::atomic::AtomicU64,
 }
 
@@ -114,6 +116,7 @@ impl Fleet {
             ca,
             registry: Arc::new(registry),
             live: Mutex::new(HashMap::new()),
+            gateway: crate::tunnel::Gateway::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
         }))
     }
@@ -173,7 +176,11 @@ impl Fleet {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![control::ALPN.to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![
+            control::ALPN.to_vec(),
+            hearth_proto::mux::TUNNEL_ALPN.to_vec(),
+            b"http/1.1".to_vec(),
+        ];
         Ok(Arc::new(config))
     }
 }
@@ -272,6 +279,9 @@ async fn accept_loop(
                 peer_of(conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref()));
             if is_session {
                 crate::session::serve(fleet, tls, peer, cancel).await;
+            } else if conn.alpn_protocol() == Some(hearth_proto::mux::TUNNEL_ALPN) {
+                hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
+                crate::tunnel::serve(fleet, tls, peer, cancel).await;
             } else {
                 let svc = hyper_util::service::TowerToHyperService::new(
                     router.layer(axum::Extension(peer)),

@@ -3,7 +3,8 @@
 //! Entry point: [`main`]. It reads `hearthctl.toml` ([`CtlConfig`]: fleet URL and name, CA pin,
 //! operator certificate and key, as written by `hearth-fleet operator-cert`), sends one HTTPS
 //! request with the operator certificate ([`hearth_fleet_client::https`]) and prints a table or
-//! JSON. Errors name the cause and exit non-zero.
+//! JSON. Errors name the cause and exit non-zero. `exec`, `api` and `forward` open streams to a
+//! node through the fleet's tunnel gateway instead ([`stream`], `docs/0006-tunnel.md`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,6 +21,8 @@ use hearth_proto::fleet::{
     TokenCreateRequest, TokenCreated, TokenView,
 };
 use serde::Deserialize;
+
+pub mod stream;
 
 /// `hearthctl.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +97,33 @@ pub enum Command {
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+    },
+    /// Run a command on a node through the tunnel (admin); exits with its status.
+    Exec {
+        /// Node id.
+        node: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// GET a path of a node's local API through the tunnel (viewer or admin).
+    Api {
+        /// Node id.
+        node: String,
+        /// API path.
+        #[arg(default_value = "/v1/status")]
+        path: String,
+    },
+    /// Forward a local TCP address to a loopback port of a node (admin; the node's
+    /// `tunnel.expose_ports` must list it).
+    Forward {
+        /// Node id.
+        node: String,
+        /// Port on the node.
+        port: u16,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
     },
 }
 
@@ -224,6 +254,14 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
     let config = load_config(&config_path(&cli)?)?;
+    match &cli.command {
+        Command::Api { node, path } => return stream::api(&config, node, path).await,
+        Command::Forward { node, port, listen } => {
+            stream::forward(&config, node, *port, listen).await?;
+            return Ok(String::new());
+        }
+        _ => {}
+    }
     let ctl = Ctl::new(&config)?;
     let as_json = cli.json;
     let out = |v: &dyn erased_json::Json, table: String| -> anyhow::Result<String> {
@@ -362,6 +400,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 ),
             )
         }
+        Command::Exec { .. } | Command::Api { .. } | Command::Forward { .. } => {
+            bail!("exec, api and forward are served through the tunnel, not this request path")
+        }
         Command::Events { limit } => {
             let es: Vec<EventView> = ctl.get(&format!("/v1/events?limit={limit}")).await?;
             let mut t = String::new();
@@ -404,6 +445,19 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Exec { node, argv } = &cli.command {
+        let r = rt.block_on(async {
+            let config = load_config(&config_path(&cli)?)?;
+            stream::exec(&config, node, argv.clone()).await
+        });
+        return match r {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("hearthctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(run(cli)) {
         Ok(text) => {
             print!("{text}");

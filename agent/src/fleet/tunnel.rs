@@ -1,0 +1,234 @@
+//! The node's end of the secure tunnel: while the node is enrolled it keeps one outbound tunnel
+//! connection to the fleet (ALPN `hearth-tunnel/1`, the node certificate, the pinned CA, TCP
+//! keepalive and user timeout) and serves the streams the gateway opens on it. Nothing listens on
+//! the node: every stream arrives over the connection the node made.
+//!
+//! Targets ([`Target`]): the local API (relayed to the API's Unix socket), `exec` (a process with
+//! stdin, stdout and stderr on the stream; a non-zero exit comes back as the reset code
+//! [`reset::EXIT`]` + status` after all output), loopback ports in `tunnel.expose_ports`, and
+//! `echo` (diagnostics). Interactive shells (PTY) are not served yet and are refused with a
+//! reason. A lost connection is retried with full-jitter backoff (1 s .. 60 s, reset after a
+//! minute up). Design: `docs/0006-tunnel.md`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_fleet_client::backoff::{Backoff, os_random};
+use hearth_fleet_client::https::Endpoint;
+use hearth_fleet_client::tls::ClientIdentity;
+use hearth_fleet_client::tunnel::{Incoming, TunnelConfig, TunnelStream, connect};
+use hearth_proto::mux::{Target, reset};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TunnelConfig as Policy;
+
+/// What the node serves over its tunnel.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// The local API's Unix socket.
+    pub api_socket: PathBuf,
+    /// The `[tunnel]` policy.
+    pub policy: Policy,
+}
+
+/// Keep a tunnel to the fleet until `cancel`: connect, serve, and on loss retry with backoff.
+pub async fn run(
+    ep: Endpoint,
+    pin: String,
+    identity: ClientIdentity,
+    targets: Arc<Targets>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = connect(&ep, &pin, &identity, TunnelConfig::default()) => r,
+        };
+        match outcome {
+            Ok(mut tunnel) => {
+                tracing::info!(gateway = %ep.addr(), "tunnel up");
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            tunnel.handle.close();
+                            return;
+                        }
+                        why = tunnel.handle.ended() => {
+                            tracing::warn!(reason = %why, "tunnel down");
+                            break;
+                        }
+                        inc = tunnel.incoming.recv() => match inc {
+                            Some(inc) => { tokio::spawn(serve(targets.clone(), inc)); }
+                            None => break,
+                        },
+                    }
+                }
+                backoff.session_ended(started.elapsed());
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "tunnel connect failed");
+            }
+        }
+        let wait = backoff.next_delay(os_random());
+        tracing::info!(retry_in_ms = wait.as_millis() as u64, "tunnel reconnect scheduled");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Serve one stream the gateway opened.
+pub async fn serve(targets: Arc<Targets>, inc: Incoming) {
+    let Incoming { target, stream } = inc;
+    let label = target.label();
+    tracing::info!(stream = stream.id(), target = %label, "tunnel stream");
+    match target {
+        Target::Echo => echo(stream).await,
+        Target::LocalApi => match tokio::net::UnixStream::connect(&targets.api_socket).await {
+            Ok(mut api) => relay(stream, &mut api).await,
+            Err(e) => stream.refuse(
+                reset::UNREACHABLE,
+                &format!("local API at {} unreachable: {e}", targets.api_socket.display()),
+            ),
+        },
+        Target::Port(port) if targets.policy.expose_ports.contains(&port) => {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(mut tcp) => relay(stream, &mut tcp).await,
+                Err(e) => stream.refuse(reset::UNREACHABLE, &format!("127.0.0.1:{port}: {e}")),
+            }
+        }
+        Target::Port(port) => {
+            tracing::warn!(port, "tunnel stream refused by the expose policy");
+            stream.refuse(
+                reset::REFUSED,
+                &format!("port {port} is not in this node's tunnel.expose_ports"),
+            );
+        }
+        Target::Exec { .. } | Target::Shell { .. } if !targets.policy.exec => {
+            tracing::warn!(target = %label, "tunnel stream refused: tunnel.exec is false");
+            stream.refuse(reset::REFUSED, "this node does not allow exec or shell (tunnel.exec)");
+        }
+        Target::Exec { argv } => exec(stream, argv).await,
+        Target::Shell { .. } => stream
+            .refuse(reset::UNREACHABLE, "interactive shells are not supported yet by this agent"),
+        Target::Via { .. } => stream.refuse(reset::REFUSED, "a node relays nothing"),
+    }
+}
+
+async fn echo(mut s: TunnelStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.shutdown().await;
+}
+
+async fn relay<T>(mut s: TunnelStream, local: &mut T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(&mut s, local).await {
+        Ok(_) => {
+            let _ = s.shutdown().await;
+            s.flushed().await;
+        }
+        Err(e) => {
+            // What the local side answered still goes first (a reset overtakes queued data).
+            s.flushed().await;
+            s.control().reset(reset::CANCEL, &e.to_string());
+        }
+    }
+}
+
+async fn exec(s: TunnelStream, argv: Vec<String>) {
+    let Some((program, args)) = argv.split_first() else {
+        s.refuse(reset::UNREACHABLE, "exec needs a command");
+        return;
+    };
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            s.refuse(reset::UNREACHABLE, &format!("cannot run {program}: {e}"));
+            return;
+        }
+    };
+    let ctl = s.control();
+    let (mut rx, mut tx) = tokio::io::split(s);
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        ctl.reset(reset::INTERNAL, "child pipes missing");
+        return;
+    };
+    let input = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut rx, &mut stdin).await;
+        drop(stdin);
+        rx
+    });
+    // stdout and stderr interleaved onto the stream as they come.
+    let (mut ob, mut eb) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        let chunk = tokio::select! {
+            r = stdout.read(&mut ob), if out_open => match r {
+                Ok(n) if n > 0 => &ob[..n],
+                _ => { out_open = false; continue; }
+            },
+            r = stderr.read(&mut eb), if err_open => match r {
+                Ok(n) if n > 0 => &eb[..n],
+                _ => { err_open = false; continue; }
+            },
+        };
+        if tx.write_all(chunk).await.is_err() {
+            let _ = child.start_kill();
+            break;
+        }
+    }
+    let status = child.wait().await;
+    input.abort();
+    let _ = input.await;
+    // Give the output time to leave before a reset (resets overtake queued data).
+    let flushed = tokio::time::timeout(Duration::from_secs(30), async {
+        let _ = tx.flush().await;
+        while ctl.queued() > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let _ = flushed.await;
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(st) if st.success() => {
+            let _ = tx.shutdown().await;
+        }
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(code), _) => {
+                let code = u32::try_from(code).unwrap_or(255) & 0xff;
+                ctl.reset(reset::EXIT + code, &format!("exit status {code}"));
+            }
+            (None, Some(sig)) => {
+                let sig = u32::try_from(sig).unwrap_or(0) & 0xff;
+                ctl.reset(reset::SIGNAL + sig, &format!("killed by signal {sig}"));
+            }
+            (None, None) => ctl.reset(reset::INTERNAL, "exit status unknown"),
+        },
+        Err(e) => ctl.reset(reset::INTERNAL, &format!("wait failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

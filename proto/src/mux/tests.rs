@@ -1,0 +1,390 @@
+use super::*;
+
+type R = Result<(), MuxError>;
+
+fn pair() -> (Mux, Mux) {
+    (Mux::new(Side::Gateway, MuxConfig::default()), Mux::new(Side::Node, MuxConfig::default()))
+}
+
+/// Move everything `from` has to send into `to`; returns the bytes moved.
+fn pump(from: &mut Mux, to: &mut Mux) -> Result<usize, MuxError> {
+    let mut buf = Vec::new();
+    while from.poll_transmit(&mut buf, 1 << 20) {}
+    let used = to.receive(&buf)?;
+    assert_eq!(used, buf.len(), "whole frames only");
+    Ok(buf.len())
+}
+
+fn events(m: &mut Mux) -> Vec<Event> {
+    std::iter::from_fn(|| m.poll_event()).collect()
+}
+
+fn read_all(m: &mut Mux, id: StreamId, now: Instant) -> Result<Vec<u8>, MuxError> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = m.read(id, &mut buf, now)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn raw(kind: FrameType, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    frame::encode_into(&mut v, kind, flags, stream, payload).expect("valid frame");
+    v
+}
+
+#[test]
+fn open_send_finish_close_both_ways() -> R {
+    let (mut gw, mut node) = pair();
+    let now = Instant::now();
+    let id = gw.open(&Target::Exec { argv: vec!["uname".into(), "-a".into()] })?;
+    assert_eq!(id % 2, 0, "the gateway opens even ids");
+    gw.write(id, b"stdin bytes")?;
+    gw.finish(id)?;
+    pump(&mut gw, &mut node)?;
+    assert_eq!(
+        events(&mut node),
+        vec![
+            Event::Opened { id, target: Target::Exec { argv: vec!["uname".into(), "-a".into()] } },
+            Event::Readable(id),
+            Event::Finished(id),
+        ]
+    );
+    assert_eq!(read_all(&mut node, id, now)?, b"stdin bytes");
+    node.write(id, b"Linux")?;
+    node.finish(id)?;
+    pump(&mut node, &mut gw)?;
+    assert_eq!(events(&mut node), vec![Event::Closed(id)]);
+    assert_eq!(node.stream_count(), 0);
+    assert_eq!(events(&mut gw), vec![Event::Readable(id), Event::Finished(id)]);
+    assert_eq!(read_all(&mut gw, id, now)?, b"Linux");
+    assert_eq!(events(&mut gw), vec![Event::Closed(id)]);
+    assert_eq!(gw.stream_count(), 0);
+    // Both directions are done: writing again is an error, not a silent drop.
+    assert_eq!(gw.write(id, b"x"), Err(MuxError::UnknownStream(id)));
+    Ok(())
+}
+
+#[test]
+fn a_sender_never_exceeds_the_receivers_credit() -> R {
+    let (mut gw, mut node) = pair();
+    let now = Instant::now();
+    let id = gw.open(&Target::Echo)?;
+    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut written = 0;
+    let mut received = Vec::new();
+    let mut rounds = 0;
+    while received.len() < payload.len() {
+        rounds += 1;
+        assert!(rounds < 10_000, "no progress");
+        written += gw.write(id, &payload[written..])?;
+        pump(&mut gw, &mut node)?;
+        let st = node.stats(id).ok_or(MuxError::UnknownStream(id))?;
+        // The receiver's invariant: buffered + still allowed never exceeds its window.
+        assert!(st.recv_buffered as u64 + st.recv_allowed <= st.recv_window);
+        assert!(st.recv_buffered as u64 <= u64::from(INITIAL_WINDOW));
+        // Without a read nothing more can arrive: the sender is out of credit.
+        pump(&mut gw, &mut node)?;
+        assert_eq!(node.stats(id).map(|s| s.recv_buffered), Some(st.recv_buffered));
+        received.extend(read_all(&mut node, id, now)?);
+        pump(&mut node, &mut gw)?; // credit goes back
+    }
+    assert_eq!(received, payload);
+    Ok(())
+}
+
+#[test]
+fn data_beyond_credit_ends_the_session() -> R {
+    let (mut gw, mut node) = pair();
+    let id = gw.open(&Target::Echo)?;
+    pump(&mut gw, &mut node)?;
+    let chunk = vec![0u8; 64 * 1024];
+    for _ in 0..4 {
+        node.receive(&raw(FrameType::Data, 0, id, &chunk))?;
+    }
+    // The window (256 KiB) is used up: one more byte is a protocol violation.
+    assert_eq!(
+        node.receive(&raw(FrameType::Data, 0, id, b"x")),
+        Err(MuxError::FlowControl { stream: id, len: 1, allowed: 0 })
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bulk_stream_does_not_starve_a_shell_or_control() -> R {
+    let (mut gw, mut node) = pair();
+    let bulk = gw.open(&Target::Port(8080))?;
+    let shell = gw.open(&Target::Shell { rows: 24, cols: 80, term: "xterm".into() })?;
+    pump(&mut gw, &mut node)?;
+    gw.write(bulk, &vec![7u8; 256 * 1024])?;
+    gw.write(shell, b"ls\n")?;
+    gw.send_control(b"control message")?;
+    let mut out = Vec::new();
+    gw.poll_transmit(&mut out, 1 << 20);
+    let mut order = Vec::new();
+    let mut at = 0;
+    while let Some((h, _, n)) = frame::decode(&out[at..])? {
+        order.push((h.kind, h.stream, at));
+        at += n;
+    }
+    // Control first, then at most one quantum of bulk before the shell's bytes.
+    assert_eq!(order[0].0, FrameType::Control);
+    let shell_at = order
+        .iter()
+        .find(|(k, s, _)| *k == FrameType::Data && *s == shell)
+        .map(|(_, _, at)| *at)
+        .ok_or(MuxError::UnknownStream(shell))?;
+    assert!(
+        shell_at <= MuxConfig::default().quantum + 3 * HEADER_LEN + 32,
+        "shell data at byte {shell_at}"
+    );
+    // Control queued while bulk data is pending still leaves before further data.
+    gw.write(bulk, &vec![7u8; 64 * 1024])?;
+    let mut out = Vec::new();
+    gw.poll_transmit(&mut out, 32 * 1024);
+    gw.send_control(b"late")?;
+    let mut next = Vec::new();
+    gw.poll_transmit(&mut next, 1);
+    let (h, p, _) = frame::decode(&next)?.ok_or(MuxError::UnknownStream(0))?;
+    assert_eq!((h.kind, p), (FrameType::Control, &b"late"[..]));
+    Ok(())
+}
+
+#[test]
+fn equal_streams_get_equal_shares() -> R {
+    let (mut gw, mut node) = pair();
+    let ids: Vec<_> = (0..8).map(|_| gw.open(&Target::Echo)).collect::<Result<_, _>>()?;
+    pump(&mut gw, &mut node)?;
+    for id in &ids {
+        gw.write(*id, &vec![1u8; 200 * 1024])?;
+    }
+    let mut out = Vec::new();
+    gw.poll_transmit(&mut out, 8 * 64 * 1024);
+    let mut per = BTreeMap::<u32, usize>::new();
+    let mut at = 0;
+    while let Some((h, p, n)) = frame::decode(&out[at..])? {
+        *per.entry(h.stream).or_default() += p.len();
+        at += n;
+    }
+    let (min, max) = (per.values().min().copied(), per.values().max().copied());
+    assert_eq!(per.len(), 8);
+    // Within one quantum of each other.
+    assert!(max.unwrap_or(0) - min.unwrap_or(0) <= MuxConfig::default().quantum, "{per:?}");
+    Ok(())
+}
+
+#[test]
+fn the_window_grows_only_when_it_limits_the_stream() -> R {
+    let (mut gw, mut node) = pair();
+    node.set_rtt(Duration::from_millis(10));
+    let id = gw.open(&Target::Echo)?;
+    pump(&mut gw, &mut node)?;
+    let t0 = Instant::now();
+    let mut t = t0;
+    let payload = vec![3u8; 256 * 1024];
+    // A fast reader (a window drained every 1 ms, rtt 10 ms): the window doubles each time.
+    for _ in 0..6 {
+        let mut sent = 0;
+        while sent < payload.len() {
+            sent += gw.write(id, &payload[sent..])?;
+            pump(&mut gw, &mut node)?;
+            read_all(&mut node, id, t)?;
+            pump(&mut node, &mut gw)?;
+        }
+        t += Duration::from_millis(1);
+    }
+    let grown = node.stats(id).map(|s| s.recv_window).unwrap_or(0);
+    assert!(grown >= 4 * u64::from(INITIAL_WINDOW), "window {grown}");
+    assert!(grown <= u64::from(MuxConfig::default().max_window));
+
+    // A slow reader (16 KiB every 5 ms, 3.2 MB/s: a bandwidth-delay product of 32 KiB at 10 ms):
+    // the reader, not the window, limits the stream, so it stays at the initial window.
+    let slow = gw.open(&Target::Echo)?;
+    pump(&mut gw, &mut node)?;
+    let mut t = t0;
+    let mut buf = vec![0u8; 16 * 1024];
+    for _ in 0..6 {
+        let mut sent = 0;
+        while sent < payload.len() {
+            sent += gw.write(slow, &payload[sent..])?;
+            pump(&mut gw, &mut node)?;
+            while node.read(slow, &mut buf, t)? > 0 {
+                t += Duration::from_millis(5);
+            }
+            pump(&mut node, &mut gw)?;
+        }
+    }
+    assert_eq!(node.stats(slow).map(|s| s.recv_window), Some(u64::from(INITIAL_WINDOW)));
+    Ok(())
+}
+
+#[test]
+fn writes_push_back_and_report_writable() -> R {
+    let (mut gw, mut node) = pair();
+    let id = gw.open(&Target::Echo)?;
+    pump(&mut gw, &mut node)?;
+    let big = vec![0u8; 1 << 20];
+    let took = gw.write(id, &big)?;
+    assert_eq!(took, MuxConfig::default().send_buffer);
+    assert_eq!(gw.write(id, &big)?, 0);
+    pump(&mut gw, &mut node)?;
+    assert!(events(&mut gw).contains(&Event::Writable(id)));
+    Ok(())
+}
+
+#[test]
+fn pings_are_answered_with_the_same_bytes() -> R {
+    let (mut gw, mut node) = pair();
+    node.ping(*b"12345678");
+    pump(&mut node, &mut gw)?;
+    assert!(events(&mut gw).is_empty(), "the ping is answered inside the mux");
+    pump(&mut gw, &mut node)?;
+    assert_eq!(events(&mut node), vec![Event::Pong(*b"12345678")]);
+    assert!(matches!(
+        node.receive(&raw(FrameType::Ping, 0, 0, b"short")),
+        Err(MuxError::BadPayload { kind: FrameType::Ping, len: 5, .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn protocol_violations_are_named() -> R {
+    let (_, mut node) = pair();
+    let open = postcard::to_stdvec(&Target::Echo).unwrap_or_default();
+    // The node opens odd ids: the gateway may not.
+    assert_eq!(
+        node.receive(&raw(FrameType::Open, 0, 3, &open)),
+        Err(MuxError::BadOpen { stream: 3, reason: "id of this side's parity" })
+    );
+    node.receive(&raw(FrameType::Open, 0, 4, &open))?;
+    assert_eq!(
+        node.receive(&raw(FrameType::Open, 0, 4, &open)),
+        Err(MuxError::BadOpen { stream: 4, reason: "id not above the last one" })
+    );
+    assert_eq!(
+        node.receive(&raw(FrameType::Data, 0, 8, b"x")),
+        Err(MuxError::NeverOpened { kind: FrameType::Data, stream: 8 })
+    );
+    assert!(matches!(
+        node.receive(&raw(FrameType::Window, 0, 4, b"abc")),
+        Err(MuxError::BadPayload { kind: FrameType::Window, len: 3, .. })
+    ));
+    node.receive(&raw(FrameType::Data, FLAG_FIN, 4, b"end"))?;
+    assert_eq!(node.receive(&raw(FrameType::Data, 0, 4, b"more")), Err(MuxError::DataAfterFin(4)));
+    node.receive(&raw(FrameType::Open, 0, 6, &open))?;
+    node.receive(&raw(FrameType::Window, 0, 6, &(1u32 << 30).to_be_bytes()))?;
+    assert_eq!(
+        node.receive(&raw(FrameType::Window, 0, 6, &u32::MAX.to_be_bytes())),
+        Err(MuxError::WindowOverflow(6))
+    );
+    Ok(())
+}
+
+#[test]
+fn refusals_reach_the_opener() -> R {
+    let (mut gw, mut node) = pair();
+    let id = gw.open(&Target::Port(22))?;
+    pump(&mut gw, &mut node)?;
+    assert!(matches!(events(&mut node)[..], [Event::Opened { target: Target::Port(22), .. }]));
+    node.reset(id, reset::REFUSED, "port 22 is not in this node's expose policy")?;
+    pump(&mut node, &mut gw)?;
+    assert_eq!(
+        events(&mut gw),
+        vec![
+            Event::Reset {
+                id,
+                code: reset::REFUSED,
+                reason: "port 22 is not in this node's expose policy".into()
+            },
+            Event::Closed(id)
+        ]
+    );
+    assert_eq!(gw.stream_count(), 0);
+    // Frames still in flight for the reset stream are dropped, not errors.
+    gw.receive(&raw(FrameType::Data, 0, id, b"late"))?;
+
+    // An undecodable target is refused with BAD_TARGET.
+    node.receive(&raw(FrameType::Open, 0, id + 2, b"\xff\xff"))?;
+    assert!(events(&mut node).is_empty(), "no Opened for a bad target");
+    let mut out = Vec::new();
+    node.poll_transmit(&mut out, 1 << 20);
+    let (h, p, _) = frame::decode(&out)?.ok_or(MuxError::UnknownStream(0))?;
+    assert_eq!((h.kind, h.stream), (FrameType::Reset, id + 2));
+    assert_eq!(p[..4], reset::BAD_TARGET.to_be_bytes());
+    Ok(())
+}
+
+#[test]
+fn opens_over_the_limit_are_refused() -> R {
+    let config = MuxConfig { max_streams: 2, ..MuxConfig::default() };
+    let mut gw = Mux::new(Side::Gateway, MuxConfig::default());
+    let mut node = Mux::new(Side::Node, config);
+    let ids: Vec<_> = (0..3).map(|_| gw.open(&Target::Echo)).collect::<Result<_, _>>()?;
+    pump(&mut gw, &mut node)?;
+    assert_eq!(node.stream_count(), 2);
+    pump(&mut node, &mut gw)?;
+    let ev = events(&mut gw);
+    assert!(matches!(ev[..], [Event::Reset { code: reset::LIMIT, .. }, Event::Closed(_)]));
+    assert_eq!(ev.last(), Some(&Event::Closed(ids[2])));
+    assert_eq!(node.open(&Target::Echo), Err(MuxError::TooManyStreams { max: 2 }));
+    Ok(())
+}
+
+#[test]
+fn partial_input_waits_for_the_rest() -> R {
+    let (mut gw, mut node) = pair();
+    let id = gw.open(&Target::Echo)?;
+    gw.write(id, b"hello")?;
+    let mut out = Vec::new();
+    gw.poll_transmit(&mut out, 1 << 20);
+    let cut = out.len() - 2;
+    let used = node.receive(&out[..cut])?;
+    assert!(used < cut);
+    let used2 = node.receive(&out[used..])?;
+    assert_eq!(used + used2, out.len());
+    assert_eq!(read_all(&mut node, id, Instant::now())?, b"hello");
+    Ok(())
+}
+
+#[test]
+fn a_thousand_idle_streams_cost_little() -> R {
+    let (mut gw, mut node) = pair();
+    for _ in 0..1000 {
+        gw.open(&Target::Echo)?;
+    }
+    let bytes = pump(&mut gw, &mut node)?;
+    assert_eq!(node.stream_count(), 1000);
+    // One small Open frame each; no buffers are held for idle streams.
+    assert!(bytes < 1000 * (HEADER_LEN + 4), "{bytes} bytes");
+    assert!(node.stream_ids().all(|id| node.stats(id).is_some_and(|s| s.recv_buffered == 0)));
+    Ok(())
+}
+
+#[test]
+fn bytes_before_a_reset_stay_readable() -> R {
+    let (mut gw, mut node) = pair();
+    let id = gw.open(&Target::Exec { argv: vec!["false".into()] })?;
+    pump(&mut gw, &mut node)?;
+    node.write(id, b"output")?;
+    let mut out = Vec::new();
+    node.poll_transmit(&mut out, 1 << 20);
+    node.reset(id, reset::EXIT + 1, "exit status 1")?;
+    node.poll_transmit(&mut out, 1 << 20);
+    // Data and reset arrive in one read.
+    gw.receive(&out)?;
+    assert_eq!(
+        events(&mut gw),
+        vec![
+            Event::Readable(id),
+            Event::Reset { id, code: reset::EXIT + 1, reason: "exit status 1".into() }
+        ]
+    );
+    assert_eq!(read_all(&mut gw, id, Instant::now())?, b"output");
+    assert_eq!(events(&mut gw), vec![Event::Closed(id)]);
+    assert_eq!(gw.stream_count(), 0);
+    Ok(())
+}

@@ -1,0 +1,736 @@
+//! The tunnel driver: runs a [`Mux`] over one connection (the node's mTLS session, either end)
+//! with two tasks, and hands out each data stream as a [`TunnelStream`] (`AsyncRead` +
+//! `AsyncWrite`). Design: `docs/0006-tunnel.md`.
+//!
+//! - The **reader task** reads the connection into a buffer, feeds whole frames to the mux and
+//!   wakes the streams the events name; streams the peer opens arrive on [`Tunnel::incoming`],
+//!   control messages on [`Tunnel::control`].
+//! - The **writer task** drains the mux ([`Mux::poll_transmit`]) into one buffer of up to
+//!   [`COALESCE`] bytes per write, so rustls seals full 16 KiB records and the kernel sees few,
+//!   large writes.
+//! - **Liveness**: a ping every [`PING_INTERVAL`]; a session with nothing received for
+//!   [`DEAD_AFTER`] is dead, and every stream on it fails with `ConnectionAborted`.
+//!
+//! The mux sits behind a `std` mutex that is never held across an `.await`; a stream's reads and
+//! writes lock it briefly, so there is no per-stream task and no per-stream buffer beyond the
+//! mux's own (an idle stream costs a few hundred bytes).
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use hearth_proto::mux::{
+    Event, Mux, MuxConfig, MuxError, Side, StreamId, TUNNEL_ALPN, Target, reset,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::https::{ClientError, Endpoint, connect_tls};
+use crate::tls::{ClientIdentity, client_config};
+
+/// A ping is sent this often.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Nothing received for this long: the session is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
+
+/// Bytes the writer gathers into one write (four full TLS records).
+pub const COALESCE: usize = 64 * 1024;
+
+/// TCP_NOTSENT_LOWAT: the socket takes more only when fewer bytes than this wait unsent, so the
+/// fair scheduler, not a deep kernel queue, decides what goes next (a shell's keystroke waits
+/// behind at most this much bulk data in the kernel).
+pub const NOTSENT_LOWAT: u32 = 64 * 1024;
+
+/// TCP keepalive: idle time before the first probe, and the probe interval.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// TCP_USER_TIMEOUT: unacknowledged data older than this kills the connection (Linux).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connect a tunnel to the gateway at `ep` with a node's or an operator's certificate: TLS 1.3
+/// with the pinned CA, ALPN [`TUNNEL_ALPN`], TCP keepalive every [`KEEPALIVE`] and
+/// TCP_USER_TIMEOUT [`USER_TIMEOUT`] so a dead path is noticed even while data is queued.
+pub async fn connect(
+    ep: &Endpoint,
+    pin: &str,
+    identity: &ClientIdentity,
+    config: TunnelConfig,
+) -> Result<Tunnel, ClientError> {
+    let tls_config = client_config(pin, Some(identity), TUNNEL_ALPN)?;
+    let tls = connect_tls(ep, tls_config).await?;
+    tune_tcp(tls.get_ref().0);
+    Ok(Tunnel::spawn(tls, Side::Node, config))
+}
+
+/// Keepalive, user timeout and a shallow send queue on a tunnel's TCP connection (either end;
+/// best effort: logged if refused).
+pub fn tune_tcp(tcp: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new().with_time(KEEPALIVE).with_interval(KEEPALIVE);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+    }
+    let _ = tcp.set_nodelay(true);
+}
+
+/// Streams the peer opened that are not yet taken from [`Tunnel::incoming`].
+const INCOMING_QUEUE: usize = 256;
+
+/// Why the tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TunnelError {
+    /// The peer broke the protocol.
+    #[error("peer broke the tunnel protocol")]
+    Protocol(#[from] MuxError),
+    /// Reading or writing the connection failed.
+    #[error("tunnel connection failed: {0}")]
+    Io(String),
+    /// The peer closed the connection.
+    #[error("peer closed the tunnel connection")]
+    Eof,
+    /// Nothing came for [`DEAD_AFTER`].
+    #[error("nothing received for {0:?}: the session is dead")]
+    Dead(Duration),
+    /// [`TunnelHandle::close`] was called.
+    #[error("tunnel closed by this side")]
+    Closed,
+}
+
+/// Tuning of one tunnel (the defaults are the protocol's).
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// The multiplexer's limits.
+    pub mux: MuxConfig,
+    /// Ping period.
+    pub ping_interval: Duration,
+    /// Silence after which the session is dead.
+    pub dead_after: Duration,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self { mux: MuxConfig::default(), ping_interval: PING_INTERVAL, dead_after: DEAD_AFTER }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    read: Option<Waker>,
+    write: Option<Waker>,
+    finished: bool,
+    reset: Option<(u32, String)>,
+    /// The [`TunnelStream`] is gone; the stream lives on until its queued bytes are sent.
+    dropped: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    mux: Mux,
+    waiters: HashMap<StreamId, Waiters>,
+    dead: Option<TunnelError>,
+    last_rx: Instant,
+    rtt: Option<Duration>,
+    ping_sent: Option<Instant>,
+    control: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Something was queued for the writer.
+    tx_ready: Notify,
+    ended: watch::Sender<Option<TunnelError>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn end(&self, why: TunnelError) {
+        let mut st = self.lock();
+        if st.dead.is_none() {
+            st.dead = Some(why.clone());
+            for w in st.waiters.values_mut() {
+                wake(&mut w.read);
+                wake(&mut w.write);
+            }
+            drop(st);
+            self.ended.send_replace(Some(why));
+            self.tx_ready.notify_one();
+        }
+    }
+}
+
+/// A stream the peer opened.
+#[derive(Debug)]
+pub struct Incoming {
+    /// What it wants to reach.
+    pub target: Target,
+    /// The stream (refuse it with [`TunnelStream::refuse`]).
+    pub stream: TunnelStream,
+}
+
+/// One end of a running tunnel.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Opens streams, sends control messages.
+    pub handle: TunnelHandle,
+    /// Streams the peer opens.
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// Control-message payloads from the peer (stream 0).
+    pub control: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+/// Opens streams on a tunnel; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TunnelHandle {
+    shared: Arc<Shared>,
+}
+
+impl Tunnel {
+    /// Run a tunnel over `io` (an established session connection) as `side`. The tasks end when
+    /// the connection fails, the peer breaks the protocol, the session goes silent or
+    /// [`TunnelHandle::close`] is called; [`TunnelHandle::ended`] tells why.
+    pub fn spawn<S>(io: S, side: Side, config: TunnelConfig) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(io);
+        let (in_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
+        let (ctl_tx, control) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                mux: Mux::new(side, config.mux.clone()),
+                waiters: HashMap::new(),
+                dead: None,
+                last_rx: Instant::now(),
+                rtt: None,
+                ping_sent: None,
+                control: ctl_tx,
+            }),
+            tx_ready: Notify::new(),
+            ended: watch::channel(None).0,
+        });
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let why = read_loop(&s, reader, in_tx).await;
+            s.end(why);
+        });
+        let s = shared.clone();
+        tokio::spawn(async move {
+            if let Err(why) = write_loop(&s, writer).await {
+                s.end(why);
+            }
+        });
+        let s = shared.clone();
+        tokio::spawn(async move { liveness(&s, config.ping_interval, config.dead_after).await });
+        Self { handle: TunnelHandle { shared }, incoming, control }
+    }
+}
+
+impl TunnelHandle {
+    /// Open a stream to `target` on the peer. The peer may still refuse it: the first read or
+    /// write then fails with `ConnectionRefused` (and the reason).
+    pub fn open(&self, target: &Target) -> io::Result<TunnelStream> {
+        let mut st = self.shared.lock();
+        if let Some(why) = &st.dead {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string()));
+        }
+        let id = st.mux.open(target).map_err(|e| io::Error::other(e.to_string()))?;
+        st.waiters.insert(id, Waiters::default());
+        drop(st);
+        self.shared.tx_ready.notify_one();
+        Ok(TunnelStream { id, shared: self.shared.clone(), shut: false })
+    }
+
+    /// Send a control message's payload (ahead of all stream data).
+    pub fn send_control(&self, payload: &[u8]) -> Result<(), TunnelError> {
+        let mut st = self.shared.lock();
+        if let Some(why) = &st.dead {
+            return Err(why.clone());
+        }
+        st.mux.send_control(payload)?;
+        drop(st);
+        self.shared.tx_ready.notify_one();
+        Ok(())
+    }
+
+    /// The last measured round trip (from pings).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.shared.lock().rtt
+    }
+
+    /// Streams open now.
+    pub fn stream_count(&self) -> usize {
+        self.shared.lock().mux.stream_count()
+    }
+
+    /// End the tunnel now.
+    pub fn close(&self) {
+        self.shared.end(TunnelError::Closed);
+    }
+
+    /// Wait until the tunnel ends; returns why.
+    pub async fn ended(&self) -> TunnelError {
+        let mut rx = self.shared.ended.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return TunnelError::Closed;
+            }
+        }
+    }
+}
+
+/// One data stream of a tunnel. Dropping it without [`AsyncWriteExt::shutdown`] resets it.
+#[derive(Debug)]
+pub struct TunnelStream {
+    id: StreamId,
+    shared: Arc<Shared>,
+    shut: bool,
+}
+
+impl TunnelStream {
+    /// The stream's id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Refuse (or abort) the stream with a [`reset`] code; the opener sees the reason.
+    pub fn refuse(mut self, code: u32, reason: &str) {
+        let mut st = self.shared.lock();
+        let _ = st.mux.reset(self.id, code, reason);
+        st.waiters.remove(&self.id);
+        drop(st);
+        self.shut = true;
+        self.shared.tx_ready.notify_one();
+    }
+
+    /// A handle that can reset this stream while its halves are in use elsewhere.
+    pub fn control(&self) -> StreamControl {
+        StreamControl { id: self.id, shared: self.shared.clone() }
+    }
+
+    /// Wait until every byte written so far has left for the peer (not that it arrived).
+    pub async fn flushed(&self) {
+        loop {
+            let queued = {
+                let st = self.shared.lock();
+                st.dead.is_some() || st.mux.stats(self.id).is_none_or(|s| s.send_queued == 0)
+            };
+            if queued {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn aborted(st: &State, id: StreamId) -> Option<io::Error> {
+        if let Some((code, reason)) = st.waiters.get(&id).and_then(|w| w.reset.as_ref()) {
+            let kind = if *code == reset::CANCEL {
+                io::ErrorKind::ConnectionReset
+            } else {
+                io::ErrorKind::ConnectionRefused
+            };
+            return Some(io::Error::new(kind, StreamReset { code: *code, reason: reason.clone() }));
+        }
+        st.dead
+            .as_ref()
+            .map(|why| io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string()))
+    }
+}
+
+/// The peer reset a stream: the error inside the `io::Error` a read or write returns
+/// (`ConnectionRefused`, or `ConnectionReset` for [`reset::CANCEL`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stream reset by peer (code {code}): {reason}")]
+pub struct StreamReset {
+    /// A [`reset`] code.
+    pub code: u32,
+    /// The peer's reason.
+    pub reason: String,
+}
+
+impl StreamReset {
+    /// The reset inside an I/O error, if it is one.
+    pub fn of(e: &io::Error) -> Option<&Self> {
+        e.get_ref().and_then(|i| i.downcast_ref::<Self>())
+    }
+}
+
+/// Resets one stream (see [`TunnelStream::control`]).
+#[derive(Debug, Clone)]
+pub struct StreamControl {
+    id: StreamId,
+    shared: Arc<Shared>,
+}
+
+impl StreamControl {
+    /// Wait until every byte written so far has left for the peer (or the stream is gone).
+    pub async fn flushed(&self) {
+        while self.queued() > 0 && self.shared.lock().dead.is_none() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Bytes written to the stream and not yet handed to the connection.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().mux.stats(self.id).map_or(0, |s| s.send_queued)
+    }
+    /// Reset the stream with a [`reset`] code; a stream already gone is left alone.
+    pub fn reset(&self, code: u32, reason: &str) {
+        let mut st = self.shared.lock();
+        if st.mux.reset(self.id, code, reason).is_ok() {
+            if let Some(w) = st.waiters.get_mut(&self.id) {
+                w.reset = Some((code, reason.to_string()));
+                wake(&mut w.read);
+                wake(&mut w.write);
+            }
+            drop(st);
+            self.shared.tx_ready.notify_one();
+        }
+    }
+}
+
+/// Relay two streams both ways until both directions end; a reset on one side resets the other
+/// with the same code (so an exit status or a refusal reaches the far end). Returns the bytes
+/// moved `a → b` and `b → a`.
+pub async fn splice(a: TunnelStream, b: TunnelStream) -> (u64, u64) {
+    let (ca, cb) = (a.control(), b.control());
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    tokio::join!(pipe(ar, bw, &cb), pipe(br, aw, &ca))
+}
+
+async fn pipe<R, W>(mut from: R, mut to: W, to_ctl: &StreamControl) -> u64
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut moved = 0u64;
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return moved;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return moved;
+                }
+                moved += n as u64;
+            }
+            Err(e) => {
+                // What was relayed before the reset goes first (a reset overtakes queued data),
+                // unless the far side stops taking it.
+                let _ = tokio::time::timeout(Duration::from_secs(30), to_ctl.flushed()).await;
+                match StreamReset::of(&e) {
+                    Some(r) => to_ctl.reset(r.code, &r.reason),
+                    None => to_ctl.reset(reset::CANCEL, &e.to_string()),
+                }
+                return moved;
+            }
+        }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let id = self.id;
+        let mut st = self.shared.lock();
+        let n = st.mux.read(id, buf.initialize_unfilled(), Instant::now()).unwrap_or_default();
+        if n > 0 {
+            buf.advance(n);
+            drop(st);
+            // Reading may have queued credit for the peer.
+            self.shared.tx_ready.notify_one();
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = Self::aborted(&st, id) {
+            return Poll::Ready(Err(e));
+        }
+        let gone = st.mux.stats(id).is_none();
+        match st.waiters.get_mut(&id) {
+            Some(w) if !w.finished && !gone => {
+                w.read = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            // Finished by the peer (or closed): end of stream.
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let id = self.id;
+        let mut st = self.shared.lock();
+        if let Some(e) = Self::aborted(&st, id) {
+            return Poll::Ready(Err(e));
+        }
+        match st.mux.write(id, data) {
+            Ok(0) if !data.is_empty() => {
+                if let Some(w) = st.waiters.get_mut(&id) {
+                    w.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                drop(st);
+                self.shared.tx_ready.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            let id = self.id;
+            let mut st = self.shared.lock();
+            // Already gone (reset, or both sides done): nothing to finish.
+            let _ = st.mux.finish(id);
+            drop(st);
+            self.shut = true;
+            self.shared.tx_ready.notify_one();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if !self.shut {
+            let _ = st.mux.reset(self.id, reset::CANCEL, "closed by the application");
+        }
+        // A finished stream lives on until its queued bytes are sent and the peer finishes too;
+        // then its waiters go with it (see `dispatch`).
+        if !self.shut || st.mux.stats(self.id).is_none() {
+            st.waiters.remove(&self.id);
+        } else if let Some(w) = st.waiters.get_mut(&self.id) {
+            w.dropped = true;
+            let mut scratch = [0u8; 16 * 1024];
+            while st.mux.read(self.id, &mut scratch, Instant::now()).unwrap_or(0) > 0 {}
+        }
+        drop(st);
+        self.shared.tx_ready.notify_one();
+    }
+}
+
+async fn read_loop<R: AsyncRead>(
+    shared: &Arc<Shared>,
+    reader: R,
+    incoming: mpsc::Sender<Incoming>,
+) -> TunnelError {
+    tokio::pin!(reader);
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut ended = shared.ended.subscribe();
+    loop {
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            r = reader.read_buf(&mut buf) => match r {
+                Ok(0) => return TunnelError::Eof,
+                Ok(_) => {}
+                Err(e) => return TunnelError::Io(e.to_string()),
+            },
+            _ = ended.changed() => return TunnelError::Closed,
+        }
+        let mut opened = Vec::new();
+        {
+            let mut st = shared.lock();
+            st.last_rx = Instant::now();
+            let used = match st.mux.receive(&buf) {
+                Ok(used) => used,
+                Err(e) => return TunnelError::Protocol(e),
+            };
+            buf.drain(..used);
+            dispatch(&mut st, &mut opened);
+        }
+        shared.tx_ready.notify_one();
+        for (id, target) in opened {
+            let stream = TunnelStream { id, shared: shared.clone(), shut: false };
+            if let Err(mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i)) =
+                incoming.try_send(Incoming { target, stream })
+            {
+                tracing::warn!(stream = id, "no one takes incoming streams: refusing");
+                i.stream.refuse(reset::LIMIT, "the peer is not accepting streams");
+            }
+        }
+    }
+}
+
+/// Act on the mux's events: wake the streams they name, pass control messages on, collect the
+/// streams the peer opened.
+fn dispatch(st: &mut State, opened: &mut Vec<(StreamId, Target)>) {
+    let mut scratch = [0u8; 16 * 1024];
+    while let Some(ev) = st.mux.poll_event() {
+        match ev {
+            Event::Opened { id, target } => {
+                st.waiters.insert(id, Waiters::default());
+                opened.push((id, target));
+            }
+            Event::Readable(id) => {
+                if let Some(w) = st.waiters.get_mut(&id) {
+                    wake(&mut w.read);
+                    if w.dropped {
+                        // No one reads it any more: discard, so the peer's credit keeps flowing.
+                        while st.mux.read(id, &mut scratch, Instant::now()).unwrap_or(0) > 0 {}
+                    }
+                }
+            }
+            Event::Finished(id) => {
+                if let Some(w) = st.waiters.get_mut(&id) {
+                    w.finished = true;
+                    wake(&mut w.read);
+                }
+            }
+            Event::Writable(id) => {
+                if let Some(w) = st.waiters.get_mut(&id) {
+                    wake(&mut w.write);
+                }
+            }
+            Event::Reset { id, code, reason } => {
+                if let Some(w) = st.waiters.get_mut(&id) {
+                    w.reset = Some((code, reason));
+                    wake(&mut w.read);
+                    wake(&mut w.write);
+                }
+            }
+            Event::Closed(id) => {
+                let dropped = st.waiters.get_mut(&id).is_some_and(|w| {
+                    w.finished = true;
+                    wake(&mut w.read);
+                    wake(&mut w.write);
+                    w.dropped
+                });
+                if dropped {
+                    st.waiters.remove(&id);
+                }
+            }
+            Event::Control(payload) => {
+                let _ = st.control.send(payload);
+            }
+            Event::Pong(bytes) => {
+                if let Some(sent) = st.ping_sent.take()
+                    && bytes == ping_payload(sent)
+                {
+                    let rtt = sent.elapsed();
+                    st.rtt = Some(rtt);
+                    st.mux.set_rtt(rtt);
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<(), TunnelError> {
+    tokio::pin!(writer);
+    let mut out = Vec::with_capacity(COALESCE + 64 * 1024);
+    loop {
+        shared.tx_ready.notified().await;
+        loop {
+            out.clear();
+            let (dead, more) = {
+                let mut st = shared.lock();
+                if st.dead.is_some() {
+                    (true, false)
+                } else {
+                    let more = st.mux.poll_transmit(&mut out, COALESCE);
+                    // Wake writers whose room came back (opens only come from received frames).
+                    let mut opened = Vec::new();
+                    dispatch(&mut st, &mut opened);
+                    (false, more)
+                }
+            };
+            if dead {
+                let _ = writer.shutdown().await;
+                return Ok(());
+            }
+            if !more {
+                break;
+            }
+            writer.write_all(&out).await.map_err(|e| TunnelError::Io(e.to_string()))?;
+        }
+        writer.flush().await.map_err(|e| TunnelError::Io(e.to_string()))?;
+    }
+}
+
+fn wake(w: &mut Option<Waker>) {
+    if let Some(w) = w.take() {
+        w.wake();
+    }
+}
+
+fn ping_payload(sent: Instant) -> [u8; 8] {
+    // Opaque to the peer; only compared with the answer.
+    let anchor = *ANCHOR.get_or_init(Instant::now);
+    let nanos = sent.saturating_duration_since(anchor).as_nanos();
+    u64::try_from(nanos).unwrap_or(u64::MAX).to_be_bytes()
+}
+
+static ANCHOR: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+async fn liveness(shared: &Arc<Shared>, every: Duration, dead_after: Duration) {
+    let mut ended = shared.ended.subscribe();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ended.changed() => return,
+        }
+        let silent = {
+            let mut st = shared.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            let silent = st.last_rx.elapsed();
+            if silent < dead_after {
+                let now = Instant::now();
+                st.ping_sent = Some(now);
+                st.mux.ping(ping_payload(now));
+            }
+            silent
+        };
+        if silent >= dead_after {
+            tracing::info!(silent_ms = silent.as_millis() as u64, "tunnel session silent: dead");
+            shared.end(TunnelError::Dead(silent));
+            return;
+        }
+        shared.tx_ready.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests;
