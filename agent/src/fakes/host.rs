@@ -68,6 +68,7 @@ impl HostProbe for SystemProbe {
                 total_bytes: 1 << 40,
                 avail_bytes: 1 << 39,
                 read_only: false,
+                image: false,
             })
         }))
     }

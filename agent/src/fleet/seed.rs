@@ -187,7 +187,17 @@ pub fn sources(override_path: Option<&Path>, state_dir: &Path) -> Vec<Box<dyn Se
 /// The first seed found, with its origin.
 pub fn discover(sources: &[Box<dyn SeedSource>]) -> Result<Option<(Seed, String)>, SourceError> {
     for s in sources {
-        if let Some(text) = s.read()? {
+        let read = match s.read() {
+            // A seed partition that cannot be mounted (e.g. inside the agent's sandbox, where
+            // hearth-seed.service has already copied its seed to the credential) does not hide
+            // the sources after it.
+            Err(e @ SourceError::Mount { .. }) => {
+                tracing::warn!(source = %s.origin(), error = %e, "seed source unreadable: trying the next");
+                continue;
+            }
+            other => other?,
+        };
+        if let Some(text) = read {
             let origin = s.origin();
             let seed = Seed::parse(&text, &origin)?;
             crate::netconfig::NetworkSettings::parse_seed(&text, Path::new(&origin))?;
@@ -232,6 +242,32 @@ mod tests {
         ];
         let e = discover(&sources).err().map(|e| e.to_string());
         assert_eq!(e.as_deref(), Some("seed from credential is invalid"));
+    }
+
+    #[derive(Debug)]
+    struct Unmountable;
+    impl SeedSource for Unmountable {
+        fn origin(&self) -> String {
+            "seed.toml on /dev/disk/by-label/HEARTH-SEED".into()
+        }
+        fn read(&self) -> Result<Option<String>, SourceError> {
+            Err(SourceError::Mount {
+                device: "/dev/sda5".into(),
+                message: "permission denied".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn an_unmountable_seed_partition_does_not_hide_the_credential() -> Result<(), SourceError> {
+        let sources: Vec<Box<dyn SeedSource>> = vec![
+            Box::new(Unmountable),
+            Box::new(FakeSeedSource::new("credential", Some(seed_text("from-cred")))),
+        ];
+        let (seed, origin) = discover(&sources)?
+            .ok_or(SourceError::Mount { device: "none".into(), message: "no seed".into() })?;
+        assert_eq!((seed.fleet.token.as_str(), origin.as_str()), ("from-cred", "credential"));
+        Ok(())
     }
 
     #[test]

@@ -227,6 +227,8 @@ fn d_host_interval() -> u64 {
     5
 }
 fn d_filesystems() -> Vec<PathBuf> {
+    // The system (on the image: the read-only erofs slot, healthy by design); the state
+    // directory (the data partition) is always added.
     vec![PathBuf::from("/")]
 }
 fn d_min_free() -> u32 {

@@ -23,7 +23,15 @@ pub struct FsStat {
     pub avail_bytes: u64,
     /// Mounted read-only.
     pub read_only: bool,
+    /// A read-only image filesystem (erofs, squashfs, iso9660): read-only and full by design,
+    /// like the Hearth image's verity-protected system slot; only rw filesystems found read-only
+    /// are a failure.
+    pub image: bool,
 }
+
+/// `statfs` magic numbers of filesystems that are read-only images by construction.
+const IMAGE_FS_MAGIC: [i64; 3] =
+    [0xE0F5_E1E2 /* erofs */, 0x7371_7368 /* squashfs */, 0x9660];
 
 /// Memory-controller error counts summed over every controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,11 +103,17 @@ impl HostProbe for SystemProbe {
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+        let mut sf: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `sf` a valid, writable `statfs`.
+        let image = unsafe { libc::statfs(c.as_ptr(), &mut sf) } == 0
+            && IMAGE_FS_MAGIC.contains(&(sf.f_type as i64));
         let frsize = st.f_frsize as u64;
         Ok(FsStat {
             total_bytes: (st.f_blocks as u64).saturating_mul(frsize),
             avail_bytes: (st.f_bavail as u64).saturating_mul(frsize),
             read_only: st.f_flag & libc::ST_RDONLY != 0,
+            image,
         })
     }
 
@@ -186,6 +200,9 @@ pub fn check_all(
         let name = format!("fs:{}", fs.display());
         out.push(match probe.filesystem(fs) {
             Err(e) => check(&name, GpuVerdict::Degraded, format!("cannot stat: {e}")),
+            Ok(st) if st.image => {
+                check(&name, GpuVerdict::Healthy, "read-only image (by design)".into())
+            }
             Ok(st) if st.read_only => check(
                 &name,
                 GpuVerdict::Failed,
@@ -292,18 +309,30 @@ mod tests {
     fn each_host_check_fires_on_its_condition() {
         let p = HostPolicy::default();
         let fake = FakeProbe::default();
-        let fs = [PathBuf::from("/"), PathBuf::from("/data")];
+        let fs = [PathBuf::from("/"), PathBuf::from("/data"), PathBuf::from("/usr")];
         let mut base = HostBaseline::default();
         let c = check_all(&fake, &p, &fs, Some("fleet:443"), &mut base);
         assert!(c.iter().all(|c| c.verdict == GpuVerdict::Healthy), "{c:?}");
 
-        fake.set_fs("/data", FsStat { total_bytes: 100, avail_bytes: 4, read_only: false });
-        fake.set_fs("/", FsStat { total_bytes: 100, avail_bytes: 50, read_only: true });
+        fake.set_fs(
+            "/data",
+            FsStat { total_bytes: 100, avail_bytes: 4, read_only: false, image: false },
+        );
+        fake.set_fs(
+            "/",
+            FsStat { total_bytes: 100, avail_bytes: 50, read_only: true, image: false },
+        );
+        // The image's erofs system slot: read-only and full by design, not a failure.
+        fake.set_fs(
+            "/usr",
+            FsStat { total_bytes: 100, avail_bytes: 0, read_only: true, image: true },
+        );
         fake.set_edac(Some(EdacCounts { corrected: 500, uncorrected: 0 }));
         fake.set_clock(ClockState { synced: false, max_error_us: 0 });
         fake.set_reachable(false);
         let c = check_all(&fake, &p, &fs, Some("fleet:443"), &mut base);
         assert_eq!(by_name(&c, "fs:/").verdict, GpuVerdict::Failed);
+        assert_eq!(by_name(&c, "fs:/usr").verdict, GpuVerdict::Healthy);
         assert_eq!(by_name(&c, "fs:/data").verdict, GpuVerdict::Degraded);
         assert_eq!(by_name(&c, "edac").verdict, GpuVerdict::Degraded);
         assert_eq!(by_name(&c, "clock").verdict, GpuVerdict::Degraded);
