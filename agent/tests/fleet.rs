@@ -71,6 +71,8 @@ async fn agent_enrolls_follows_desired_state_acks_commands_and_stops_when_revoke
         Box::new(SimDmi { seed: 7 }),
         rebooted.clone(),
     ));
+    // Enrollment waits for the GPU layer's first round (no sampler runs here: mark it done).
+    agent.gpus().send_modify(|s| s.rounds = 1);
     let sup = Supervisor::start(vec![sub], BACKOFF_START);
 
     wait_for("the fleet session", || agent.fleet_status().borrow().state == "connected").await;

@@ -38,6 +38,9 @@ use state::Membership;
 pub const BACKOFF_BASE_MS: u64 = 1000;
 /// See [`BACKOFF_BASE_MS`].
 pub const BACKOFF_CAP_MS: u64 = 300_000;
+/// How long enrollment waits for the GPU layer's first inventory.
+pub const INVENTORY_WAIT: Duration = Duration::from_secs(30);
+
 /// How often to look for a seed when there is none.
 pub const SEED_POLL: Duration = Duration::from_secs(30);
 
@@ -278,6 +281,14 @@ impl Fleet {
                 }
                 Membership::Unenrolled => {
                     self.publish(|s| s.state = "enrolling".into());
+                    // The registry records the inventory sent at enrollment: give the GPU layer
+                    // its first sampling round (bounded: a node without a working driver
+                    // enrolls with no GPUs and says why in its heartbeats).
+                    let mut gpus_rx = self.agent.gpus().subscribe();
+                    tokio::select! {
+                        () = ctx.cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::timeout(INVENTORY_WAIT, gpus_rx.wait_for(|s| s.rounds > 0)) => {}
+                    }
                     let req = self.enroll_request(&seed, &key)?;
                     match hearth_fleet_client::enroll::enroll(&ep, &pin, &req).await {
                         Ok(resp) => {

@@ -205,15 +205,15 @@ fn boot() -> TestResult {
         "DHCP's address beside the static one: {}",
         status.text
     );
+    // The status block prints line by line: wait for its last line before reading it.
+    vm.wait_for("console GPU line", Duration::from_secs(60), |l| {
+        l.starts_with("gpus:") && l.contains("2x NVIDIA H100")
+    })?;
     let lines = vm.lines();
     let console: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
     assert!(console.iter().any(|l| l.starts_with("==== Hearth node ")), "no console status block");
     assert!(console.iter().any(|l| l.starts_with("fleet:")), "console fleet line");
     assert!(console.contains(&"seed:     credential"), "console seed line");
-    assert!(
-        console.iter().any(|l| l.starts_with("gpus:") && l.contains("2x NVIDIA H100")),
-        "console GPU line"
-    );
 
     // From the fleet: the node enrolled and heartbeats over its session with its two GPUs.
     let deadline = Instant::now() + Duration::from_secs(180);
