@@ -11,7 +11,9 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use tokio::sync::oneshot;
 
-use crate::registry::{CertRecord, DbError, Enrollment, Registry, RegistryError};
+use crate::registry::{
+    BatchItem, CertRecord, DbError, EnrollOutcome, Enrollment, Registry, RegistryError,
+};
 
 /// Enrollments run in one transaction at most.
 pub const MAX_BATCH: usize = 128;
@@ -23,7 +25,7 @@ pub const QUEUE: usize = 4096;
 pub type Signer = Box<dyn FnMut(&str) -> Result<CertRecord, String> + Send>;
 
 /// What an enrollment gives back: the node id and whether it is new.
-pub type Outcome = Result<(String, bool), RegistryError>;
+pub type Outcome = EnrollOutcome;
 
 struct Job {
     enrollment: Enrollment,
@@ -85,7 +87,7 @@ fn writer(registry: &Registry, rx: &Receiver<Job>) {
         }
         let started = std::time::Instant::now();
         let result = {
-            let mut batch: Vec<(&Enrollment, &mut dyn FnMut(&str) -> Result<CertRecord, String>)> =
+            let mut batch: Vec<BatchItem<'_>> =
                 jobs.iter_mut().map(|j| (&j.enrollment, &mut *j.sign as _)).collect();
             registry.enroll_batch(&mut batch, crate::now_ms())
         };

@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::{Db, TestResult, enroll_request, registry_url};
 use hearth_fleet::ca::Role;
 use hearth_fleet::config::FleetConfig;
-use hearth_fleet::registry::{CertRecord, Enrollment, NewToken, Refusal, Registry, RegistryError};
+use hearth_fleet::registry::{
+    BatchItem, CertRecord, Enrollment, NewToken, Refusal, Registry, RegistryError, SignFn,
+};
 use hearth_fleet::server::{RunningFleet, start};
 use hearth_fleet_client::enroll::enroll;
 use hearth_fleet_client::https::{Endpoint, json};
@@ -219,13 +221,13 @@ fn enroll_batch(db: Db) -> TestResult {
         enrollment("nope", 3),   // unknown
         enrollment("multi", 4),
     ];
-    let mut signs: Vec<Box<dyn FnMut(&str) -> Result<CertRecord, String>>> = (0..es.len())
+    let mut signs: Vec<Box<SignFn<'static>>> = (0..es.len())
         .map(|k| {
             Box::new(move |_: &str| Ok(CertRecord { serial: format!("{k:02x}"), not_after_ms: 9 }))
-                as Box<dyn FnMut(&str) -> Result<CertRecord, String>>
+                as Box<SignFn<'static>>
         })
         .collect();
-    let mut batch: Vec<(&Enrollment, &mut dyn FnMut(&str) -> Result<CertRecord, String>)> =
+    let mut batch: Vec<BatchItem<'_>> =
         es.iter().zip(signs.iter_mut()).map(|(e, s)| (e, &mut **s as _)).collect();
     let out = r.enroll_batch(&mut batch, now)?;
     assert!(matches!(&out[0], Ok((id, true)) if id == "n-batch1"), "{:?}", out[0]);

@@ -214,6 +214,15 @@ pub struct CertRecord {
     pub not_after_ms: u64,
 }
 
+/// Issues the certificate for a node id inside an enrollment's transaction.
+pub type SignFn<'a> = dyn FnMut(&str) -> Result<CertRecord, String> + Send + 'a;
+
+/// One enrollment of a batch ([`Registry::enroll_batch`]) and its signer.
+pub type BatchItem<'a> = (&'a Enrollment, &'a mut SignFn<'a>);
+
+/// An enrollment's outcome: the node id and whether it is new, or why not.
+pub type EnrollOutcome = Result<(String, bool), RegistryError>;
+
 /// A live node's latest state, flushed in batches.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -489,9 +498,9 @@ impl Registry {
     /// The result of each, in order; a failed commit fails them all.
     pub fn enroll_batch(
         &self,
-        batch: &mut [(&Enrollment, &mut dyn FnMut(&str) -> Result<CertRecord, String>)],
+        batch: &mut [BatchItem<'_>],
         now_ms: u64,
-    ) -> Result<Vec<Result<(String, bool), RegistryError>>, RegistryError> {
+    ) -> Result<Vec<EnrollOutcome>, RegistryError> {
         self.tx(|tx| {
             let mut out = Vec::with_capacity(batch.len());
             for (e, sign) in batch.iter_mut() {
