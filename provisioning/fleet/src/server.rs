@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ca::{Ca, peer_of};
 use crate::config::FleetConfig;
-use crate::registry::{Registry, RegistryError, Seen};
+use crate::registry::{NewEvent, Registry, RegistryError, Seen};
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +61,8 @@ pub struct Fleet {
     pub gateway: crate::tunnel::Gateway,
     /// Enrollments, committed in groups ([`crate::enroll`]).
     pub enroller: crate::enroll::EnrollQueue,
+    /// Session events (`online`, `offline`) waiting for the sweep's next write.
+    pub pending_events: Mutex<Vec<NewEvent>>,
     sessions: std::sync::atomic::AtomicU64,
 }
 
@@ -123,6 +125,7 @@ impl Fleet {
             config,
             ca,
             enroller,
+            pending_events: Mutex::new(Vec::new()),
             registry,
             live: Mutex::new(HashMap::new()),
             gateway: crate::tunnel::Gateway::default(),
@@ -178,6 +181,16 @@ impl Fleet {
             }
         }
         false
+    }
+
+    /// Record an event with the sweep's next write (within a second).
+    pub fn later_event(&self, node: &str, kind: &str, message: String, at_ms: u64) {
+        self.pending_events.lock().unwrap_or_else(PoisonError::into_inner).push(NewEvent {
+            at_ms,
+            node: Some(node.to_string()),
+            kind: kind.to_string(),
+            message,
+        });
     }
 
     /// Whether a node is online (a heartbeat within 3 intervals).
@@ -359,10 +372,15 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
         };
         for id in went_offline {
             tracing::info!(node = %id, "node offline (3 heartbeats missed)");
-            let r =
-                fleet.db(move |r| r.event(Some(&id), "offline", "3 heartbeats missed", now)).await;
-            if let Err(e) = r {
-                tracing::warn!(error = %format!("{e:#}"), "cannot record an offline event");
+            fleet.later_event(&id, "offline", "3 heartbeats missed".into(), now);
+        }
+        let events = std::mem::take(
+            &mut *fleet.pending_events.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        if !events.is_empty() {
+            let n = events.len();
+            if let Err(e) = fleet.db(move |r| r.events_batch(&events)).await {
+                tracing::warn!(error = %format!("{e:#}"), events = n, "cannot record session events");
             }
         }
         if stopping || last_flush.elapsed() >= flush_every {

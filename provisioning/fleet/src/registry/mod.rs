@@ -141,6 +141,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
     /// The column type of an auto-increment primary key.
     fn serial_pk(&self) -> &'static str;
+    /// Run `f`, which only reads, in one transaction (by default the same as [`Backend::transact`]).
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        self.transact(f)
+    }
     /// Run `f` in one transaction: committed if it returns `Ok`, rolled back otherwise.
     fn transact(
         &self,
@@ -222,6 +229,19 @@ pub type BatchItem<'a> = (&'a Enrollment, &'a mut SignFn<'a>);
 
 /// An enrollment's outcome: the node id and whether it is new, or why not.
 pub type EnrollOutcome = Result<(String, bool), RegistryError>;
+
+/// An event to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The node it is about.
+    pub node: Option<String>,
+    /// Kind (`online`, `offline`, …).
+    pub kind: String,
+    /// Text.
+    pub message: String,
+}
 
 /// A live node's latest state, flushed in batches.
 #[derive(Debug, Clone)]
@@ -364,6 +384,26 @@ impl Registry {
         self.backend.kind()
     }
 
+    /// A read-only transaction (on SQLite it takes no write lock, so readers in several fleet
+    /// processes never wait for each other).
+    fn rtx<R>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
+        let mut out = None;
+        self.backend.read(&mut |tx| {
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| {
+            RegistryError::Db(DbError {
+                backend: self.backend.kind(),
+                what: "transaction returned nothing".into(),
+                source: "no result".into(),
+            })
+        })
+    }
+
     fn tx<R>(
         &self,
         mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
@@ -413,7 +453,7 @@ impl Registry {
 
     /// Every row of every table, as text, in key order (what the bad-input tests compare).
     pub fn dump(&self) -> Result<BTreeMap<String, Vec<String>>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let mut out = BTreeMap::new();
             for t in TABLES {
                 let rows = tx.query(&format!("SELECT * FROM {t} ORDER BY 1"), &[])?;
@@ -449,7 +489,7 @@ impl Registry {
 
     /// All tokens, oldest first.
     pub fn tokens(&self) -> Result<Vec<TokenView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(
                 "SELECT id, labels, created_ms, expires_ms, max_uses, uses, revoked FROM tokens ORDER BY created_ms, id",
                 &[],
@@ -545,7 +585,7 @@ impl Registry {
 
     /// Every node, by id.
     pub fn nodes(&self) -> Result<Vec<NodeView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"), &[])?;
             rows.iter().map(|r| node_from_row(r)).collect()
         })
@@ -553,7 +593,7 @@ impl Registry {
 
     /// One node.
     pub fn node(&self, id: &str) -> Result<Option<NodeView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows =
                 tx.query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"), &[text(id)])?;
             rows.first().map(|r| node_from_row(r)).transpose()
@@ -633,7 +673,7 @@ impl Registry {
 
     /// Commands of a node not yet sent, oldest first.
     pub fn pending_commands(&self, node: &str) -> Result<Vec<(u64, CommandKind)>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(
                 "SELECT id, kind FROM commands WHERE node_id = $1 AND sent = 0 ORDER BY id",
                 &[text(node)],
@@ -683,7 +723,7 @@ impl Registry {
 
     /// Commands, newest first (of one node if given).
     pub fn commands(&self, node: Option<&str>) -> Result<Vec<CommandView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = match node {
                 Some(n) => tx.query(
                     "SELECT id, node_id, kind, created_ms, sent, outcome FROM commands WHERE node_id = $1 ORDER BY id DESC",
@@ -726,9 +766,23 @@ impl Registry {
         self.tx(|tx| Ok(add_event(tx, now_ms, node, kind, message)?))
     }
 
+    /// Several events in one transaction (session `online`/`offline` events, written with the
+    /// sweep rather than one commit per session).
+    pub fn events_batch(&self, events: &[NewEvent]) -> Result<(), RegistryError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.tx(|tx| {
+            for e in events {
+                add_event(tx, e.at_ms, e.node.as_deref(), &e.kind, &e.message)?;
+            }
+            Ok(())
+        })
+    }
+
     /// The latest `limit` events, oldest first.
     pub fn events(&self, limit: u32) -> Result<Vec<EventView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(
                 "SELECT id, at_ms, node_id, kind, message FROM events ORDER BY id DESC LIMIT $1",
                 &[int(limit)],

@@ -95,6 +95,18 @@ impl Backend for Sqlite {
         "INTEGER PRIMARY KEY AUTOINCREMENT"
     }
 
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(err("BEGIN"))?;
+        f(&mut SqliteTx(&tx))?;
+        tx.commit().map_err(err("COMMIT"))?;
+        Ok(())
+    }
+
     fn transact(
         &self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
