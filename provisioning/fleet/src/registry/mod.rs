@@ -533,9 +533,10 @@ impl Registry {
         self.tx(|tx| enroll_in(tx, e, now_ms, sign))
     }
 
-    /// Several enrollments in one transaction (one durable commit for all: group commit), each
-    /// inside its own savepoint so a refused one changes nothing and the others still commit.
-    /// The result of each, in order; a failed commit fails them all.
+    /// Several enrollments in one transaction (one durable commit for all: group commit). A
+    /// refused one writes nothing (its checks come before its writes, and a use of the token it
+    /// took is given back), so the others still commit. The result of each, in order; a database
+    /// error or a failed commit fails them all.
     pub fn enroll_batch(
         &self,
         batch: &mut [BatchItem<'_>],
@@ -544,17 +545,10 @@ impl Registry {
         self.tx(|tx| {
             let mut out = Vec::with_capacity(batch.len());
             for (e, sign) in batch.iter_mut() {
-                tx.exec("SAVEPOINT enrollment", &[])?;
+                // A refusal writes nothing (see `enroll_in`); a database error ends the batch.
                 match enroll_in(tx, e, now_ms, *sign) {
-                    Ok(r) => {
-                        tx.exec("RELEASE SAVEPOINT enrollment", &[])?;
-                        out.push(Ok(r));
-                    }
-                    Err(err) => {
-                        tx.exec("ROLLBACK TO SAVEPOINT enrollment", &[])?;
-                        tx.exec("RELEASE SAVEPOINT enrollment", &[])?;
-                        out.push(Err(err));
-                    }
+                    Err(RegistryError::Refused(r)) => out.push(Err(r.into())),
+                    r => out.push(Ok(r?)),
                 }
             }
             Ok(out)
@@ -885,6 +879,24 @@ impl Registry {
     }
 }
 
+/// Why the token with this hash cannot be used now (read after the consuming update matched
+/// nothing).
+fn token_refusal(tx: &mut dyn Tx, hash: &str, now_ms: u64) -> Result<Refusal, DbError> {
+    let rows = tx.query(
+        "SELECT id, expires_ms, max_uses, uses, revoked FROM tokens WHERE hash = $1",
+        &[text(hash)],
+    )?;
+    let Some(t) = rows.first() else { return Ok(Refusal::UnknownToken) };
+    let id = s(col(t, 0));
+    Ok(if i(col(t, 4)) != 0 {
+        Refusal::RevokedToken { id }
+    } else if i(col(t, 1)) as u64 <= now_ms {
+        Refusal::ExpiredToken { id }
+    } else {
+        Refusal::UsedUpToken { id, max_uses: i(col(t, 2)) as u32 }
+    })
+}
+
 /// Check and consume the token, then create the node (or re-enroll known hardware) inside `tx`.
 fn enroll_in(
     tx: &mut dyn Tx,
@@ -892,30 +904,18 @@ fn enroll_in(
     now_ms: u64,
     sign: &mut dyn FnMut(&str) -> Result<CertRecord, String>,
 ) -> Result<(String, bool), RegistryError> {
-    let rows = tx.query(
-        "SELECT id, labels, expires_ms, max_uses, uses, revoked FROM tokens WHERE hash = $1",
-        &[text(&e.token_hash)],
+    // Consume a use first (one round trip on the common path); only a refusal reads why.
+    let won = tx.query(
+        "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND uses < max_uses AND revoked = 0 \
+         AND expires_ms > $2 RETURNING id, labels",
+        &[text(&e.token_hash), int(now_ms)],
     )?;
-    let Some(t) = rows.first() else { return Err(Refusal::UnknownToken.into()) };
+    let Some(t) = won.first() else { return Err(token_refusal(tx, &e.token_hash, now_ms)?.into()) };
     let token_id = s(col(t, 0));
-    let max_uses = i(col(t, 3)) as u32;
-    if i(col(t, 5)) != 0 {
-        return Err(Refusal::RevokedToken { id: token_id }.into());
-    }
-    if i(col(t, 2)) as u64 <= now_ms {
-        return Err(Refusal::ExpiredToken { id: token_id }.into());
-    }
-    let used_up = || Refusal::UsedUpToken { id: token_id.clone(), max_uses };
-    if i(col(t, 4)) >= i(col(t, 3)) {
-        return Err(used_up().into());
-    }
-    let won = tx.exec(
-            "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND uses < max_uses AND revoked = 0 AND expires_ms > $2",
-            &[text(&token_id), int(now_ms)],
-        )?;
-    if won == 0 {
-        return Err(used_up().into());
-    }
+    // A refusal after this point gives the use back, so a refused enrollment changes nothing.
+    let give_back = |tx: &mut dyn Tx| {
+        tx.exec("UPDATE tokens SET uses = uses - 1 WHERE id = $1", &[text(&token_id)])
+    };
     let labels: BTreeMap<String, String> = json(col(t, 1), "labels", &token_id)?;
     let known = tx.query(
         "SELECT id, revoked FROM nodes WHERE dmi_uuid = $1 AND board_serial = $2",
@@ -926,9 +926,16 @@ fn enroll_in(
     if let Some(k) = known.first() {
         let node = s(col(k, 0));
         if i(col(k, 1)) != 0 {
+            give_back(tx)?;
             return Err(Refusal::RevokedHardware { node }.into());
         }
-        let cert = sign(&node).map_err(Refusal::Signing)?;
+        let cert = match sign(&node) {
+            Ok(c) => c,
+            Err(why) => {
+                give_back(tx)?;
+                return Err(Refusal::Signing(why).into());
+            }
+        };
         tx.exec(
                 "UPDATE nodes SET token_id = $2, hardware = $3, hostname = $4, gpus = $5, agent_version = $6,
                     enrolled_ms = $7, cert_serial = $8, cert_not_after_ms = $9 WHERE id = $1",
@@ -954,7 +961,13 @@ fn enroll_in(
         return Ok((node, false));
     }
     let node = e.new_id.clone();
-    let cert = sign(&node).map_err(Refusal::Signing)?;
+    let cert = match sign(&node) {
+        Ok(c) => c,
+        Err(why) => {
+            give_back(tx)?;
+            return Err(Refusal::Signing(why).into());
+        }
+    };
     let desired = DesiredState {
         generation: 1,
         drain: false,
