@@ -399,13 +399,22 @@ impl Fleet {
                 identity.clone(),
                 targets,
                 stop.clone(),
+                self.agent.link_stats.clone(),
             ));
             (stop, task)
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let stats = self.agent.link_stats.clone();
+        crate::telemetry::LinkStats::add(&stats.session_opens, 1);
+        stats.session_up.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reader_stats = stats.clone();
         let reader_task = tokio::spawn(async move {
             loop {
                 let m = read_message(&mut reader).await;
+                if let Ok(m) = &m {
+                    let n = crate::telemetry::LinkStats::frame_len(m);
+                    crate::telemetry::LinkStats::add(&reader_stats.session_bytes_received, n);
+                }
                 let end = m.is_err();
                 if tx.send(m).await.is_err() || end {
                     return;
@@ -427,7 +436,7 @@ impl Fleet {
                 _ = tick.tick() => {
                     seq += 1;
                     let gen_ = self.agent.desired().borrow().as_ref().map_or(0, |d| d.generation);
-                    if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &self.heartbeat(seq, gen_)).await {
+                    if let Err(e) = self.send(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
                     }
                 }
@@ -435,7 +444,7 @@ impl Fleet {
                     let (events, marker) = self.pending_events();
                     let mut failed = None;
                     for e in &events {
-                        if let Err(err) = hearth_fleet_client::session::write_message(&mut writer, e).await {
+                        if let Err(err) = self.send(&mut writer, e).await {
                             failed = Some(err);
                             break;
                         }
@@ -452,7 +461,7 @@ impl Fleet {
                         None => break Err(SessionError::Protocol("reader ended".into())),
                     };
                     if let Some(reply) = self.handle(m)
-                        && let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &reply).await
+                        && let Err(e) = self.send(&mut writer, &reply).await
                     {
                         break Err(e);
                     }
@@ -460,11 +469,30 @@ impl Fleet {
             }
         };
         reader_task.abort();
+        stats.session_up.store(false, std::sync::atomic::Ordering::Relaxed);
         if let Some((stop, task)) = lane {
             stop.cancel();
             let _ = task.await;
         }
         result
+    }
+
+    /// Write one control message, counting its bytes (and heartbeats) for `/metrics`.
+    async fn send<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+        msg: &ControlMessage,
+    ) -> Result<(), SessionError> {
+        hearth_fleet_client::session::write_message(writer, msg).await?;
+        let stats = &self.agent.link_stats;
+        crate::telemetry::LinkStats::add(
+            &stats.session_bytes_sent,
+            crate::telemetry::LinkStats::frame_len(msg),
+        );
+        if matches!(msg, ControlMessage::Heartbeat(_)) {
+            crate::telemetry::LinkStats::add(&stats.heartbeats_sent, 1);
+        }
+        Ok(())
     }
 
     fn handle(&self, m: ControlMessage) -> Option<ControlMessage> {
