@@ -6,12 +6,15 @@
 //! to [`session`], `hearth-tunnel/1` to the tunnel gateway [`tunnel`], everything else to the HTTPS + JSON [`api`] under `/v1`) and the sweep task
 //! (marks nodes offline after 3 missed heartbeats, writes liveness to the registry in batches).
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
+//! Telemetry ([`metrics`]): the fleet's `/metrics`, Prometheus HTTP SD at `/v1/sd` and the scrape
+//! proxy `/v1/nodes/{id}/metrics` through each node's tunnel (`docs/0007-telemetry.md`).
 //! Design: `docs/0005-fleet.md`; wire format: `docs/protocol.md`.
 
 pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
