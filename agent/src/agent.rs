@@ -89,6 +89,7 @@ pub struct Agent {
     fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
     /// Control session and tunnel counters (`crate::telemetry`).
     pub link_stats: Arc<crate::telemetry::LinkStats>,
+    offline: OnceLock<Arc<Mutex<crate::telemetry::offline::Spool>>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -123,6 +124,7 @@ impl Agent {
                 ..Default::default()
             }),
             link_stats: Arc::default(),
+            offline: OnceLock::new(),
         })
     }
 
@@ -204,6 +206,19 @@ impl Agent {
         log.recent.push_back(timed.clone());
         // No receiver (health not running yet) is fine.
         let _ = self.event_stream.send(timed);
+    }
+
+    /// The offline summary spool, once the `summaries` subsystem opened it.
+    pub fn offline_spool(&self) -> Option<Arc<Mutex<crate::telemetry::offline::Spool>>> {
+        self.offline.get().cloned()
+    }
+
+    /// Attach the opened spool (first call wins); returns the attached one.
+    pub fn set_offline_spool(
+        &self,
+        spool: crate::telemetry::offline::Spool,
+    ) -> Arc<Mutex<crate::telemetry::offline::Spool>> {
+        self.offline.get_or_init(|| Arc::new(Mutex::new(spool))).clone()
     }
 
     /// XID history: the last XID per GPU and the count per `(gpu, xid)` since start.

@@ -102,6 +102,7 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
     if agent.config.fleet.enabled {
         subsystems.push(Arc::new(fleet::Fleet::new(agent.clone())));
     }
+    subsystems.push(Arc::new(telemetry::offline::Summaries::new(agent.clone())));
     if agent.config.metrics.enabled {
         subsystems.push(Arc::new(telemetry::server::MetricsServer::new(agent.clone())));
     }

@@ -434,6 +434,9 @@ impl Fleet {
                 () = ctx.cancel.cancelled() => break Ok(()),
                 () = &mut renew => break Err(SessionError::Protocol("certificate renewal due".into())),
                 _ = tick.tick() => {
+                    if let Err(e) = self.upload_summaries(&mut writer).await {
+                        break Err(e);
+                    }
                     seq += 1;
                     let gen_ = self.agent.desired().borrow().as_ref().map_or(0, |d| d.generation);
                     if let Err(e) = self.send(&mut writer, &self.heartbeat(seq, gen_)).await {
@@ -495,8 +498,35 @@ impl Fleet {
         Ok(())
     }
 
+    /// Send the next batch of offline summaries, if any are pending.
+    async fn upload_summaries<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+    ) -> Result<(), SessionError> {
+        let Some(spool) = self.agent.offline_spool() else { return Ok(()) };
+        let batch = spool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pending(crate::telemetry::offline::BATCH);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(summaries = batch.len(), "uploading offline summaries");
+        self.send(writer, &ControlMessage::Summaries(batch)).await
+    }
+
     fn handle(&self, m: ControlMessage) -> Option<ControlMessage> {
         match m {
+            ControlMessage::SummariesAck { seq } => {
+                let Some(spool) = self.agent.offline_spool() else { return None };
+                let mut spool = spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Err(e) = spool.ack(seq) {
+                    tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot forget acked summaries (they are sent again)");
+                }
+                // The next batch right away.
+                let batch = spool.pending(crate::telemetry::offline::BATCH);
+                (!batch.is_empty()).then_some(ControlMessage::Summaries(batch))
+            }
             ControlMessage::Desired(d) => {
                 let newer = self
                     .agent

@@ -15,6 +15,7 @@
 //!   while the node is disconnected, uploaded on reconnect.
 
 pub mod node;
+pub mod offline;
 pub mod process;
 pub mod server;
 

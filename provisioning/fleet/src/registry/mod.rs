@@ -149,8 +149,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// The schema, one migration per entry; `{serial}` becomes the backend's auto-increment key.
-pub const MIGRATIONS: &[&str] =
-    &["CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, labels TEXT NOT NULL,
+pub const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, labels TEXT NOT NULL,
         created_ms BIGINT NOT NULL, expires_ms BIGINT NOT NULL, max_uses BIGINT NOT NULL,
         uses BIGINT NOT NULL, revoked BIGINT NOT NULL);
      CREATE TABLE nodes (id TEXT PRIMARY KEY, token_id TEXT NOT NULL, dmi_uuid TEXT NOT NULL,
@@ -162,10 +162,16 @@ pub const MIGRATIONS: &[&str] =
      CREATE TABLE commands (id {serial}, node_id TEXT NOT NULL, kind TEXT NOT NULL,
         created_ms BIGINT NOT NULL, sent BIGINT NOT NULL, outcome TEXT);
      CREATE TABLE events (id {serial}, at_ms BIGINT NOT NULL, node_id TEXT, kind TEXT NOT NULL,
-        message TEXT NOT NULL)"];
+        message TEXT NOT NULL)",
+    // Offline summaries uploaded on reconnect (docs/0007-telemetry.md); (node, seq) is unique so
+    // a re-sent batch (an ack lost with the connection) is stored once.
+    "CREATE TABLE node_summaries (node_id TEXT NOT NULL, seq BIGINT NOT NULL,
+        start_ms BIGINT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (node_id, seq))",
+];
 
 /// Tables [`Registry::dump`] covers: every table.
-pub const TABLES: &[&str] = &["schema_migrations", "tokens", "nodes", "commands", "events"];
+pub const TABLES: &[&str] =
+    &["schema_migrations", "tokens", "nodes", "commands", "events", "node_summaries"];
 
 /// A token to store.
 #[derive(Debug, Clone)]
@@ -767,6 +773,39 @@ impl Registry {
         now_ms: u64,
     ) -> Result<(), RegistryError> {
         self.tx(|tx| Ok(add_event(tx, now_ms, node, kind, message)?))
+    }
+
+    /// Store a node's offline summaries (JSON bodies); one already stored is kept as it is.
+    pub fn store_summaries(
+        &self,
+        node: &str,
+        batch: &[hearth_proto::control::Summary],
+    ) -> Result<(), RegistryError> {
+        self.tx(|tx| {
+            for sm in batch {
+                let body = serde_json::to_string(sm).unwrap_or_default();
+                tx.exec(
+                    "INSERT INTO node_summaries (node_id, seq, start_ms, body) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (node_id, seq) DO NOTHING",
+                    &[text(node), int(sm.seq), int(sm.start_ms), text(&body)],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A node's stored summaries, oldest first.
+    pub fn summaries(
+        &self,
+        node: &str,
+    ) -> Result<Vec<hearth_proto::control::Summary>, RegistryError> {
+        self.tx(|tx| {
+            let rows = tx.query(
+                "SELECT body FROM node_summaries WHERE node_id = $1 ORDER BY seq",
+                &[text(node)],
+            )?;
+            Ok(rows.iter().filter_map(|r| serde_json::from_str(&s(col(r, 0))).ok()).collect())
+        })
     }
 
     /// The latest `limit` events, oldest first.
