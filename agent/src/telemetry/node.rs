@@ -46,6 +46,8 @@ pub fn render(agent: &Agent, usage: &dyn SelfUsage) -> Exposition {
 
     // Each GPU's label set, in dcgm-exporter's order, and its latest sample (None: lost or not
     // sampled yet).
+    let sampled_at: Vec<Option<u64>> =
+        snap.gpus.iter().map(|g| if g.lost { None } else { g.sampled_at_ms }).collect();
     let gpus: Vec<(u32, LabelSet, Option<&hearth_proto::gpu::GpuSample>, u64)> = snap
         .gpus
         .iter()
@@ -222,6 +224,16 @@ pub fn render(agent: &Agent, usage: &dyn SelfUsage) -> Exposition {
     for (_, labels, sample, _) in &gpus {
         if let Some(s) = sample {
             f.samples.push(Sample { labels: Labels::shared(labels), value: s.throttle.0 as f64 });
+        }
+    }
+    let f = e.family(
+        "hearth_gpu_sample_timestamp_seconds",
+        "When the GPU's values in this exposition were read (Unix time, s).",
+        Kind::Gauge,
+    );
+    for ((_, labels, sample, _), at) in gpus.iter().zip(&sampled_at) {
+        if let (Some(_), Some(at)) = (sample, at) {
+            f.samples.push(Sample { labels: Labels::shared(labels), value: *at as f64 / 1000.0 });
         }
     }
     let verdicts = [GpuVerdict::Healthy, GpuVerdict::Degraded, GpuVerdict::Failed];
@@ -649,5 +661,37 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod dashboard {
+    /// Every node series the Grafana dashboard (`docs/grafana-hearth.json`) queries exists in
+    /// the node's exposition (fleet series are checked in `hearth-fleet`'s tests by name).
+    #[test]
+    fn dashboard_queries_name_series_the_node_exports() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/grafana-hearth.json");
+        let text = std::fs::read_to_string(path).expect("the dashboard is in docs/");
+        let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+        let node_src = include_str!("node.rs");
+        let mut checked = 0;
+        for panel in dash["panels"].as_array().expect("panels") {
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    let series = word.strip_suffix("_total").unwrap_or(word);
+                    if word.starts_with("DCGM_FI_DEV_")
+                        || (word.starts_with("hearth_") && !word.starts_with("hearth_fleet_"))
+                    {
+                        assert!(
+                            node_src.contains(&format!("\"{series}\"")),
+                            "the dashboard queries {word}, which the node does not export"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 15, "only {checked} series checked");
     }
 }
