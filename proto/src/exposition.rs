@@ -250,10 +250,13 @@ fn write_value(out: &mut String, v: f64) {
     }
 }
 
+/// One parsed sample: name, labels in order, value.
+pub type ParsedSample = (String, Vec<(String, String)>, f64);
+
 /// Parse a 0.0.4 text exposition's samples into `(name, labels, value)` (tests and the
 /// Prometheus check compare values with it). Comments and blank lines are skipped; a malformed
 /// line is an error naming it.
-pub fn parse_text(text: &str) -> Result<Vec<(String, Vec<(String, String)>, f64)>, String> {
+pub fn parse_text(text: &str) -> Result<Vec<ParsedSample>, String> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.is_empty() || line.starts_with('#') {
@@ -375,8 +378,8 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_refused_with_their_number() {
-        assert!(parse_text("a{b=\"c\" 1").unwrap_err().contains("line 1"));
-        assert!(parse_text("ok 1\nbad").unwrap_err().contains("line 2"));
+        assert!(parse_text("a{b=\"c\" 1").expect_err("unclosed").contains("line 1"));
+        assert!(parse_text("ok 1\nbad").expect_err("no value").contains("line 2"));
         assert!(parse_text("a{b=c} 1").is_err());
         assert_eq!(parse_text("a{} 1").map(|v| v.len()), Ok(1));
     }

@@ -518,7 +518,7 @@ impl Fleet {
     fn handle(&self, m: ControlMessage) -> Option<ControlMessage> {
         match m {
             ControlMessage::SummariesAck { seq } => {
-                let Some(spool) = self.agent.offline_spool() else { return None };
+                let spool = self.agent.offline_spool()?;
                 let mut spool = spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Err(e) = spool.ack(seq) {
                     tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot forget acked summaries (they are sent again)");

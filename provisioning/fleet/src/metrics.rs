@@ -368,6 +368,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::print_stderr)] // a skipped check says so
     fn promtool_finds_nothing_in_the_fleet_exposition() {
         let nodes = vec![node("a", true, false, NodeState::Ready, Some(2500))];
         let text = render(&nodes, LiveFigures::default()).text();
