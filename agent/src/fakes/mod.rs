@@ -4,5 +4,6 @@
 pub mod command;
 pub mod fleet;
 pub mod host;
+pub mod process;
 pub mod reset;
 pub mod systemd;

@@ -172,11 +172,15 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL)",
     "ALTER TABLE nodes ADD COLUMN gateway TEXT;
      CREATE TABLE outbox (id {serial}, node_id TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+    // Offline summaries uploaded on reconnect (docs/0007-telemetry.md); (node, seq) is unique so
+    // a re-sent batch (an ack lost with the connection) is stored once.
+    "CREATE TABLE node_summaries (node_id TEXT NOT NULL, seq BIGINT NOT NULL,
+        start_ms BIGINT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (node_id, seq))",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
 pub const TABLES: &[&str] =
-    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox"];
+    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox", "node_summaries"];
 
 /// A token to store.
 #[derive(Debug, Clone)]
@@ -771,6 +775,39 @@ impl Registry {
                 add_event(tx, e.at_ms, e.node.as_deref(), &e.kind, &e.message)?;
             }
             Ok(())
+        })
+    }
+
+    /// Store a node's offline summaries (JSON bodies); one already stored is kept as it is.
+    pub fn store_summaries(
+        &self,
+        node: &str,
+        batch: &[hearth_proto::control::Summary],
+    ) -> Result<(), RegistryError> {
+        self.tx(|tx| {
+            for sm in batch {
+                let body = serde_json::to_string(sm).unwrap_or_default();
+                tx.exec(
+                    "INSERT INTO node_summaries (node_id, seq, start_ms, body) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (node_id, seq) DO NOTHING",
+                    &[text(node), int(sm.seq), int(sm.start_ms), text(&body)],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A node's stored summaries, oldest first.
+    pub fn summaries(
+        &self,
+        node: &str,
+    ) -> Result<Vec<hearth_proto::control::Summary>, RegistryError> {
+        self.tx(|tx| {
+            let rows = tx.query(
+                "SELECT body FROM node_summaries WHERE node_id = $1 ORDER BY seq",
+                &[text(node)],
+            )?;
+            Ok(rows.iter().filter_map(|r| serde_json::from_str(&s(col(r, 0))).ok()).collect())
         })
     }
 
