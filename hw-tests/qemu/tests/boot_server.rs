@@ -94,7 +94,10 @@ fn boot() -> TestResult {
     let line = check.text.clone();
     assert!(line.contains("HEARTH-BOOT-CHECK OK "), "boot check failed: {line}\n{}", vm.tail(60));
     assert_eq!(field(&line, "agent"), Some("active"), "{line}");
-    assert_eq!(field(&line, "state"), Some("degraded"), "{line}");
+    // The API's state can still read `starting` when the boot check asks (the first GPU round
+    // under TCG); the agent's own status line (systemd STATUS=) already says degraded.
+    assert!(matches!(field(&line, "state"), Some("degraded" | "starting")), "{line}");
+    assert!(line.contains("status=\"degraded; 0 GPUs"), "agent status line: {line}");
     assert_eq!(field(&line, "gpus"), Some("0"), "{line}");
     assert_eq!(field(&line, "restarts"), Some("0"), "the agent restarted: {line}");
     assert_eq!(field(&line, "seed"), Some("none"), "{line}");

@@ -1,10 +1,11 @@
 //! Power cuts during the `ci` image's first boot, made real: the guest's disk is served by
 //! `hearth-nbd`, which keeps only flushed writes, so killing QEMU loses what a power cut loses.
 //! Each point starts from the built image (a sparse copy: the "snapshot" of the disk), boots,
-//! pulls the plug at a seeded time (first boot creates and grows `/var`, writes the journal,
-//! the agent's state), then powers on again and requires the boot check to pass on the same
-//! disk, with slot A byte-for-byte the built one and `/var` on its data partition. Prints each
-//! kill point and "N of N".
+//! pulls the plug a seeded 0-3 s after a milestone of the console (the phases in turn from a
+//! seeded start: kernel start, initrd, first-boot repart creating `/var`, the journal moving to
+//! `/var`, the boot check), then powers on again and requires the boot check to pass on the
+//! same disk, with slot A byte-for-byte the built one and `/var` on its data partition. Prints
+//! each kill point and "N of N".
 //!
 //! `#[ignore]`d (needs `image/build --profile ci`); `.ci/run` runs one point. The sweep:
 //! `HEARTH_POWER_CUT_POINTS=40 cargo nextest run -p hearth-qemu --run-ignored only -E
@@ -33,6 +34,15 @@ fn image() -> PathBuf {
         workspace().join(format!("target/image/ci/hearth_{}.raw", env!("CARGO_PKG_VERSION")))
     })
 }
+
+/// Where the plug may be pulled: a phase name and the console text that starts it.
+const MILESTONES: &[(&str, &str)] = &[
+    ("kernel start", "Linux version"),
+    ("initrd (verity, switch root)", "Running in initrd"),
+    ("first-boot repart of /var", "Starting systemd-repart.service"),
+    ("journal moving to /var", "flush runtime journal"),
+    ("agent running, boot check", "HEARTH-BOOT-CHECK "),
+];
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -113,13 +123,15 @@ fn run() -> TestResult {
         let mut config = VmConfig::new(server.path(), &work)?;
         config.nbd = true;
         config.accel = accel;
-        // The plug is pulled anywhere from the firmware to shortly after the boot check.
-        let kill_at = Duration::from_millis(rng.random_range(5_000..=100_000));
+        // The plug is pulled a seeded 0-3 s after a seeded console milestone, so the points
+        // land in the same phases however fast TCG runs on a loaded machine.
+        // Phases in turn from a seeded start (seed 1, one point: the first-boot repart).
+        let (phase, marker) = MILESTONES[((seed + point) % MILESTONES.len() as u64) as usize];
+        let offset = Duration::from_millis(rng.random_range(0..=3_000));
         let mut vm = Vm::start(&config)?;
-        let started = Instant::now();
-        while started.elapsed() < kill_at && vm.wait_exit(Duration::from_millis(1)).is_err() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let seen = vm.wait_for(phase, timeout, |l| l.contains(marker))?;
+        std::thread::sleep(offset);
+        let kill_at = vm.elapsed();
         let last = vm.lines().last().map(|l| l.text.clone()).unwrap_or_default();
         let before = server.stats();
         vm.kill();
@@ -130,7 +142,9 @@ fn run() -> TestResult {
         }
         let cut = server.stats();
         println!(
-            "power cut {point}/{points} (seed {seed}): killed at {:.1} s after \"{}\"; disk: {} writes, {} flushes, {} sectors lost",
+            "power cut {point}/{points} (seed {seed}): {phase} (at {:.1} s) + {:.1} s = {:.1} s, last line \"{}\"; disk: {} writes, {} flushes, {} sectors lost",
+            seen.at.as_secs_f64(),
+            offset.as_secs_f64(),
             kill_at.as_secs_f64(),
             last.chars().take(100).collect::<String>(),
             cut.writes,
@@ -141,15 +155,15 @@ fn run() -> TestResult {
         let mut vm = Vm::start(&config)?;
         let check =
             vm.wait_for("HEARTH-BOOT-CHECK", timeout, |l| l.contains("HEARTH-BOOT-CHECK "))?;
-        let image_line = vm
-            .wait_for("HEARTH-IMAGE", Duration::from_secs(5), |l| l.starts_with("HEARTH-IMAGE "))?;
+        let image_line =
+            vm.wait_for("HEARTH-IMAGE", Duration::from_secs(5), |l| l.contains("HEARTH-IMAGE "))?;
         let booted = check.text.contains("HEARTH-BOOT-CHECK OK ")
             && field(&check.text, "agent") == Some("active")
             && image_line.text.contains("var=ext4,hearth-data");
         if !booted {
             return Err(format!(
-                "power cut {point} (seed {seed}, {:.1} s): the restart did not boot cleanly: {}\n{}\n{}",
-                kill_at.as_secs_f64(),
+                "power cut {point} (seed {seed}, {phase} + {:.1} s): the restart did not boot cleanly: {}\n{}\n{}",
+                offset.as_secs_f64(),
                 check.text,
                 image_line.text,
                 vm.tail(60)
