@@ -13,8 +13,10 @@
 //! - Credentials: systemd credentials through SMBIOS type 11 ([`VmConfig::credential`]).
 //! - Acceleration: TCG unless KVM is proven to run a guest here ([`Accel::detect`]).
 //!
-//! The update tests build on this launcher (snapshots through QMP, power cuts with
-//! [`Vm::kill`]). Design: `docs/0008-image.md`; code tour: `hw-tests/README.md`.
+//! The power-cut and update tests build on this launcher: the disk served by `hearth-nbd`
+//! ([`VmConfig::nbd`]: unflushed writes are lost when QEMU dies), reboots inside one QEMU
+//! ([`VmConfig::reboot`]), lines per boot ([`Vm::mark`], [`Vm::wait_for_from`]), a watchdog
+//! reset ([`Vm::reset`]) and power cuts ([`Vm::kill`]). Design: `docs/0008-image.md`; code tour: `hw-tests/README.md`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -199,8 +201,16 @@ impl Boot {
 /// What to boot, and how.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// The disk (raw or qcow2; see [`overlay`]).
+    /// The disk (raw or qcow2; see [`overlay`]), or the Unix socket of an NBD server when
+    /// [`VmConfig::nbd`] is set.
     pub disk: PathBuf,
+    /// The disk is served over NBD at the socket [`VmConfig::disk`] (`hearth-nbd`'s power-cut
+    /// server), with `cache=writeback`: the guest sees a volatile write cache and sends flushes,
+    /// which arrive as `NBD_CMD_FLUSH`.
+    pub nbd: bool,
+    /// Reboots stay inside this QEMU (no `-no-reboot`): the update tests reboot into the other
+    /// slot; the boot tests exit on the guest's reboot.
+    pub reboot: bool,
     /// Firmware or kernel.
     pub boot: Boot,
     /// TCG or KVM.
@@ -211,6 +221,10 @@ pub struct VmConfig {
     pub cpus: u32,
     /// systemd credentials passed through SMBIOS type 11: name and value.
     pub credentials: Vec<(String, Vec<u8>)>,
+    /// Added to the UKI's kernel command line by systemd-stub (SMBIOS type 11
+    /// `io.systemd.stub.kernel-cmdline-extra`; honoured without Secure Boot), e.g. a longer
+    /// device timeout for a generic kernel probing every module under TCG.
+    pub cmdline_extra: Vec<String>,
     /// Directory for the QMP socket, the firmware variables and the console log.
     pub work_dir: PathBuf,
 }
@@ -220,11 +234,16 @@ impl VmConfig {
     pub fn new(disk: &Path, work_dir: &Path) -> Result<VmConfig, QemuError> {
         Ok(VmConfig {
             disk: disk.to_path_buf(),
+            nbd: false,
+            reboot: false,
             boot: Boot::uefi()?,
             accel: Accel::Tcg,
             memory_mib: 2048,
             cpus: 2,
             credentials: Vec::new(),
+            // A starved TCG guest can fail the kernel's IO-APIC timer check and panic ("IO-APIC +
+            // timer doesn't work!", seen at load 13 on 2 cores); virtual machines skip it.
+            cmdline_extra: vec!["no_timer_check".into()],
             work_dir: work_dir.to_path_buf(),
         })
     }
@@ -241,10 +260,10 @@ impl VmConfig {
         let m = self.memory_mib.to_string();
         let c = self.cpus.to_string();
         a.extend(["-machine", "q35", "-m", &m, "-smp", &c].map(String::from));
-        a.extend(
-            ["-display", "none", "-no-reboot", "-monitor", "none", "-serial", "stdio"]
-                .map(String::from),
-        );
+        a.extend(["-display", "none", "-monitor", "none", "-serial", "stdio"].map(String::from));
+        if !self.reboot {
+            a.push("-no-reboot".into());
+        }
         let qmp = self.work_dir.join("qmp.sock");
         a.push("-qmp".into());
         a.push(format!("unix:{},server=on,wait=off", qmp.display()));
@@ -272,14 +291,27 @@ impl VmConfig {
                 a.push(append.clone());
             }
         }
-        let format =
-            if self.disk.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
         a.push("-drive".into());
-        a.push(format!("if=virtio,format={format},file={}", self.disk.display()));
+        if self.nbd {
+            a.push(format!(
+                "if=virtio,format=raw,cache=writeback,file.driver=nbd,file.server.type=unix,file.server.path={}",
+                self.disk.display()
+            ));
+        } else {
+            let format =
+                if self.disk.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+            a.push(format!("if=virtio,format={format},file={}", self.disk.display()));
+        }
         a.extend(
             ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"].map(String::from),
         );
         a.extend(["-device", "virtio-rng-pci"].map(String::from));
+        if !self.cmdline_extra.is_empty() {
+            a.push("-smbios".into());
+            // QEMU's -smbios value: commas are doubled.
+            let extra = self.cmdline_extra.join(" ").replace(',', ",,");
+            a.push(format!("type=11,value=io.systemd.stub.kernel-cmdline-extra={extra}"));
+        }
         for (name, value) in &self.credentials {
             let b64 = base64::engine::general_purpose::STANDARD.encode(value);
             a.push("-smbios".into());
@@ -397,7 +429,7 @@ pub fn strip_escapes(s: &str) -> String {
 impl Vm {
     /// Start QEMU. The console is also written to `work_dir/console.log`.
     pub fn start(config: &VmConfig) -> Result<Vm, QemuError> {
-        if !config.disk.exists() {
+        if !config.nbd && !config.disk.exists() {
             return Err(QemuError::Missing { what: "disk", path: config.disk.clone(), hint: "" });
         }
         let args = config.args()?;
@@ -465,6 +497,12 @@ impl Vm {
         &self.log_path
     }
 
+    /// How many console lines there are so far: a mark for [`Vm::wait_for_from`] (lines of
+    /// the next boot after a reboot).
+    pub fn mark(&self) -> usize {
+        self.console.0.lock().map(|c| c.lines.len()).unwrap_or_default()
+    }
+
     /// Every console line so far.
     pub fn lines(&self) -> Vec<Line> {
         self.console.0.lock().map(|c| c.lines.clone()).unwrap_or_default()
@@ -489,16 +527,29 @@ impl Vm {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<Line, QemuError> {
+        self.wait_for_from(0, what, timeout, pred)
+    }
+
+    /// [`Vm::wait_for`], looking only at lines from index `from` on (a [`Vm::mark`]).
+    pub fn wait_for_from(
+        &mut self,
+        from: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Line, QemuError> {
         let deadline = Instant::now() + timeout;
         let console = self.console.clone();
         let (lock, cvar) = &*console;
-        let mut seen = 0;
+        let mut seen = from;
         let Ok(mut guard) = lock.lock() else { return Err(self.timeout(what, timeout)) };
         loop {
-            if let Some(line) = guard.lines[seen..].iter().find(|l| pred(&l.text)) {
+            if let Some(line) =
+                guard.lines.get(seen..).unwrap_or_default().iter().find(|l| pred(&l.text))
+            {
                 return Ok(line.clone());
             }
-            seen = guard.lines.len();
+            seen = seen.max(guard.lines.len());
             let now = Instant::now();
             if guard.closed || now >= deadline {
                 break;
@@ -571,6 +622,11 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Reset the machine (QMP `system_reset`), as a hardware watchdog would.
+    pub fn reset(&self) -> Result<(), QemuError> {
+        self.qmp("system_reset").map(|_| ())
     }
 
     /// Pull the plug: kill QEMU at once (a power cut for the guest).

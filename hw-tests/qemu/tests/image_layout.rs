@@ -3,14 +3,14 @@
 //! agent and Hearth's units enabled. `#[ignore]`d: needs `image/build --profile ci` first; run
 //! by `.ci/run`. `HEARTH_IMAGE` overrides the image path.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::{
+    BASIC_DATA, ESP, Partition, ROOT_VERITY_X86_64, ROOT_X86_64, TestResult, gpt, workspace,
+};
 
 fn image() -> PathBuf {
     std::env::var_os("HEARTH_IMAGE").map(PathBuf::from).unwrap_or_else(|| {
@@ -36,73 +36,6 @@ fn dissect(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
     }
     Ok(String::from_utf8(out.stdout)?)
 }
-
-/// One partition of the GPT: (type GUID, label, first LBA, last LBA).
-type Partition = (String, String, u64, u64);
-
-/// Read the GPT directly (512-byte sectors), independent of systemd's view.
-fn gpt(path: &Path) -> Result<Vec<Partition>, Box<dyn std::error::Error>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    let mut header = [0u8; 92];
-    f.seek(SeekFrom::Start(512))?;
-    f.read_exact(&mut header)?;
-    assert_eq!(&header[..8], b"EFI PART", "no GPT header");
-    let u64_at = |b: &[u8], o: usize| -> u64 {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    let u32_at = |b: &[u8], o: usize| -> u32 {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&b[o..o + 4]);
-        u32::from_le_bytes(a)
-    };
-    let (entries_lba, count, size) =
-        (u64_at(&header, 72), u32_at(&header, 80), u32_at(&header, 84));
-    f.seek(SeekFrom::Start(entries_lba * 512))?;
-    let mut parts = Vec::new();
-    for _ in 0..count {
-        let mut e = vec![0u8; size as usize];
-        f.read_exact(&mut e)?;
-        if e[..16].iter().all(|b| *b == 0) {
-            continue;
-        }
-        // Mixed-endian GUID: first three fields little-endian.
-        let g = &e[..16];
-        let guid = format!(
-            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-            g[3],
-            g[2],
-            g[1],
-            g[0],
-            g[5],
-            g[4],
-            g[7],
-            g[6],
-            g[8],
-            g[9],
-            g[10],
-            g[11],
-            g[12],
-            g[13],
-            g[14],
-            g[15]
-        );
-        let name: Vec<u16> = e[56..128]
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|c| *c != 0)
-            .collect();
-        parts.push((guid, String::from_utf16(&name)?, u64_at(&e, 32), u64_at(&e, 40)));
-    }
-    Ok(parts)
-}
-
-const ESP: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
-const ROOT_X86_64: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
-const ROOT_VERITY_X86_64: &str = "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5";
-const BASIC_DATA: &str = "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7";
 
 #[test]
 #[ignore = "needs the built ci image (image/build --profile ci); run by .ci/run"]
@@ -147,25 +80,8 @@ fn system_slot_is_read_only_erofs_with_verity_and_esp_is_vfat() -> TestResult {
     Ok(())
 }
 
-/// `dump.erofs` (tools tree) on slot A's erofs, read in place at its offset in the image: no
-/// mount, so no loop partition devices are needed. `None` when the path does not exist.
 fn erofs(args: &[&str], path: &str) -> Result<Option<String>, Box<dyn std::error::Error>> {
-    let image = image();
-    let parts = gpt(&image)?;
-    let version = env!("CARGO_PKG_VERSION");
-    let slot_a = parts
-        .iter()
-        .find(|p| p.0 == ROOT_X86_64 && p.1 == format!("hearth_{version}"))
-        .ok_or("no slot A")?;
-    let out = Command::new(workspace().join("image/dissect"))
-        .args(["--run", "dump.erofs"])
-        .arg(format!("--offset={}", slot_a.2 * 512))
-        .args(args)
-        .arg(format!("--path={path}"))
-        .arg(std::fs::canonicalize(&image)?)
-        .output()?;
-    let stdout = String::from_utf8(out.stdout)?;
-    Ok((out.status.success() && stdout.starts_with("Path :")).then_some(stdout))
+    common::erofs(&image(), &format!("hearth_{}", env!("CARGO_PKG_VERSION")), args, path)
 }
 
 #[test]
@@ -208,5 +124,157 @@ fn agent_and_hearth_units_are_installed_and_enabled() -> TestResult {
     for absent in ["/usr/bin/apt-get", "/usr/bin/gcc", "/usr/bin/cc"] {
         assert!(erofs(&[], absent)?.is_none(), "{absent} ships in the image");
     }
+    Ok(())
+}
+
+/// Files of a release next to the built image (image/build writes them).
+fn artifact(suffix: &str) -> PathBuf {
+    let image = image();
+    let version = env!("CARGO_PKG_VERSION");
+    image.with_file_name(format!("hearth_{version}.{suffix}"))
+}
+
+/// Compare a file with a byte range of another, in 1 MiB chunks.
+fn same_bytes(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    b_offset: u64,
+    len: u64,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut fa = std::fs::File::open(a)?;
+    let mut fb = std::fs::File::open(b)?;
+    if fa.metadata()?.len() != len {
+        return Ok(false);
+    }
+    fb.seek(SeekFrom::Start(b_offset))?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(1 << 20) as usize;
+        fa.read_exact(&mut ba[..n])?;
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        left -= n as u64;
+    }
+    Ok(true)
+}
+
+#[test]
+#[ignore = "needs the built ci image (image/build --profile ci); run by .ci/run"]
+fn release_artifacts_are_slot_a_and_match_the_uki_roothash() -> TestResult {
+    let version = env!("CARGO_PKG_VERSION");
+    let image = image();
+    let parts = gpt(&image)?;
+    let (root, verity, uki) = (artifact("root.raw"), artifact("root-verity.raw"), artifact("efi"));
+    for (label, file) in
+        [(format!("hearth_{version}"), &root), (format!("hearth_{version}_verity"), &verity)]
+    {
+        let p = parts.iter().find(|p| p.1 == label).ok_or(format!("no partition {label}"))?;
+        let len = (p.3 - p.2 + 1) * 512;
+        assert!(
+            same_bytes(file, &image, p.2 * 512, len)?,
+            "{} is not partition {label}",
+            file.display()
+        );
+    }
+    // The hash tree is the data's, and its root is the one the UKI boots.
+    let roothash = common::uki_roothash(&uki)?;
+    let computed = common::script(
+        "verity-roothash",
+        &[root.as_os_str(), verity.as_os_str(), std::ffi::OsStr::new(&roothash)],
+    )?;
+    assert_eq!(computed.trim(), roothash);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the built ci image (image/build --profile ci); run by .ci/run"]
+fn bad_release_variants_differ_from_the_good_one_only_in_the_command_line() -> TestResult {
+    let version = env!("CARGO_PKG_VERSION");
+    let good = image().parent().ok_or("image has no directory")?.to_path_buf();
+    let work = hearth_qemu::work_dir("release_variants")?;
+    let good_cmdline = common::script("uki-cmdline", &[artifact("efi").as_os_str()])?;
+    for (kind, expect) in [
+        ("no-boot", "rdinit=/hearth-not-bootable panic=5"),
+        ("agent-fails", "systemd.setenv=HEARTH_AGENT_SOCKET="),
+        ("no-fleet", "systemd.mask=systemd-networkd.service"),
+    ] {
+        let out = work.join(kind);
+        common::script(
+            "release-variant",
+            &[
+                "--from".as_ref(),
+                good.as_os_str(),
+                "--version".as_ref(),
+                version.as_ref(),
+                "--kind".as_ref(),
+                kind.as_ref(),
+                "--out".as_ref(),
+                out.as_os_str(),
+            ],
+        )?;
+        for suffix in ["root.raw", "root-verity.raw"] {
+            let v = out.join(format!("hearth_{version}.{suffix}"));
+            let len = std::fs::metadata(artifact(suffix))?.len();
+            assert!(same_bytes(&v, &artifact(suffix), 0, len)?, "{kind}: {suffix} differs");
+        }
+        let cmdline = common::script(
+            "uki-cmdline",
+            &[out.join(format!("hearth_{version}.efi")).as_os_str()],
+        )?;
+        assert!(cmdline.starts_with(good_cmdline.trim()), "{kind}: {cmdline}");
+        assert!(cmdline.contains(expect), "{kind}: {cmdline}");
+        // The rest of the UKI (kernel, initrd, os-release) is the good one's.
+        assert_eq!(
+            std::fs::metadata(out.join(format!("hearth_{version}.efi")))?.len(),
+            std::fs::metadata(artifact("efi"))?.len()
+        );
+    }
+    let bad = common::script(
+        "release-variant",
+        &[
+            "--from".as_ref(),
+            good.as_os_str(),
+            "--version".as_ref(),
+            "0.0.0-none".as_ref(),
+            "--kind".as_ref(),
+            "no-boot".as_ref(),
+            "--out".as_ref(),
+            work.join("x").as_os_str(),
+        ],
+    );
+    assert!(bad.is_err_and(|e| e.to_string().contains("missing")), "a missing release is an error");
+    // The copies are 2 GiB sparse files each: not kept after a pass.
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs the built ci image (image/build --profile ci); run by .ci/run"]
+fn boot_counting_and_blessing_are_wired() -> TestResult {
+    for path in [
+        "/usr/lib/systemd/system-generators/systemd-bless-boot-generator",
+        "/usr/lib/systemd/system/systemd-bless-boot.service",
+        "/usr/lib/systemd/systemd-bless-boot",
+        "/usr/lib/systemd/system/boot-complete.target",
+        "/usr/lib/systemd/system/hearth-boot-check.service",
+        "/usr/lib/hearth/hearth-boot-check",
+    ] {
+        assert!(erofs(&[], path)?.is_some(), "{path} missing from the image");
+    }
+    let unit =
+        std::fs::read_to_string(workspace().join("image/systemd/hearth-boot-check.service"))?;
+    assert!(
+        unit.contains("Before=boot-complete.target")
+            && unit.contains("Requires=boot-complete.target")
+    );
+    let script = std::fs::read_to_string(workspace().join("image/bin/hearth-boot-check"))?;
+    assert!(
+        script.contains("hearth-agent update check"),
+        "the boot check does not run the update gate"
+    );
     Ok(())
 }
