@@ -1,9 +1,10 @@
 //! The fleet side of a node's `hearth/1` control session.
 //!
 //! Hello → (version check, node not revoked) → Welcome, the current desired state and every
-//! command the node has not acknowledged (sent before or not), in id order; then heartbeats (acked at once, kept in memory, written to the registry in batches by
-//! the sweep task) and command acks. A node silent for 3 heartbeat intervals is shown offline; a
-//! newer session of the same node replaces the older one.
+//! command the node has not acknowledged (sent before or not), in id order; then heartbeats
+//! (acked at once, kept in memory, written to the registry in batches by the sweep task) and
+//! command acks. A node silent for 3 heartbeat intervals is shown offline; a newer session of the
+//! same node replaces the older one.
 
 use std::sync::Arc;
 use std::time::Duration;
