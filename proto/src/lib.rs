@@ -7,7 +7,8 @@
 //! - [`frame`] and [`control`]: the node ↔ fleet control session (binary frames, one versioned
 //!   postcard-encoded message enum on stream 0; see `docs/protocol.md`, `docs/0005-fleet.md`).
 //! - [`mux`]: the tunnel's data streams on the same session (credit-based flow control, fair
-//!   scheduling; see `docs/0006-tunnel.md`).
+//!   scheduling; see `docs/0006-tunnel.md`); [`shell`]: keystrokes and window sizes on a shell
+//!   stream.
 //! - [`fleet`]: the JSON bodies of the fleet's HTTPS API (enrollment, `hearthctl`).
 //! - [`exposition`]: metric expositions (OpenMetrics and the Prometheus text format) shared by
 //!   the node's and the fleet's `/metrics` (`docs/0007-telemetry.md`).
@@ -22,6 +23,7 @@ pub mod fleet;
 pub mod frame;
 pub mod gpu;
 pub mod mux;
+pub mod shell;
 
 /// Version of the local API and of the data types in this crate. Bumped on any incompatible change.
 pub const API_VERSION: u32 = 1;

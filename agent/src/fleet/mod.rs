@@ -9,6 +9,7 @@
 //! "not supported yet"). It renews the certificate at half-life; revoked, it stops and says so.
 //! READY never waits for it. Design: `docs/0005-fleet.md`.
 
+pub mod commands;
 pub mod hardware;
 pub mod reboot;
 pub mod seed;
@@ -54,6 +55,8 @@ pub struct Fleet {
     /// What has been reported to the fleet: the last verdict-change `seq` and the last reboot
     /// request (advanced only after the fleet's connection took the message).
     reported: std::sync::Mutex<(u64, Option<String>)>,
+    /// Commands started (exactly once across reconnects) and the log's save generation.
+    commands: std::sync::Mutex<(u64, commands::CommandLog)>,
 }
 
 impl Fleet {
@@ -80,7 +83,14 @@ impl Fleet {
         dmi: Box<dyn hardware::Dmi>,
         rebooter: Arc<dyn reboot::Rebooter>,
     ) -> Self {
-        Self { agent, sources, dmi, rebooter, reported: std::sync::Mutex::new((0, None)) }
+        Self {
+            agent,
+            sources,
+            dmi,
+            rebooter,
+            reported: std::sync::Mutex::new((0, None)),
+            commands: std::sync::Mutex::new((0, commands::CommandLog::default())),
+        }
     }
 
     /// Health events not yet reported to the fleet, and the marker to record once they are sent.
@@ -382,6 +392,7 @@ impl Fleet {
         let s = Session::open(ep, pin, identity, env!("CARGO_PKG_VERSION")).await?;
         let Session { mut reader, mut writer, welcome } = s;
         tracing::info!(node = %welcome.node_id, version = welcome.protocol_version, "fleet session open");
+        self.load_commands(&welcome.node_id);
         self.publish(|st| {
             st.state = "connected".into();
             st.last_error = None;
@@ -423,6 +434,8 @@ impl Fleet {
         });
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_s.max(1)));
         let mut tick = tokio::time::interval(interval);
+        let silence = interval * hearth_proto::control::MISSED_HEARTBEATS_OFFLINE + interval / 2;
+        let mut heard = tokio::time::Instant::now();
         let mut seq = 0u64;
         let mut health_rx = self.agent.health_watch();
         health_rx.mark_changed();
@@ -434,6 +447,11 @@ impl Fleet {
                 () = ctx.cancel.cancelled() => break Ok(()),
                 () = &mut renew => break Err(SessionError::Protocol("certificate renewal due".into())),
                 _ = tick.tick() => {
+                    // The fleet acks every heartbeat: silence means a dead path (TCP may keep
+                    // retransmitting into it for many minutes).
+                    if heard.elapsed() > silence {
+                        break Err(SessionError::Protocol(format!("nothing from the fleet for {} s", silence.as_secs())));
+                    }
                     if let Err(e) = self.upload_summaries(&mut writer).await {
                         break Err(e);
                     }
@@ -459,7 +477,10 @@ impl Fleet {
                 }
                 m = rx.recv() => {
                     let m = match m {
-                        Some(Ok(m)) => m,
+                        Some(Ok(m)) => {
+                            heard = tokio::time::Instant::now();
+                            m
+                        }
                         Some(Err(e)) => break Err(e),
                         None => break Err(SessionError::Protocol("reader ended".into())),
                     };
@@ -515,6 +536,28 @@ impl Fleet {
         self.send(writer, &ControlMessage::Summaries(batch)).await
     }
 
+    fn commands_store(&self) -> Store {
+        Store::new(self.agent.config.state.dir.join("commands.json"))
+    }
+
+    /// Load the command log of `node_id` (a missing or unreadable file starts an empty one; an
+    /// unreadable one is logged: commands it covered could run again).
+    fn load_commands(&self, node_id: &str) {
+        let loaded = match self.commands_store().load::<commands::CommandLog>() {
+            Ok(l) => l.map(|l| (l.generation, l.state)),
+            Err(e) => {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "command log unreadable: starting a new one");
+                None
+            }
+        };
+        let mut log = self.commands.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if log.1.node_id == node_id {
+            return;
+        }
+        let (generation, prev) = loaded.map_or((0, None), |(g, l)| (g, Some(l)));
+        *log = (generation, commands::CommandLog::for_node(node_id, prev));
+    }
+
     fn handle(&self, m: ControlMessage) -> Option<ControlMessage> {
         match m {
             ControlMessage::SummariesAck { seq } => {
@@ -544,6 +587,28 @@ impl Fleet {
                 None
             }
             ControlMessage::Command(c) => {
+                let mut log =
+                    self.commands.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match log.1.arrival(c.id) {
+                    commands::Arrival::Repeat(outcome) => {
+                        tracing::info!(id = c.id, kind = ?c.kind, ?outcome, "fleet command repeated: acked again, not run");
+                        return Some(ControlMessage::CommandAck(CommandAck { id: c.id, outcome }));
+                    }
+                    commands::Arrival::New => {
+                        let mut next = log.1.clone();
+                        next.begin(c.id);
+                        if let Err(e) = self.commands_store().save(log.0 + 1, &next) {
+                            let msg = format!("{:#}", anyhow::Error::new(e));
+                            tracing::error!(id = c.id, error = %msg, "cannot record a fleet command: not run");
+                            let outcome = CommandOutcome::Failed(format!("not run: {msg}"));
+                            return Some(ControlMessage::CommandAck(CommandAck {
+                                id: c.id,
+                                outcome,
+                            }));
+                        }
+                        *log = (log.0 + 1, next);
+                    }
+                }
                 let outcome = match c.kind {
                     CommandKind::Reboot => match self.rebooter.reboot() {
                         Ok(()) => CommandOutcome::Accepted,
@@ -563,6 +628,7 @@ impl Fleet {
                     ),
                 };
                 tracing::info!(id = c.id, kind = ?c.kind, ?outcome, "fleet command");
+                log.1.finish(c.id, outcome.clone());
                 Some(ControlMessage::CommandAck(CommandAck { id: c.id, outcome }))
             }
             ControlMessage::HeartbeatAck { .. } => None,

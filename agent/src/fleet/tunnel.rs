@@ -6,8 +6,7 @@
 //! Targets ([`Target`]): the local API (relayed to the API's Unix socket), `exec` (a process with
 //! stdin, stdout and stderr on the stream; a non-zero exit comes back as the reset code
 //! [`reset::EXIT`]` + status` after all output), loopback ports in `tunnel.expose_ports`, and
-//! `echo` (diagnostics). Interactive shells (PTY) are not served yet and are refused with a
-//! reason. A lost connection is retried with full-jitter backoff (1 s .. 60 s, reset after a
+//! `echo` (diagnostics), and interactive login shells on a PTY ([`shell`]). A lost connection is retried with full-jitter backoff (1 s .. 60 s, reset after a
 //! minute up). Design: `docs/0006-tunnel.md`.
 
 use std::path::PathBuf;
@@ -135,8 +134,7 @@ async fn serve_stream(targets: &Targets, inc: Incoming, stats: &LinkStats) {
             stream.refuse(reset::REFUSED, "this node does not allow exec or shell (tunnel.exec)");
         }
         Target::Exec { argv } => exec(stream, argv).await,
-        Target::Shell { .. } => stream
-            .refuse(reset::UNREACHABLE, "interactive shells are not supported yet by this agent"),
+        Target::Shell { rows, cols, term } => shell::serve(stream, rows, cols, term).await,
         Target::Via { .. } => stream.refuse(reset::REFUSED, "a node relays nothing"),
     }
 }
@@ -224,6 +222,16 @@ async fn exec(s: TunnelStream, argv: Vec<String>) {
     let status = child.wait().await;
     input.abort();
     let _ = input.await;
+    end_with_status(&mut tx, &ctl, status).await;
+}
+
+/// End a stream with a process's exit: a clean end for status 0, else the reset
+/// [`reset::EXIT`]` + status` (or [`reset::SIGNAL`]` + signal`) once the output has left.
+async fn end_with_status(
+    tx: &mut tokio::io::WriteHalf<TunnelStream>,
+    ctl: &hearth_fleet_client::tunnel::StreamControl,
+    status: std::io::Result<std::process::ExitStatus>,
+) {
     // Give the output time to leave before a reset (resets overtake queued data).
     let flushed = tokio::time::timeout(Duration::from_secs(30), async {
         let _ = tx.flush().await;
@@ -251,6 +259,8 @@ async fn exec(s: TunnelStream, argv: Vec<String>) {
         Err(e) => ctl.reset(reset::INTERNAL, &format!("wait failed: {e}")),
     }
 }
+
+pub mod shell;
 
 #[cfg(test)]
 mod tests;

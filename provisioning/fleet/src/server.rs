@@ -462,7 +462,9 @@ pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
             continue;
         }
         let id = node.clone();
-        let pending = fleet.db(move |r| r.pending_commands(&id)).await.unwrap_or_default();
+        // A pushed command only wakes the session's writer, which sends every unacked command
+        // above the last it sent, in id order (`session.rs`).
+        let pending = fleet.db(move |r| r.unacked_commands(&id, 0)).await.unwrap_or_default();
         for (cid, kind) in pending {
             if fleet.push(&node, ControlMessage::Command(control::Command { id: cid, kind })) {
                 let _ = fleet.db(move |r| r.command_sent(cid)).await;

@@ -1,9 +1,10 @@
 //! The fleet side of a node's `hearth/1` control session.
 //!
-//! Hello → (version check, node not revoked) → Welcome, the current desired state and any queued
-//! commands; then heartbeats (acked at once, kept in memory, written to the registry in batches by
-//! the sweep task) and command acks. A node silent for 3 heartbeat intervals is shown offline; a
-//! newer session of the same node replaces the older one.
+//! Hello → (version check, node not revoked) → Welcome, the current desired state and every
+//! command the node has not acknowledged (sent before or not), in id order; then heartbeats
+//! (acked at once, kept in memory, written to the registry in batches by the sweep task) and
+//! command acks. A node silent for 3 heartbeat intervals is shown offline; a newer session of the
+//! same node replaces the older one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,8 +76,6 @@ where
             return;
         }
     };
-    let id = node.clone();
-    let pending = fleet.db(move |r| r.pending_commands(&id)).await.unwrap_or_default();
 
     let (tx, mut rx) = mpsc::channel::<ControlMessage>(QUEUE);
     let session = fleet.next_session();
@@ -113,18 +112,30 @@ where
         node_id: node.clone(),
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
     });
-    let _ = tx.try_send(welcome);
-    let _ = tx.try_send(ControlMessage::Desired(row.desired.clone()));
-    for (cid, kind) in pending {
-        if tx.try_send(ControlMessage::Command(Command { id: cid, kind })).is_ok() {
-            let _ = fleet.db(move |r| r.command_sent(cid)).await;
-        }
-    }
     drop(tx);
 
+    let (wfleet, wnode, desired) = (fleet.clone(), node.clone(), row.desired.clone());
     let writer_task = tokio::spawn(async move {
+        let first = [welcome, ControlMessage::Desired(desired)];
+        for msg in &first {
+            if write_message(&mut writer, msg).await.is_err() {
+                return;
+            }
+        }
+        // Every unacknowledged command, oldest first, then whatever is pushed; a pushed command
+        // only wakes the writer, which sends from the registry in id order, so the node sees
+        // each session's commands in order with no gap (`docs/0006-tunnel.md`).
+        let mut commands = Commands { fleet: wfleet, node: wnode, last_sent: 0 };
+        if commands.send_unacked(&mut writer).await.is_err() {
+            return;
+        }
         while let Some(msg) = rx.recv().await {
-            if write_message(&mut writer, &msg).await.is_err() {
+            let sent = match msg {
+                ControlMessage::Command(c) if c.id <= commands.last_sent => Ok(()),
+                ControlMessage::Command(_) => commands.send_unacked(&mut writer).await,
+                other => write_message(&mut writer, &other).await.map_err(|_| ()),
+            };
+            if sent.is_err() {
                 break;
             }
         }
@@ -225,6 +236,37 @@ where
     }
     writer_task.abort();
     tracing::info!(%node, "session closed");
+}
+
+/// The command stream of one session: sends the node's unacknowledged commands above
+/// `last_sent` in id order.
+struct Commands {
+    fleet: Arc<Fleet>,
+    node: String,
+    last_sent: u64,
+}
+
+impl Commands {
+    async fn send_unacked<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), ()> {
+        let (id, after) = (self.node.clone(), self.last_sent);
+        let pending = match self.fleet.db(move |r| r.unacked_commands(&id, after)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(node = %self.node, error = %format!("{e:#}"), "cannot read queued commands");
+                return Ok(());
+            }
+        };
+        for (cid, kind) in pending {
+            write_message(w, &ControlMessage::Command(Command { id: cid, kind }))
+                .await
+                .map_err(|_| ())?;
+            self.last_sent = cid;
+            if let Err(e) = self.fleet.db(move |r| r.command_sent(cid)).await {
+                tracing::warn!(node = %self.node, error = %format!("{e:#}"), "cannot mark a command sent");
+            }
+        }
+        Ok(())
+    }
 }
 
 fn kind(m: &ControlMessage) -> &'static str {

@@ -154,3 +154,89 @@ async fn fleet_accepts_one_version_older_and_refuses_two() -> TestResult {
     assert_eq!(s.welcome.protocol_version, v);
     Ok(())
 }
+
+/// Commands sent on a session that dies before the node acks them are sent again, in id order and
+/// without gaps, on the next session (also those queued while the node was away); a repeated ack
+/// changes nothing.
+async fn unacked_commands_resent_in_order(db: Db) -> TestResult {
+    let Some(f) = fleet_on(db).await else { return Ok(()) };
+    let token = f.token(1, 600).await;
+    let (req, key) = enroll_request(&token.token, 1);
+    let resp = enroll(&f.ep(), &f.pin(), &req).await?;
+    let id = ClientIdentity { cert_pem: resp.cert_pem.clone(), key_pem: key };
+    let admin = f.http(Some(&f.admin));
+    let path = format!("/v1/nodes/{}/commands", resp.node_id);
+    let post = || async {
+        json::<_, CommandView>(
+            &f.ep(),
+            admin.clone(),
+            "POST",
+            &path,
+            Some(&CommandRequest { kind: CommandKind::RunDiagnostics }),
+        )
+        .await
+    };
+
+    let mut s = Session::open(&f.ep(), &f.pin(), &id, "0.1.0").await?;
+    let ControlMessage::Desired(_) = recv(&mut s).await? else { panic!("expected Desired") };
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(post().await?.id);
+    }
+    for want in &ids {
+        let ControlMessage::Command(c) = recv(&mut s).await? else { panic!("expected Command") };
+        assert_eq!(c.id, *want);
+    }
+    // Ack only the first two, then the session dies; two more are queued while away.
+    for cid in &ids[..2] {
+        s.send(&ControlMessage::CommandAck(CommandAck { id: *cid, outcome: CommandOutcome::Done }))
+            .await?;
+    }
+    s.send(&heartbeat(1, 1)).await?;
+    assert_eq!(recv(&mut s).await?, ControlMessage::HeartbeatAck { seq: 1 });
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ids.push(post().await?.id);
+    ids.push(post().await?.id);
+
+    let mut s = Session::open(&f.ep(), &f.pin(), &id, "0.1.0").await?;
+    let ControlMessage::Desired(_) = recv(&mut s).await? else { panic!("expected Desired") };
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let ControlMessage::Command(c) = recv(&mut s).await? else { panic!("expected Command") };
+        got.push(c.id);
+    }
+    assert_eq!(got, ids[2..].to_vec(), "the unacked commands, in order, nothing else");
+    // A live push after the resend continues the sequence.
+    ids.push(post().await?.id);
+    let ControlMessage::Command(c) = recv(&mut s).await? else { panic!("expected Command") };
+    assert_eq!(Some(&c.id), ids.last());
+
+    // Every command acked, the first twice: one ack recorded each, the first outcome kept.
+    for cid in &ids {
+        s.send(&ControlMessage::CommandAck(CommandAck { id: *cid, outcome: CommandOutcome::Done }))
+            .await?;
+    }
+    let late = CommandOutcome::Failed("late duplicate".into());
+    s.send(&ControlMessage::CommandAck(CommandAck { id: ids[0], outcome: late })).await?;
+    s.send(&heartbeat(2, 1)).await?;
+    assert_eq!(recv(&mut s).await?, ControlMessage::HeartbeatAck { seq: 2 });
+    let cs: Vec<CommandView> = json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
+    assert_eq!(cs.len(), ids.len());
+    assert!(cs.iter().all(|c| c.outcome == Some(CommandOutcome::Done)), "{cs:?}");
+    let events = tokio::task::block_in_place(|| f.running.fleet.registry.events(1000))?;
+    let acks = events.iter().filter(|e| e.kind == "command-ack").count();
+    assert_eq!(acks, ids.len(), "one command-ack event per command");
+    f.running.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_commands_resent_on_sqlite() -> TestResult {
+    unacked_commands_resent_in_order(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_commands_resent_on_postgres() -> TestResult {
+    unacked_commands_resent_in_order(Db::Postgres).await
+}

@@ -3,7 +3,7 @@
 //! Entry point: [`main`]. It reads `hearthctl.toml` ([`CtlConfig`]: fleet URL and name, CA pin,
 //! operator certificate and key, as written by `hearth-fleet operator-cert`), sends one HTTPS
 //! request with the operator certificate ([`hearth_fleet_client::https`]) and prints a table or
-//! JSON. Errors name the cause and exit non-zero. `exec`, `api` and `forward` open streams to a
+//! JSON. Errors name the cause and exit non-zero. `exec`, `shell`, `api` and `forward` open streams to a
 //! node through the fleet's tunnel gateway instead ([`stream`], `docs/0006-tunnel.md`).
 
 use std::collections::BTreeMap;
@@ -105,6 +105,12 @@ pub enum Command {
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// An interactive login shell on a node through the tunnel (admin; the node's
+    /// `tunnel.exec` must allow it); exits with the shell's status.
+    Shell {
+        /// Node id.
+        node: String,
     },
     /// GET a path of a node's local API through the tunnel (viewer or admin).
     Api {
@@ -400,8 +406,13 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 ),
             )
         }
-        Command::Exec { .. } | Command::Api { .. } | Command::Forward { .. } => {
-            bail!("exec, api and forward are served through the tunnel, not this request path")
+        Command::Exec { .. }
+        | Command::Shell { .. }
+        | Command::Api { .. }
+        | Command::Forward { .. } => {
+            bail!(
+                "exec, shell, api and forward are served through the tunnel, not this request path"
+            )
         }
         Command::Events { limit } => {
             let es: Vec<EventView> = ctl.get(&format!("/v1/events?limit={limit}")).await?;
@@ -445,10 +456,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Command::Exec { node, argv } = &cli.command {
+    let streamed = match &cli.command {
+        Command::Exec { node, argv } => Some((node.clone(), Some(argv.clone()))),
+        Command::Shell { node } => Some((node.clone(), None)),
+        _ => None,
+    };
+    if let Some((node, argv)) = streamed {
         let r = rt.block_on(async {
             let config = load_config(&config_path(&cli)?)?;
-            stream::exec(&config, node, argv.clone()).await
+            match argv {
+                Some(argv) => stream::exec(&config, &node, argv).await,
+                None => stream::shell(&config, &node).await,
+            }
         });
         return match r {
             Ok(code) => ExitCode::from(code),

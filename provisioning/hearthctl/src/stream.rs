@@ -1,5 +1,5 @@
 //! Subcommands that open tunnel streams to a node through the fleet gateway (ALPN
-//! `hearth-tunnel/1`, the operator certificate; the gateway checks the role): `exec`, `api` and
+//! `hearth-tunnel/1`, the operator certificate; the gateway checks the role): `exec`, `shell`, `api` and
 //! `forward`. Design: `docs/0006-tunnel.md`.
 
 use std::io::Write as _;
@@ -126,4 +126,87 @@ pub async fn forward(c: &CtlConfig, node: &str, port: u16, listen: &str) -> anyh
             let _ = s.shutdown().await;
         });
     }
+}
+
+/// The operator's terminal in raw mode (no line editing, no echo, no signals from keys: every
+/// keystroke goes to the node's shell) until dropped.
+#[derive(Debug)]
+pub struct RawMode {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawMode {
+    /// Put stdin's terminal in raw mode.
+    pub fn enter() -> anyhow::Result<Self> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).context("cannot read the terminal's settings")?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).context("cannot set the terminal to raw mode")?;
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        use nix::sys::termios::{SetArg, tcsetattr};
+        let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// The size of the terminal on stdout, if it is one.
+pub fn window_size() -> Option<(u16, u16)> {
+    use std::os::fd::AsRawFd as _;
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `struct winsize` through the pointer, which points at `ws`,
+    // alive and writable for the call.
+    let rc = unsafe { libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &raw mut ws) };
+    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// `hearthctl shell NODE`: an interactive login shell on the node (admin; the node's
+/// `tunnel.exec` must allow it). On a terminal: raw mode, the window size sent at start and on
+/// every change; otherwise stdin is fed to the shell as typed input (24x80). Exits with the
+/// shell's status.
+pub async fn shell(c: &CtlConfig, node: &str) -> anyhow::Result<u8> {
+    use std::io::IsTerminal as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let tty = std::io::stdin().is_terminal();
+    let (rows, cols) = window_size().unwrap_or((24, 80));
+    let term =
+        std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm".into());
+    let t = tunnel(c).await?;
+    let s = t.handle.open(&via(node, Target::Shell { rows, cols, term }))?;
+    let raw = if tty { Some(RawMode::enter()?) } else { None };
+    let (mut r, mut w) = tokio::io::split(s);
+    let input = tokio::spawn(async move {
+        let mut winch = signal(SignalKind::window_change()).ok();
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut open = true;
+        loop {
+            let mut msg = Vec::new();
+            tokio::select! {
+                n = stdin.read(&mut buf), if open => match n {
+                    Ok(n) if n > 0 => hearth_proto::shell::encode_input(&buf[..n], &mut msg),
+                    // A terminal has no end of input: the shell ends when it exits.
+                    _ => open = false,
+                },
+                Some(()) = async { match winch.as_mut() { Some(s) => s.recv().await, None => None } } => {
+                    if let Some((rows, cols)) = window_size() {
+                        hearth_proto::shell::encode_resize(rows, cols, &mut msg);
+                    }
+                }
+                else => return w,
+            }
+            if !msg.is_empty() && w.write_all(&msg).await.is_err() {
+                return w;
+            }
+        }
+    });
+    let end = copy_out(&mut r, &mut std::io::stdout().lock()).await;
+    input.abort();
+    drop(raw);
+    exit_code(end)
 }

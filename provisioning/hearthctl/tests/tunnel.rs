@@ -136,6 +136,41 @@ async fn exec_and_api_through_the_gateway() -> TestResult {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "{\"state\":\"ready\"}\n");
 
+    // A shell, driven without a terminal: typed input, the output, the shell's status; viewers
+    // are refused; the session is recorded as events.
+    let shell = |cfg: &std::path::Path, input: &'static [u8]| {
+        let cfg = cfg.to_path_buf();
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<std::process::Output> {
+            use std::io::Write as _;
+            let mut child = Command::new(env!("CARGO_BIN_EXE_hearthctl"))
+                .arg("--config")
+                .arg(cfg)
+                .args(["shell", &node])
+                .env("TERM", "xterm")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            if let Some(mut i) = child.stdin.take() {
+                i.write_all(input)?;
+            }
+            child.wait_with_output()
+        })
+    };
+    let out = shell(&admin_toml, b"echo hi-$((6*7)); stty size; exit 3\n").await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hi-42"), "{out:?}");
+    assert!(text.contains("24 80"), "the default size without a terminal: {text:?}");
+    assert_eq!(out.status.code(), Some(3), "the shell's exit status: {out:?}");
+    let out = shell(&viewer_toml, b"exit\n").await??;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shell needs the admin role"), "{out:?}");
+    let events = ctl(&admin_toml, &["events", "--limit", "50"]).await??;
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("tunnel-open") && events.contains("operator alice: shell"), "{events}");
+    assert!(events.contains("victor: shell needs the admin role"), "{events}");
+
     let out = ctl(&admin_toml, &["exec", "n-missing", "--", "true"]).await??;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("node n-missing has no tunnel"),

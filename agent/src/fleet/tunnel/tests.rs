@@ -121,3 +121,43 @@ async fn listed_ports_and_the_local_api_are_relayed() -> io::Result<()> {
     assert!(out.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&out));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_runs_on_a_pty_with_the_window_size_and_ends_with_its_status() -> io::Result<()> {
+    use hearth_proto::shell::{encode_input, encode_resize};
+    let gw = node(policy(true, &[]), "/nonexistent".into());
+    let mut s = gw.open(&Target::Shell { rows: 30, cols: 100, term: "vt100".into() })?;
+    let mut msg = Vec::new();
+    encode_input(b"stty size; echo term=$TERM tty=$(test -t 0 && echo yes)\n", &mut msg);
+    s.write_all(&msg).await?;
+    let mut first = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&first).contains("tty=yes") {
+        let n = s.read(&mut buf).await?;
+        assert!(n > 0, "the shell ended early: {:?}", String::from_utf8_lossy(&first));
+        first.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.contains("30 100"), "the initial window size: {text:?}");
+    assert!(text.contains("term=vt100 tty=yes"), "TERM and a terminal on stdin: {text:?}");
+    // A resize reaches the PTY; then the shell exits with a status.
+    let mut msg = Vec::new();
+    encode_resize(50, 132, &mut msg);
+    encode_input(b"stty size; echo sum=$((40+2)); exit 5\n", &mut msg);
+    s.write_all(&msg).await?;
+    let (out, end) = drain(&mut s).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("50 132"), "the resized window: {text:?}");
+    assert!(text.contains("sum=42"), "{text:?}");
+    assert_eq!(end.map(|r| r.code), Some(reset::EXIT + 5));
+
+    // Malformed input ends the shell; an out-of-range size is refused before it starts.
+    let mut s = gw.open(&Target::Shell { rows: 24, cols: 80, term: "xterm".into() })?;
+    s.write_all(&[0x09, 0, 1, 0]).await?;
+    let (_, end) = drain(&mut s).await;
+    assert_eq!(end.map(|r| r.code), Some(reset::CANCEL));
+    let mut s = gw.open(&Target::Shell { rows: 0, cols: 80, term: "xterm".into() })?;
+    let (_, end) = drain(&mut s).await;
+    assert_eq!(end.map(|r| r.code), Some(reset::BAD_TARGET));
+    Ok(())
+}

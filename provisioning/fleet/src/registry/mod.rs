@@ -669,12 +669,18 @@ impl Registry {
         })
     }
 
-    /// Commands of a node not yet sent, oldest first.
-    pub fn pending_commands(&self, node: &str) -> Result<Vec<(u64, CommandKind)>, RegistryError> {
+    /// Commands of a node with an id above `after` that the node has not acknowledged yet (sent
+    /// or not: one sent on a session that died may never have arrived), oldest first. The session
+    /// sends them in this order; the node handles each id once (`docs/0006-tunnel.md`).
+    pub fn unacked_commands(
+        &self,
+        node: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, CommandKind)>, RegistryError> {
         self.rtx(|tx| {
             let rows = tx.query(
-                "SELECT id, kind FROM commands WHERE node_id = $1 AND sent = 0 ORDER BY id",
-                &[text(node)],
+                "SELECT id, kind FROM commands WHERE node_id = $1 AND outcome IS NULL AND id > $2 ORDER BY id",
+                &[text(node), int(after)],
             )?;
             rows.iter()
                 .map(|r| {
@@ -693,7 +699,8 @@ impl Registry {
         })
     }
 
-    /// Record a node's answer to a command.
+    /// Record a node's answer to a command: the first answer counts; a repeated ack (the node
+    /// answering a command resent after a reconnect) changes nothing.
     pub fn ack_command(
         &self,
         node: &str,
@@ -703,7 +710,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         self.tx(|tx| {
             let n = tx.exec(
-                "UPDATE commands SET outcome = $3 WHERE id = $1 AND node_id = $2",
+                "UPDATE commands SET outcome = $3 WHERE id = $1 AND node_id = $2 AND outcome IS NULL",
                 &[int(id), text(node), text(to_json(outcome))],
             )?;
             if n > 0 {
