@@ -42,6 +42,7 @@ pub mod render;
 pub mod sampler;
 pub mod supervisor;
 pub mod systemd;
+pub mod update;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,3 +6,4 @@ pub mod fleet;
 pub mod host;
 pub mod reset;
 pub mod systemd;
+pub mod update;
