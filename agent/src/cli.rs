@@ -88,6 +88,15 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<PowerAction>,
     },
+    /// Signed A/B updates: status, apply, the boot check (`docs/0009-updates.md`).
+    Update {
+        /// Configuration file (TOML).
+        #[arg(long, short, default_value = "/etc/hearth/agent.toml")]
+        config: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        action: crate::update::cli::UpdateCmd,
+    },
     /// The simulator (nodes with `gpu.backend = "sim"`).
     Sim {
         /// What to do.
@@ -296,6 +305,9 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
     match command {
         Command::Run { .. } | Command::CheckConfig { .. } | Command::RenderNetwork { .. } => {
             Ok(EXIT_USAGE)
+        }
+        Command::Update { config, action } => {
+            crate::update::cli::run(&config, socket, action).await
         }
         Command::Status { json, watch } => {
             let client = Client::new(socket);

@@ -16,9 +16,12 @@
 //! The state machine is [`state::UpdateState`], persisted with `persist::Store` at
 //! `state.dir/update.json` after every transition.
 
+pub mod cli;
+pub mod config;
 pub mod fetch;
 pub mod platform;
 pub mod state;
+pub mod system;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -214,6 +217,9 @@ impl Updater {
     }
 
     fn save(&self, generation: &mut u64, state: &UpdateState) -> Result<(), UpdateError> {
+        if let Some(dir) = self.store.path().parent() {
+            crate::persist::ensure_dir(dir)?;
+        }
         *generation += 1;
         self.store.save(*generation, state)?;
         Ok(())
@@ -572,13 +578,13 @@ mod tests {
         assert_eq!(judge(&before, &good), Ok(()));
         let mut o = good.clone();
         o.fleet_state = "disconnected".into();
-        assert!(judge(&before, &o).unwrap_err().contains("fleet session"));
+        assert!(judge(&before, &o).expect_err("must fail").contains("fleet session"));
         let mut o = good.clone();
         o.health.healthy_gpus = 7;
-        assert!(judge(&before, &o).unwrap_err().contains("7 of 8"));
+        assert!(judge(&before, &o).expect_err("must fail").contains("7 of 8"));
         let mut o = good;
         o.agent_up = Some("api unreachable".into());
-        assert!(judge(&before, &o).unwrap_err().contains("agent not up"));
+        assert!(judge(&before, &o).expect_err("must fail").contains("agent not up"));
         let unenrolled = HealthSnapshot { enrolled: false, ..before };
         let o = Observed {
             fleet_state: "no-seed".into(),

@@ -496,14 +496,14 @@ mod tests {
         assert!(entry_has_counter("hearth_2.0+0-3.efi"));
         assert!(!entry_has_counter("hearth_2.0.efi"));
         assert!(!entry_has_counter("hearth_2.0+x.efi"));
-        assert_eq!(entry_version("hearth_2.0+1-2.efi"), Some("2.0".parse().unwrap()));
+        assert_eq!(entry_version("hearth_2.0+1-2.efi"), Some("2.0".parse().expect("test value")));
         assert_eq!(entry_version("other.efi"), None);
     }
 
     #[test]
     fn roothash_uuids_split_the_hash() {
         let h = "00112233445566778899aabbccddeeff0123456789abcdef0123456789ABCDEF";
-        let (a, b) = uuids_from_roothash(h).unwrap();
+        let (a, b) = uuids_from_roothash(h).expect("test value");
         assert_eq!(a, "00112233-4455-6677-8899-aabbccddeeff");
         assert_eq!(b, "01234567-89ab-cdef-0123-456789abcdef");
         assert!(uuids_from_roothash("zz").is_none());
@@ -529,13 +529,13 @@ mod tests {
             {{"node":"/dev/vda4","size":4096,"type":"{ROOT_TYPE}","uuid":"CC","name":"_empty"}},
             {{"node":"/dev/vda5","size":64,"type":"{VERITY_TYPE}","uuid":"DD","name":"_empty"}}]}}}}"#
         );
-        let slots = parse_sfdisk(Path::new("/dev/vda"), &json).unwrap();
+        let slots = parse_sfdisk(Path::new("/dev/vda"), &json).expect("test value");
         assert_eq!(slots.len(), 2);
         assert_eq!(slots[0].root.number, 2);
-        assert_eq!(slots[0].version(), Some("1.0".parse().unwrap()));
+        assert_eq!(slots[0].version(), Some("1.0".parse().expect("test value")));
         assert_eq!(slots[1].verity.node, PathBuf::from("/dev/vda5"));
         assert_eq!(slots[1].root.size, 4096 * 512);
         let bad = parse_sfdisk(Path::new("/dev/vda"), r#"{"partitiontable":{"partitions":[]}}"#);
-        assert!(bad.unwrap_err().to_string().contains("expected 2 root"));
+        assert!(bad.expect_err("must fail").to_string().contains("expected 2 root"));
     }
 }

@@ -219,10 +219,11 @@ impl UpdateState {
             _ => {}
         }
         // The running version's own bless (first boot or after an update) sets the floor.
-        if blessed && let Some(v) = booted {
-            if self.anti_rollback.as_ref().is_none_or(|f| v > f) {
-                self.anti_rollback = Some(v.clone());
-            }
+        if blessed
+            && let Some(v) = booted
+            && self.anti_rollback.as_ref().is_none_or(|f| v > f)
+        {
+            self.anti_rollback = Some(v.clone());
         }
         *self != before
     }
@@ -276,25 +277,30 @@ mod tests {
     use super::*;
 
     fn v(s: &str) -> ReleaseVersion {
-        s.parse().unwrap()
+        s.parse().expect("test value")
     }
 
     fn rel(s: &str) -> ReleaseInfo {
-        ReleaseInfo { version: v(s), channel: "stable".into(), parts: BTreeMap::new() }
+        ReleaseInfo {
+            version: v(s),
+            channel: "stable".into(),
+            parts: BTreeMap::new(),
+            roothash: None,
+        }
     }
 
     fn installed(to: &str, from: &str) -> UpdateState {
         let mut s = UpdateState { anti_rollback: Some(v(from)), ..Default::default() };
-        s.begin(rel(to), Some(v(from)), "b".into(), HealthSnapshot::default()).unwrap();
-        s.writing(10).unwrap();
-        s.installed().unwrap();
+        s.begin(rel(to), Some(v(from)), "b".into(), HealthSnapshot::default()).expect("test value");
+        s.writing(10).expect("test value");
+        s.installed().expect("test value");
         s
     }
 
     #[test]
     fn good_update_blesses_and_raises_the_floor_only_then() {
         let mut s = installed("2.0", "1.0");
-        s.rebooting().unwrap();
+        s.rebooting().expect("test value");
         assert_eq!(s.anti_rollback, Some(v("1.0")));
         assert!(s.on_boot(Some(&v("2.0")), false));
         assert_eq!(s.phase, Phase::Trial);
@@ -307,9 +313,9 @@ mod tests {
     #[test]
     fn failed_check_then_old_slot_is_a_rollback_with_the_reason() {
         let mut s = installed("2.0", "1.0");
-        s.rebooting().unwrap();
+        s.rebooting().expect("test value");
         s.on_boot(Some(&v("2.0")), false);
-        s.check_failed("fleet session not established within 120 s".into()).unwrap();
+        s.check_failed("fleet session not established within 120 s".into()).expect("test value");
         s.on_boot(Some(&v("1.0")), true);
         assert_eq!(s.phase, Phase::RolledBack);
         assert_eq!(s.reason.as_deref(), Some("fleet session not established within 120 s"));
@@ -320,10 +326,10 @@ mod tests {
     #[test]
     fn new_slot_that_never_boots_is_a_rollback() {
         let mut s = installed("2.0", "1.0");
-        s.rebooting().unwrap();
+        s.rebooting().expect("test value");
         s.on_boot(Some(&v("1.0")), true);
         assert_eq!(s.phase, Phase::RolledBack);
-        assert!(s.reason.as_deref().unwrap().contains("did not finish booting"));
+        assert!(s.reason.as_deref().expect("test value").contains("did not finish booting"));
     }
 
     #[test]
@@ -338,16 +344,18 @@ mod tests {
     #[test]
     fn admits_only_newer_and_not_below_the_floor() {
         let s = UpdateState { anti_rollback: Some(v("1.5")), ..Default::default() };
-        assert!(s.admits(&v("1.4"), None).unwrap_err().contains("anti-rollback"));
-        assert!(s.admits(&v("1.6"), Some(&v("1.6"))).unwrap_err().contains("not newer"));
+        assert!(s.admits(&v("1.4"), None).expect_err("must fail").contains("anti-rollback"));
+        assert!(s.admits(&v("1.6"), Some(&v("1.6"))).expect_err("must fail").contains("not newer"));
         assert!(s.admits(&v("1.10"), Some(&v("1.6"))).is_ok());
     }
 
     #[test]
     fn busy_update_refuses_a_second_begin() {
         let mut s = UpdateState::default();
-        s.begin(rel("2.0"), None, "b".into(), HealthSnapshot::default()).unwrap();
-        let e = s.begin(rel("3.0"), None, "b".into(), HealthSnapshot::default()).unwrap_err();
+        s.begin(rel("2.0"), None, "b".into(), HealthSnapshot::default()).expect("test value");
+        let e = s
+            .begin(rel("3.0"), None, "b".into(), HealthSnapshot::default())
+            .expect_err("must fail");
         assert_eq!(e.phase, "downloading");
     }
 }

@@ -63,8 +63,8 @@ pub enum ReleaseError {
         /// Its key count.
         keys: u64,
     },
-    /// The keys directory already holds a root.
-    #[error("{0} already exists; refusing to replace the trusted root")]
+    /// The keys directory is not empty.
+    #[error("{0} is not empty; refusing to replace keys or the trusted root")]
     KeysExist(PathBuf),
     /// An artifact of the release is missing.
     #[error("release artifact {path} is missing")]
@@ -81,6 +81,14 @@ pub enum ReleaseError {
         existing: ReleaseVersion,
         /// The release refused.
         version: ReleaseVersion,
+    },
+    /// The version is already signed (in any channel: a version names one build).
+    #[error("release {version} is already signed (channel {channel}); a version names one build")]
+    Exists {
+        /// The version.
+        version: ReleaseVersion,
+        /// Its channel.
+        channel: String,
     },
     /// The existing repository's metadata could not be read back.
     #[error("existing metadata {path} is not valid TUF metadata")]
@@ -107,7 +115,7 @@ pub enum ReleaseError {
         what: &'static str,
         /// The library's error.
         #[source]
-        source: tough::error::Error,
+        source: Box<tough::error::Error>,
     },
     /// Encoding metadata failed.
     #[error("encode {what}")]
@@ -389,6 +397,10 @@ pub fn days_from_now(days: i64) -> jiff::Timestamp {
     now.checked_add(jiff::SignedDuration::from_secs(secs)).unwrap_or(now)
 }
 
+fn tuf(what: &'static str) -> impl FnOnce(tough::error::Error) -> ReleaseError {
+    move |source| ReleaseError::Tuf { what, source: Box::new(source) }
+}
+
 fn role_name(role: RoleType) -> &'static str {
     match role {
         RoleType::Root => "root",
@@ -404,15 +416,15 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ReleaseEr
     move |source| ReleaseError::Io { op, path, source }
 }
 
-/// Generate one Ed25519 key (PKCS#8 PEM), write it owner-only, return its TUF key.
+/// Generate one Ed25519 key (PKCS#8 DER, what `tough` reads), write it owner-only, return its
+/// TUF key.
 fn generate_key(path: &Path) -> Result<tough::schema::key::Key, ReleaseError> {
     let rng = SystemRandom::new();
     let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| {
         ReleaseError::Key { path: path.to_path_buf(), source: format!("generate: {e}").into() }
     })?;
-    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", doc.as_ref().to_vec()));
-    write_private(path, pem.as_bytes())?;
-    let pair = tough::sign::parse_keypair(pem.as_bytes())
+    write_private(path, doc.as_ref())?;
+    let pair = tough::sign::parse_keypair(doc.as_ref())
         .map_err(|e| ReleaseError::Key { path: path.to_path_buf(), source: Box::new(e) })?;
     Ok(pair.tuf_key())
 }
@@ -430,12 +442,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ReleaseError> {
     f.sync_all().map_err(io("fsync", path))
 }
 
-/// The key files of a keys directory (`*.pem`), sorted.
+/// The key files of a keys directory (`*.pk8`), sorted.
 pub fn key_files(dir: &Path) -> Result<Vec<PathBuf>, ReleaseError> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io("read", dir))? {
         let p = e.map_err(io("read", dir))?.path();
-        if p.extension().is_some_and(|x| x == "pem") {
+        if p.extension().is_some_and(|x| x == "pk8") {
             out.push(p);
         }
     }
@@ -450,12 +462,13 @@ fn key_sources(files: &[PathBuf]) -> Vec<Box<dyn KeySource>> {
         .collect()
 }
 
-/// Make a key set in `dir`: `ROLE-N.pem` per key (0600) and `root.json` (also as `1.root.json`),
-/// the trusted root nodes ship with. Refuses to replace an existing `root.json`.
+/// Make a key set in `dir`: `ROLE-N.pk8` per key (0600) and `root.json` (also as `1.root.json`),
+/// the trusted root nodes ship with. Refuses a directory that is not empty.
 pub async fn init_keys(dir: &Path, spec: &KeysSpec) -> Result<PathBuf, ReleaseError> {
     let root_path = dir.join("root.json");
-    if root_path.exists() {
-        return Err(ReleaseError::KeysExist(root_path));
+    let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if root_path.exists() || non_empty {
+        return Err(ReleaseError::KeysExist(dir.to_path_buf()));
     }
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let mut keys = HashMap::new();
@@ -477,7 +490,7 @@ pub async fn init_keys(dir: &Path, spec: &KeysSpec) -> Result<PathBuf, ReleaseEr
         }
         let mut keyids = Vec::new();
         for i in 1..=rs.keys {
-            let path = dir.join(format!("{name}-{i}.pem"));
+            let path = dir.join(format!("{name}-{i}.pk8"));
             let key = generate_key(&path)?;
             let id = key
                 .key_id()
@@ -514,7 +527,7 @@ pub async fn sign_root(
     let holder = KeyHolder::Root(root.clone());
     SignedRole::new(root, &holder, &key_sources(key_files), &SystemRandom::new())
         .await
-        .map_err(|source| ReleaseError::Tuf { what: "sign root", source })
+        .map_err(tuf("sign root"))
 }
 
 /// What [`sign_release`] does.
@@ -579,6 +592,10 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
     let old_timestamp: Option<Signed<Timestamp>> = read_existing(&spec.out.join("timestamp.json"))?;
 
     if let Some(old) = &old_targets {
+        if let Some(same) = releases_in(&old.signed).into_iter().find(|r| r.version == spec.version)
+        {
+            return Err(ReleaseError::Exists { version: same.version, channel: same.channel });
+        }
         if let Some(newest) = releases_in(&old.signed)
             .into_iter()
             .filter(|r| r.channel == spec.channel)
@@ -594,14 +611,10 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
         }
     }
 
-    let mut editor = RepositoryEditor::new(&root_path)
-        .await
-        .map_err(|source| ReleaseError::Tuf { what: "load root", source })?;
+    let mut editor = RepositoryEditor::new(&root_path).await.map_err(tuf("load root"))?;
     if let Some(old) = &old_targets {
         for (name, target) in &old.signed.targets {
-            editor
-                .add_target(name.clone(), target.clone())
-                .map_err(|source| ReleaseError::Tuf { what: "keep target", source })?;
+            editor.add_target(name.clone(), target.clone()).map_err(tuf("keep target"))?;
         }
     }
     let uki_path = spec.artifacts.join(Part::Uki.file_name(&spec.version));
@@ -614,9 +627,8 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
         if !path.is_file() {
             return Err(ReleaseError::MissingArtifact { path });
         }
-        let (name, mut target): (tough::TargetName, Target) = RepositoryEditor::build_target(&path)
-            .await
-            .map_err(|source| ReleaseError::Tuf { what: "hash artifact", source })?;
+        let (name, mut target): (tough::TargetName, Target) =
+            RepositoryEditor::build_target(&path).await.map_err(tuf("hash artifact"))?;
         let custom = HearthCustom {
             version: spec.version.clone(),
             channel: spec.channel.clone(),
@@ -628,9 +640,7 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
             serde_json::to_value(&custom)
                 .map_err(|source| ReleaseError::Encode { what: "custom", source })?,
         );
-        editor
-            .add_target(name, target)
-            .map_err(|source| ReleaseError::Tuf { what: "add target", source })?;
+        editor.add_target(name, target).map_err(tuf("add target"))?;
     }
     let version = [
         old_targets.as_ref().map(|t| t.signed.version.get()),
@@ -643,17 +653,14 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
     .unwrap_or(0)
         + 1;
     let v = NonZeroU64::new(version).unwrap_or(NonZeroU64::MIN);
-    editor
-        .targets_version(v)
-        .and_then(|e| e.targets_expires(spec.expires))
-        .map_err(|source| ReleaseError::Tuf { what: "targets version", source })?;
+    editor.targets_version(v).map_err(tuf("targets version"))?;
+    editor.targets_expires(spec.expires).map_err(tuf("targets expiry"))?;
     editor
         .snapshot_version(v)
         .snapshot_expires(spec.expires)
         .timestamp_version(v)
         .timestamp_expires(spec.expires);
-    let signed =
-        editor.sign(&keys).await.map_err(|source| ReleaseError::Tuf { what: "sign", source })?;
+    let signed = editor.sign(&keys).await.map_err(tuf("sign"))?;
 
     // Files first, then metadata bottom-up, timestamp last: a reader sees the old repository or
     // the new one.
@@ -662,7 +669,7 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
     signed
         .copy_targets(&spec.artifacts, &targets_dir, PathExists::Replace)
         .await
-        .map_err(|source| ReleaseError::Tuf { what: "copy targets", source })?;
+        .map_err(tuf("copy targets"))?;
     for e in std::fs::read_dir(&spec.keys).map_err(io("read", &spec.keys))? {
         let p = e.map_err(io("read", &spec.keys))?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
@@ -673,10 +680,7 @@ pub async fn sign_release(spec: &SignSpec) -> Result<SignReport, ReleaseError> {
     }
     let stage = spec.out.join(".staging");
     let _ = std::fs::remove_dir_all(&stage);
-    signed
-        .write(&stage)
-        .await
-        .map_err(|source| ReleaseError::Tuf { what: "write metadata", source })?;
+    signed.write(&stage).await.map_err(tuf("write metadata"))?;
     let mut new_targets = None;
     for name in ["targets.json", "snapshot.json", "timestamp.json"] {
         let p = stage.join(name);
