@@ -323,6 +323,12 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                     if let Ok(h) = client.get::<HealthReport>("/v1/health").await {
                         render::out(&render::health_summary(&h));
                     }
+                    if let Ok(u) =
+                        client.get::<crate::update::state::UpdateState>("/v1/update").await
+                        && u.phase != crate::update::state::Phase::Idle
+                    {
+                        render::out(&crate::update::cli::render_state(&u));
+                    }
                 }
                 let Some(secs) = watch else { return Ok(0) };
                 let period = Duration::try_from_secs_f64(secs.max(0.2))

@@ -54,6 +54,8 @@ pub struct Fleet {
     /// What has been reported to the fleet: the last verdict-change `seq` and the last reboot
     /// request (advanced only after the fleet's connection took the message).
     reported: std::sync::Mutex<(u64, Option<String>)>,
+    /// The update phase and progress last reported (`crate::update::report`).
+    update_reported: std::sync::Mutex<Option<crate::update::report::Marker>>,
 }
 
 impl Fleet {
@@ -80,7 +82,23 @@ impl Fleet {
         dmi: Box<dyn hardware::Dmi>,
         rebooter: Arc<dyn reboot::Rebooter>,
     ) -> Self {
-        Self { agent, sources, dmi, rebooter, reported: std::sync::Mutex::new((0, None)) }
+        Self {
+            agent,
+            sources,
+            dmi,
+            rebooter,
+            reported: std::sync::Mutex::new((0, None)),
+            update_reported: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The update report due, if the update moved since the last one.
+    fn update_due(
+        &self,
+    ) -> Option<(hearth_proto::control::UpdateReport, crate::update::report::Marker)> {
+        let state = crate::update::report::read_state(&self.agent.config.state.dir).ok()?;
+        let last = *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::update::report::due(&state, last.as_ref(), now_ms())
     }
 
     /// Health events not yet reported to the fleet, and the marker to record once they are sent.
@@ -429,6 +447,12 @@ impl Fleet {
                     let gen_ = self.agent.desired().borrow().as_ref().map_or(0, |d| d.generation);
                     if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
+                    }
+                    if let Some((report, marker)) = self.update_due() {
+                        if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &ControlMessage::Update(report)).await {
+                            break Err(e);
+                        }
+                        *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(marker);
                     }
                 }
                 Ok(()) = health_rx.changed() => {

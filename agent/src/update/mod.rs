@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod fetch;
 pub mod platform;
+pub mod report;
 pub mod state;
 pub mod system;
 
