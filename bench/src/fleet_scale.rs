@@ -97,6 +97,18 @@ pub struct Options {
     pub fleet_cpu: usize,
     /// CPU this load generator runs on.
     pub load_cpu: usize,
+    /// Fleet gateway processes sharing one address (`SO_REUSEPORT`) and the registry; 0: as
+    /// many as the file-descriptor limit needs for the sessions.
+    pub gateways: usize,
+    /// Load-generator worker processes holding the sessions; 0: as many as the limit needs.
+    pub workers: usize,
+    /// This machine's per-process file-descriptor limit (set by [`run`]).
+    pub nofile: u64,
+}
+
+/// Processes needed to hold `sessions` with `per_process` each (at least one).
+pub fn processes_for(sessions: u64, per_process: u64) -> usize {
+    usize::try_from(sessions.div_ceil(per_process.max(1)).max(1)).unwrap_or(usize::MAX)
 }
 
 /// Source address of session `i`: spread over 127.1.0.1–127.1.64.254 (16,384 addresses), so each
@@ -192,8 +204,6 @@ pub struct Figures {
     pub backend: String,
     /// Sessions asked for.
     pub requested: u64,
-    /// Sessions the fd limit allowed.
-    pub capped_by_nofile: Option<u64>,
     /// Enrollments that succeeded.
     pub enrolled: u64,
     /// Enrollments per second.
@@ -232,6 +242,10 @@ pub struct Figures {
     pub fleet_cpu: f64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Fleet gateway processes.
+    pub gateways: usize,
+    /// Load worker processes.
+    pub workers: usize,
 }
 
 impl Figures {
@@ -361,14 +375,46 @@ async fn heartbeat_loop(
     load.dropped.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A started fleet: the child, its state directory and log.
-struct FleetProc {
-    child: Guarded,
+/// The started fleet: its gateway processes (children and logs), the shared address and the
+/// operator's credentials.
+struct Fleets {
+    procs: Vec<(Guarded, PathBuf)>,
     addr: SocketAddr,
-    log: PathBuf,
     admin: ClientIdentity,
     ep: Endpoint,
     pin: String,
+}
+
+impl Fleets {
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|(c, _)| c.0.id()).collect()
+    }
+
+    /// CPU and RSS summed over the gateways.
+    fn sample(&self) -> anyhow::Result<(Duration, u64)> {
+        let mut cpu = Duration::ZERO;
+        let mut rss = 0;
+        for pid in self.pids() {
+            let s = proc_sample(pid)?;
+            cpu += s.cpu;
+            rss += s.rss;
+        }
+        Ok((cpu, rss))
+    }
+
+    fn log_lens(&self) -> Vec<u64> {
+        self.procs.iter().map(|(_, l)| log_len(l)).collect()
+    }
+
+    /// (batches, rows, ms) of liveness writes between two [`Fleets::log_lens`].
+    fn liveness(&self, from: &[u64], to: &[u64]) -> (u64, u64, u64) {
+        let mut out = (0, 0, 0);
+        for (((_, log), a), b) in self.procs.iter().zip(from).zip(to) {
+            let (n, rows, ms) = parse_liveness_log(&log_slice(log, *a, *b));
+            out = (out.0 + n, out.1 + rows, out.2 + ms);
+        }
+        out
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -376,64 +422,88 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn start_fleet(opts: &Options, dir: &Path, registry: &str) -> anyhow::Result<FleetProc> {
+/// Start `n` gateway processes of one fleet on one address and one registry, one after the
+/// other (the first creates the CA in the shared state directory, the others load it).
+fn start_fleets(opts: &Options, dir: &Path, registry: &str, n: usize) -> anyhow::Result<Fleets> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let state = dir.join("fleet");
-    let config = dir.join("fleet.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\nname = \"{FLEET_NAME}\"\nstate_dir = \"{}\"\nregistry = \"{registry}\"\nflush_interval_ms = {}\n",
-            state.display(),
-            opts.flush_ms
-        ),
-    )
-    .with_context(|| format!("write {}", config.display()))?;
-    let ops = dir.join("operator");
-    let out = Command::new(&opts.fleet_bin)
-        .arg("--config")
-        .arg(&config)
-        .args(["operator-cert", "--name", "bench", "--role", "admin", "--out"])
-        .arg(&ops)
-        .env("NO_COLOR", "1")
-        .output()
-        .with_context(|| format!("run {}", opts.fleet_bin.display()))?;
-    if !out.status.success() {
-        bail!("hearth-fleet operator-cert failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let read = |f: &str| std::fs::read_to_string(ops.join(f)).with_context(|| format!("read {f}"));
-    let admin = ClientIdentity { cert_pem: read("operator.crt")?, key_pem: read("operator.key")? };
-    let log = dir.join("fleet.log");
-    let logf = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let child = Command::new("taskset")
-        .arg("-c")
-        .arg(opts.fleet_cpu.to_string())
-        .arg(&opts.fleet_bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("NO_COLOR", "1")
-        .env("HEARTH_LOG", "info,hearth_fleet::server=debug")
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .spawn()
-        .context("start `taskset … hearth-fleet serve` (is taskset installed?)")?;
-    let mut child = Guarded(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if let Some(status) = child.0.try_wait()? {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("hearth-fleet exited ({status}) before listening:\n{tail}");
+    let mut procs = Vec::with_capacity(n);
+    let mut admin = None;
+    for k in 0..n {
+        let config = dir.join(format!("fleet-g{k}.toml"));
+        let multi = if n > 1 {
+            format!("gateway_id = \"g{k}\"\nreuse_port = true\n")
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{addr}\"\nname = \"{FLEET_NAME}\"\nstate_dir = \"{}\"\nregistry = \"{registry}\"\nflush_interval_ms = {}\n{multi}",
+                state.display(),
+                opts.flush_ms
+            ),
+        )
+        .with_context(|| format!("write {}", config.display()))?;
+        if admin.is_none() {
+            let ops = dir.join("operator");
+            let out = Command::new(&opts.fleet_bin)
+                .arg("--config")
+                .arg(&config)
+                .args(["operator-cert", "--name", "bench", "--role", "admin", "--out"])
+                .arg(&ops)
+                .env("NO_COLOR", "1")
+                .output()
+                .with_context(|| format!("run {}", opts.fleet_bin.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "hearth-fleet operator-cert failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let read =
+                |f: &str| std::fs::read_to_string(ops.join(f)).with_context(|| format!("read {f}"));
+            admin = Some(ClientIdentity {
+                cert_pem: read("operator.crt")?,
+                key_pem: read("operator.key")?,
+            });
         }
-        if Instant::now() > deadline {
-            bail!("hearth-fleet did not listen on {addr} within 60 s");
+        let log = dir.join(format!("fleet-g{k}.log"));
+        let logf =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(opts.fleet_cpu.to_string())
+            .arg(&opts.fleet_bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("NO_COLOR", "1")
+            .env("HEARTH_LOG", "info,hearth_fleet::server=debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .context("start `taskset … hearth-fleet serve` (is taskset installed?)")?;
+        let mut child = Guarded(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Listening: its log says so (with SO_REUSEPORT a connect would reach an earlier one).
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("fleet listening") {
+            if let Some(status) = child.0.try_wait()? {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("hearth-fleet exited ({status}) before listening:\n{tail}");
+            }
+            if Instant::now() > deadline {
+                bail!("hearth-fleet did not listen on {addr} within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        procs.push((child, log));
     }
     let ca = std::fs::read_to_string(state.join("ca.crt")).context("read the fleet CA")?;
     let pin = hearth_fleet_client::tls::pin_of_pem(&ca)?;
     let ep = Endpoint::from_url(&format!("https://{addr}"), FLEET_NAME)?;
-    Ok(FleetProc { child, addr, log, admin, ep, pin })
+    let admin = admin.context("no gateway started")?;
+    Ok(Fleets { procs, addr, admin, ep, pin })
 }
 
 /// `postgres://…/DB` → a fresh database on the same server (its URL), created here.
@@ -573,7 +643,7 @@ fn progress(what: &str, done: u64, total: u64, started: Instant) {
 
 /// Enroll `n` nodes with concurrency `c`: their identities (index → node certificate and key).
 async fn enroll_all(
-    fleet: &FleetProc,
+    fleet: &Fleets,
     n: u64,
     c: usize,
     figures: &mut Figures,
@@ -717,79 +787,86 @@ async fn run_on(
     let mut f = Figures {
         backend: backend.to_string(),
         requested: opts.sessions,
-        capped_by_nofile: (sessions < opts.sessions).then_some(sessions),
         offered: opts.rate,
         ..Figures::default()
     };
+    let per_process = sessions_allowed(opts.nofile);
+    let gateways =
+        if opts.gateways > 0 { opts.gateways } else { processes_for(sessions, per_process) };
+    let workers =
+        if opts.workers > 0 { opts.workers } else { processes_for(sessions, per_process) };
+    f.gateways = gateways;
+    f.workers = workers;
     let fleet = {
         let (o, d, u) = (opts.clone(), dir.to_path_buf(), url.to_string());
-        tokio::task::spawn_blocking(move || start_fleet(&o, &d, &u)).await??
+        tokio::task::spawn_blocking(move || start_fleets(&o, &d, &u, gateways)).await??
     };
-    let pid = fleet.child.0.id();
-    println!("  hearth-fleet pid {pid} on CPU {} at {}", opts.fleet_cpu, fleet.addr);
+    println!(
+        "  hearth-fleet: {gateways} gateway process(es) {:?} on CPU {} at {}",
+        fleet.pids(),
+        opts.fleet_cpu,
+        fleet.addr
+    );
 
     // 1. Enrollment.
     let ids = enroll_all(&fleet, sessions, opts.enroll_concurrency, &mut f).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    f.rss_before = proc_sample(pid)?.rss;
+    f.rss_before = fleet.sample()?.1;
 
-    // 2. Sessions, heartbeating as soon as they are open.
-    let load = Arc::new(Load::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // 2. Sessions, held by worker processes (each within its own file-descriptor limit),
+    // heartbeating as soon as they are open.
+    let ids: Vec<(u64, ClientIdentity)> =
+        ids.into_iter().enumerate().filter_map(|(i, id)| id.map(|id| (i as u64, id))).collect();
+    let want = ids.len() as u64;
     let period = Duration::from_secs_f64(sessions.max(1) as f64 / opts.rate.max(1e-3));
-    let gate = Arc::new(Semaphore::new(opts.connect_concurrency.max(1)));
     let since_ms = now_ms();
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(ids.len());
-    for (i, id) in ids.into_iter().enumerate() {
-        let Some(id) = id else { continue };
-        let config = client_config(&fleet.pin, Some(&id), control::ALPN)?;
-        let (load, stop, gate, addr) = (load.clone(), stop_rx.clone(), gate.clone(), fleet.addr);
-        let phase = period.mul_f64(phase_fraction(i as u64));
-        tasks.push(tokio::spawn(async move {
-            let opened = {
-                let Ok(_permit) = gate.acquire().await else { return };
-                tokio::time::timeout(
-                    Duration::from_secs(30),
-                    open_session(addr, source_addr(i as u64), config),
-                )
-                .await
-            };
-            match opened {
-                Ok(Ok((r, w))) => {
-                    load.open.fetch_add(1, Ordering::Relaxed);
-                    load.opened.fetch_add(1, Ordering::Relaxed);
-                    heartbeat_loop(r, w, period, phase, load, stop).await;
-                }
-                Ok(Err(e)) => {
-                    load.open_failed.fetch_add(1, Ordering::Relaxed);
-                    load.error(format!("session open: {e:#}"));
-                }
-                Err(_) => {
-                    load.open_failed.fetch_add(1, Ordering::Relaxed);
-                    load.error("session open: timed out after 30 s");
+    let chunk = ids.len().div_ceil(workers).max(1);
+    let mut pool = Vec::with_capacity(workers);
+    for (k, part) in ids.chunks(chunk).enumerate() {
+        let file = dir.join(format!("worker-{k}.json"));
+        let list: Vec<serde_json::Value> = part
+            .iter()
+            .map(|(i, id)| serde_json::json!({"i": i, "cert": id.cert_pem, "key": id.key_pem}))
+            .collect();
+        std::fs::write(&file, serde_json::to_vec(&list)?)
+            .with_context(|| format!("write {}", file.display()))?;
+        pool.push(Worker::spawn(opts, &fleet, &file, period)?);
+    }
+    drop(ids);
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<(usize, String)>();
+    for (k, w) in pool.iter_mut().enumerate() {
+        w.forward(k, lines_tx.clone())?;
+    }
+    drop(lines_tx);
+    let mut opened = vec![0u64; pool.len()];
+    let mut failed = vec![0u64; pool.len()];
+    let mut ready = vec![false; pool.len()];
+    let mut last = Instant::now();
+    while !ready.iter().all(|r| *r) {
+        match lines_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((k, line)) => {
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("worker {k} said {line:?}"))?;
+                opened[k] = v["opened"].as_u64().unwrap_or(opened[k]);
+                failed[k] = v["failed"].as_u64().unwrap_or(failed[k]);
+                if v["ready"].as_bool() == Some(true) {
+                    ready[k] = true;
                 }
             }
-        }));
-        if (i + 1) % 256 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
-    let want = tasks.len() as u64;
-    let mut last = Instant::now();
-    loop {
-        let done = load.opened.load(Ordering::Relaxed) + load.open_failed.load(Ordering::Relaxed);
-        if done >= want {
-            break;
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("a load worker exited before its sessions were open")
+            }
         }
         if last.elapsed() >= Duration::from_secs(5) {
-            progress("sessions open", load.open.load(Ordering::Relaxed), want, started);
+            progress("sessions open", opened.iter().sum(), want, started);
             last = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    f.open_rate = load.opened.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    progress("sessions open", load.opened.load(Ordering::Relaxed), want, started);
+    let open_total: u64 = opened.iter().sum();
+    f.open_rate = open_total as f64 / started.elapsed().as_secs_f64();
+    progress("sessions open", open_total, want, started);
 
     // 3. Warm-up, then the window.
     let stop_poll = Arc::new(AtomicBool::new(false));
@@ -801,42 +878,50 @@ async fn run_on(
     };
     println!("  warm-up {} s, then measuring {} s", opts.warmup_s, opts.seconds);
     tokio::time::sleep(Duration::from_secs(opts.warmup_s)).await;
-    load.latency.reset();
-    load.measuring.store(true, Ordering::Relaxed);
-    let cpu0 = proc_sample(pid)?.cpu;
-    let log0 = log_len(&fleet.log);
-    let window_start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    tick.tick().await;
-    while window_start.elapsed() < Duration::from_secs(opts.seconds) {
-        let left = Duration::from_secs(opts.seconds).saturating_sub(window_start.elapsed());
-        tokio::select! {
-            _ = tick.tick() => {
-                let s = window_start.elapsed().as_secs_f64();
-                println!(
-                    "  {:.0} s: {} sessions, {:.0} acks/s, p99 {:.1} ms",
-                    s,
-                    load.open.load(Ordering::Relaxed),
-                    load.acked.load(Ordering::Relaxed) as f64 / s,
-                    load.latency.quantile(0.99).as_secs_f64() * 1e3
-                );
-            }
-            () = tokio::time::sleep(left) => {}
-        }
+    for w in &mut pool {
+        w.say("measure")?;
     }
-    load.measuring.store(false, Ordering::Relaxed);
+    let (cpu0, _) = fleet.sample()?;
+    let log0 = fleet.log_lens();
+    let window_start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(opts.seconds)).await;
+    for w in &mut pool {
+        w.say("report")?;
+    }
     let secs = window_start.elapsed().as_secs_f64();
     let window_end = Instant::now();
-    let s1 = proc_sample(pid)?;
-    let log1 = log_len(&fleet.log);
-    f.rss_after = s1.rss;
-    f.fleet_cpu = s1.cpu.saturating_sub(cpu0).as_secs_f64() / secs;
-    f.held = load.open.load(Ordering::Relaxed);
-    f.acked_rate = load.acked.load(Ordering::Relaxed) as f64 / secs;
-    f.p50 = load.latency.quantile(0.5);
-    f.p99 = load.latency.quantile(0.99);
-    f.p999 = load.latency.quantile(0.999);
-    let (batches, rows, ms) = parse_liveness_log(&log_slice(&fleet.log, log0, log1));
+    let (cpu1, rss1) = fleet.sample()?;
+    let log1 = fleet.log_lens();
+    f.rss_after = rss1;
+    f.fleet_cpu = cpu1.saturating_sub(cpu0).as_secs_f64() / secs;
+    let latency = Histogram::new();
+    let mut reports = 0;
+    let (mut held, mut acked) = (0u64, 0u64);
+    while reports < pool.len() {
+        let (k, line) = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("a load worker did not report within 60 s")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("worker {k} said {line:?}"))?;
+        if v["report"].as_bool() != Some(true) {
+            continue;
+        }
+        reports += 1;
+        held += v["held"].as_u64().unwrap_or(0);
+        acked += v["acked"].as_u64().unwrap_or(0);
+        let snap: Vec<(usize, u64)> = serde_json::from_value(v["latency"].clone())
+            .with_context(|| format!("worker {k}: latency"))?;
+        latency.add(&snap);
+        if let Some(e) = v["first_error"].as_str() {
+            f.first_error.get_or_insert(e.to_string());
+        }
+    }
+    f.held = held;
+    f.acked_rate = acked as f64 / secs;
+    f.p50 = latency.quantile(0.5);
+    f.p99 = latency.quantile(0.99);
+    f.p999 = latency.quantile(0.999);
+    let (batches, rows, ms) = fleet.liveness(&log0, &log1);
     f.batches = batches;
     f.write_capacity = if ms > 0 { rows as f64 * 1000.0 / ms as f64 } else { 0.0 };
 
@@ -855,16 +940,9 @@ async fn run_on(
     if polls.is_empty() {
         f.staleness_s = f64::INFINITY;
     }
-
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-    }
+    drop(pool);
     // Failed to open, or dropped before the window ended.
     f.failed = want.saturating_sub(f.held);
-    if let Some(e) = load.first_error.lock().unwrap_or_else(PoisonError::into_inner).take() {
-        f.first_error.get_or_insert(e);
-    }
     drop(fleet);
     println!(
         "  {backend}: {} held, {:.0} acks/s, p99 {:.1} ms, {:.0} registry writes/s",
@@ -874,6 +952,182 @@ async fn run_on(
         f.writes_rate
     );
     Ok(f)
+}
+
+/// A load-generator worker process ([`worker_main`]): its child, its stdin for commands.
+struct Worker {
+    child: Guarded,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Worker {
+    fn spawn(opts: &Options, fleet: &Fleets, ids: &Path, period: Duration) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("this benchmark's path")?;
+        let mut child = Command::new(exe)
+            .arg("--worker-ids")
+            .arg(ids)
+            .arg("--worker-fleet")
+            .arg(fleet.addr.to_string())
+            .arg("--worker-pin")
+            .arg(&fleet.pin)
+            .arg("--worker-period-ms")
+            .arg(period.as_millis().to_string())
+            .arg("--connect-concurrency")
+            .arg(opts.connect_concurrency.to_string())
+            .arg("--load-cpu")
+            .arg(opts.load_cpu.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start a load worker")?;
+        let stdin = child.stdin.take();
+        Ok(Self { child: Guarded(child), stdin })
+    }
+
+    /// Forward the worker's stdout lines, tagged with `k`.
+    fn forward(
+        &mut self,
+        k: usize,
+        tx: std::sync::mpsc::Sender<(usize, String)>,
+    ) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let out = self.child.0.stdout.take().context("worker stdout")?;
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((k, line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn say(&mut self, what: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let stdin = self.stdin.as_mut().context("worker stdin closed")?;
+        writeln!(stdin, "{what}").context("tell a load worker")?;
+        stdin.flush().context("tell a load worker")
+    }
+}
+
+/// What a load worker is given.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// JSON file: `[{"i": index, "cert": PEM, "key": PEM}, …]`.
+    pub ids: PathBuf,
+    /// The fleet's address.
+    pub fleet: SocketAddr,
+    /// SHA-256 pin of the fleet CA.
+    pub pin: String,
+    /// Heartbeat period of each session.
+    pub period: Duration,
+    /// Session opens in flight.
+    pub connect_concurrency: usize,
+}
+
+/// A load worker: opens its sessions (progress as JSON lines on stdout, then `{"ready":true}`),
+/// heartbeats; on `measure` (a stdin line) starts counting, on `report` prints its figures as
+/// one JSON line; ends at stdin's end.
+pub async fn worker_main(w: WorkerOptions) -> anyhow::Result<()> {
+    let text = std::fs::read(&w.ids).with_context(|| format!("read {}", w.ids.display()))?;
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&text).context("identities")?;
+    let load = Arc::new(Load::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let gate = Arc::new(Semaphore::new(w.connect_concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(list.len());
+    for v in &list {
+        let i = v["i"].as_u64().context("identity index")?;
+        let id = ClientIdentity {
+            cert_pem: v["cert"].as_str().context("identity cert")?.to_string(),
+            key_pem: v["key"].as_str().context("identity key")?.to_string(),
+        };
+        let config = client_config(&w.pin, Some(&id), control::ALPN)?;
+        let (load, stop, gate, addr) = (load.clone(), stop_rx.clone(), gate.clone(), w.fleet);
+        let phase = w.period.mul_f64(phase_fraction(i));
+        let period = w.period;
+        tasks.push(tokio::spawn(async move {
+            let opened = {
+                let Ok(_permit) = gate.acquire().await else { return };
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    open_session(addr, source_addr(i), config),
+                )
+                .await
+            };
+            match opened {
+                Ok(Ok((r, wr))) => {
+                    load.open.fetch_add(1, Ordering::Relaxed);
+                    load.opened.fetch_add(1, Ordering::Relaxed);
+                    heartbeat_loop(r, wr, period, phase, load, stop).await;
+                }
+                Ok(Err(e)) => {
+                    load.open_failed.fetch_add(1, Ordering::Relaxed);
+                    load.error(format!("session open: {e:#}"));
+                }
+                Err(_) => {
+                    load.open_failed.fetch_add(1, Ordering::Relaxed);
+                    load.error("session open: timed out after 60 s");
+                }
+            }
+        }));
+        if tasks.len() % 256 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(list);
+    let want = tasks.len() as u64;
+    let say = |v: serde_json::Value| println!("{v}");
+    loop {
+        let opened = load.opened.load(Ordering::Relaxed);
+        let failed = load.open_failed.load(Ordering::Relaxed);
+        let ready = opened + failed >= want;
+        say(serde_json::json!({"opened": opened, "failed": failed, "ready": ready}));
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if cmd_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(cmd) = cmd_rx.recv().await {
+        match cmd.trim() {
+            "measure" => {
+                load.latency.reset();
+                load.sent.store(0, Ordering::Relaxed);
+                load.acked.store(0, Ordering::Relaxed);
+                load.measuring.store(true, Ordering::Relaxed);
+            }
+            "report" => {
+                load.measuring.store(false, Ordering::Relaxed);
+                let first_error =
+                    load.first_error.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                say(serde_json::json!({
+                    "report": true,
+                    "held": load.open.load(Ordering::Relaxed),
+                    "sent": load.sent.load(Ordering::Relaxed),
+                    "acked": load.acked.load(Ordering::Relaxed),
+                    "latency": load.latency.snapshot(),
+                    "first_error": first_error,
+                }));
+            }
+            _ => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> String {
@@ -906,10 +1160,14 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
         "sessions held (mTLS, own certificate each)",
         cols.iter()
             .map(|f| {
-                let cap = f
-                    .capped_by_nofile
-                    .map_or(String::new(), |c| format!(", capped to {c} by RLIMIT_NOFILE"));
-                format!("{} of {}{cap} [{}]", f.held, f.requested, mark(f.held >= goals::SESSIONS))
+                format!(
+                    "{} of {} ({} gateway / {} load processes) [{}]",
+                    f.held,
+                    f.requested,
+                    f.gateways,
+                    f.workers,
+                    mark(f.held >= goals::SESSIONS)
+                )
             })
             .collect(),
         ">= 50,000",
@@ -1040,15 +1298,17 @@ pub fn extrapolate(f: &Figures, flush_ms: u64) -> Vec<String> {
 }
 
 /// Run every registry in `opts.registries` and print the table.
-pub async fn run(opts: Options) -> anyhow::Result<Vec<Figures>> {
+pub async fn run(mut opts: Options) -> anyhow::Result<Vec<Figures>> {
     let nofile = raise_nofile()?;
-    let allowed = sessions_allowed(nofile);
-    let sessions = opts.sessions.min(allowed);
-    if sessions < opts.sessions {
+    opts.nofile = nofile;
+    let sessions = opts.sessions;
+    let per = sessions_allowed(nofile);
+    if sessions > per {
         println!(
-            "warning: RLIMIT_NOFILE is {nofile} here (hard limit): at most {allowed} sessions, not {}. \
-             Raise the hard limit (ulimit -Hn as root, LimitNOFILE=, docker --ulimit nofile=) for the full run.",
-            opts.sessions
+            "RLIMIT_NOFILE is {nofile} per process here: the fleet runs as {} gateway processes \
+             sharing its address (SO_REUSEPORT) and the load as {} worker processes",
+            if opts.gateways > 0 { opts.gateways } else { processes_for(sessions, per) },
+            if opts.workers > 0 { opts.workers } else { processes_for(sessions, per) },
         );
     }
     let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -1107,9 +1367,13 @@ mod tests {
     }
 
     #[test]
-    fn fd_margin_is_kept() {
+    fn fd_margin_is_kept_and_processes_cover_the_sessions() {
         assert_eq!(sessions_allowed(20_000), 19_488);
         assert_eq!(sessions_allowed(100), 0);
+        assert_eq!(processes_for(50_000, 19_488), 3);
+        assert_eq!(processes_for(19_488, 19_488), 1);
+        assert_eq!(processes_for(0, 19_488), 1);
+        assert_eq!(processes_for(10, 0), 10, "a zero limit still gives one session each");
     }
 
     #[test]

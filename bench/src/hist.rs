@@ -63,6 +63,25 @@ impl Histogram {
         }
     }
 
+    /// The non-empty buckets as (index, count), to send to another process.
+    pub fn snapshot(&self) -> Vec<(usize, u64)> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i, b.load(Ordering::Relaxed)))
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    }
+
+    /// Add another histogram's [`Histogram::snapshot`] (indexes out of range are ignored).
+    pub fn add(&self, snapshot: &[(usize, u64)]) {
+        for (i, c) in snapshot {
+            if let Some(b) = self.buckets.get(*i) {
+                b.fetch_add(*c, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Number of recorded values.
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
@@ -90,6 +109,29 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshots_merge_into_the_same_quantiles() {
+        let (a, b, all) = (Histogram::new(), Histogram::new(), Histogram::new());
+        for us in 1..=1000u64 {
+            let d = Duration::from_micros(us * 37);
+            if us % 3 == 0 {
+                a.record(d)
+            } else {
+                b.record(d)
+            }
+            all.record(d);
+        }
+        let merged = Histogram::new();
+        merged.add(&a.snapshot());
+        merged.add(&b.snapshot());
+        assert_eq!(merged.count(), 1000);
+        for q in [0.5, 0.99, 0.999] {
+            assert_eq!(merged.quantile(q), all.quantile(q));
+        }
+        merged.add(&[(usize::MAX, 5)]);
+        assert_eq!(merged.count(), 1000, "an index out of range is ignored");
+    }
 
     #[test]
     fn buckets_are_monotone_and_tight() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use hearth_bench::fleet_scale::{Options, pin_self, run};
+use hearth_bench::fleet_scale::{Options, WorkerOptions, pin_self, raise_nofile, run, worker_main};
 
 /// Command-line options.
 #[derive(Debug, Parser)]
@@ -47,6 +47,25 @@ struct Opts {
     /// The hearth-fleet binary (default: next to this one).
     #[arg(long)]
     fleet_bin: Option<PathBuf>,
+    /// Fleet gateway processes sharing the address (default: as many as the per-process
+    /// file-descriptor limit needs for the sessions).
+    #[arg(long, default_value_t = 0)]
+    gateways: usize,
+    /// Load worker processes holding the sessions (default: as many as the limit needs).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Internal: run as a load worker over these identities (started by the benchmark itself).
+    #[arg(long, hide = true)]
+    worker_ids: Option<PathBuf>,
+    /// Internal: the fleet address for a worker.
+    #[arg(long, hide = true)]
+    worker_fleet: Option<std::net::SocketAddr>,
+    /// Internal: the fleet CA pin for a worker.
+    #[arg(long, hide = true)]
+    worker_pin: Option<String>,
+    /// Internal: a worker's heartbeat period per session, ms.
+    #[arg(long, hide = true, default_value_t = 2500)]
+    worker_period_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +83,22 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let o = Opts::parse();
+    if let Some(ids) = o.worker_ids {
+        pin_self(o.load_cpu)?;
+        let w = WorkerOptions {
+            ids,
+            fleet: o.worker_fleet.context("--worker-fleet is required with --worker-ids")?,
+            pin: o.worker_pin.context("--worker-pin is required with --worker-ids")?,
+            period: std::time::Duration::from_millis(o.worker_period_ms.max(1)),
+            connect_concurrency: o.connect_concurrency,
+        };
+        let _ = raise_nofile()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?;
+        return rt.block_on(worker_main(w));
+    }
     let fleet_bin = match o.fleet_bin {
         Some(p) => p,
         None => std::env::current_exe()?
@@ -89,6 +124,9 @@ fn real_main() -> anyhow::Result<()> {
         flush_ms: o.flush_ms,
         fleet_cpu: o.fleet_cpu,
         load_cpu: o.load_cpu,
+        gateways: o.gateways,
+        workers: o.workers,
+        nofile: 0,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -188,21 +188,21 @@ async fn enroll(
         new_id: format!("n-{}", random_hex(6)),
     };
     let f = fleet.clone();
-    let (node_id, issued) = fleet
-        .db(move |r| {
-            let mut issued = None;
-            let validity = Duration::from_secs(u64::from(f.config.cert_validity_days) * 86_400);
-            let (node, _new) = r.enroll(&e, crate::now_ms(), &mut |id| {
-                let i =
-                    f.ca.sign_node(&csr, id, validity, Duration::ZERO)
-                        .map_err(|e| format!("{e:#}"))?;
-                let rec = CertRecord { serial: i.serial.clone(), not_after_ms: i.not_after_ms };
-                issued = Some(i);
-                Ok(rec)
-            })?;
-            Ok((node, issued))
-        })
-        .await?;
+    let slot: Arc<std::sync::Mutex<Option<crate::ca::Issued>>> = Arc::default();
+    let out = slot.clone();
+    let validity = Duration::from_secs(u64::from(f.config.cert_validity_days) * 86_400);
+    let sign: crate::enroll::Signer = Box::new(move |id| {
+        let i = f.ca.sign_node(&csr, id, validity, Duration::ZERO).map_err(|e| format!("{e:#}"))?;
+        let rec = CertRecord { serial: i.serial.clone(), not_after_ms: i.not_after_ms };
+        *out.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(i);
+        Ok(rec)
+    });
+    let (node_id, _new) = fleet
+        .enroller
+        .enroll(e, sign)
+        .await
+        .map_err(|q| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, q.to_string()))??;
+    let issued = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     let issued = issued
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no certificate issued"))?;
     tracing::info!(node = %node_id, "node enrolled");
@@ -368,7 +368,7 @@ async fn change_desired(
 ) -> ApiResult<NodeView> {
     let i = id.clone();
     let desired = fleet.db(move |r| r.update_desired(&i, crate::now_ms(), &what, &change)).await?;
-    fleet.push(&id, ControlMessage::Desired(desired));
+    fleet.notify(&id, ControlMessage::Desired(desired)).await;
     Ok(Json(node_or_404(fleet, id).await?))
 }
 
@@ -416,7 +416,7 @@ async fn command(
     let i = id.clone();
     let now = crate::now_ms();
     let cid = fleet.db(move |r| r.add_command(&i, req.kind, now)).await?;
-    if fleet.push(&id, ControlMessage::Command(Command { id: cid, kind: req.kind })) {
+    if fleet.notify(&id, ControlMessage::Command(Command { id: cid, kind: req.kind })).await {
         fleet.db(move |r| r.command_sent(cid)).await?;
     }
     let i = id.clone();
@@ -450,6 +450,11 @@ async fn revoke_node(
         l.kill.cancel();
     }
     fleet.gateway.disconnect(&id);
+    if fleet.config.gateway_id.is_some() {
+        // Another gateway process may hold its session: it ends it within a second.
+        let i = id.clone();
+        fleet.db(move |r| r.notify_gateway(&i, crate::now_ms())).await?;
+    }
     Ok(Json(node_or_404(&fleet, id).await?))
 }
 

@@ -72,6 +72,16 @@ pub struct FleetConfig {
     /// Default 5000.
     #[serde(default = "default_flush_ms")]
     pub flush_interval_ms: u64,
+    /// This process's name when the fleet runs as several gateway processes on one registry
+    /// (letters, digits, `-`, `_`; at most 64): the registry records which gateway holds each
+    /// node's session, and changes made through another process reach the node through it.
+    /// Unset (the default): a single fleet process.
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+    /// Open the listener with `SO_REUSEPORT`, so several gateway processes share one address
+    /// and the kernel spreads connections over them. Default false.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -104,6 +114,8 @@ impl Default for FleetConfig {
             cert_validity_days: default_cert_days(),
             max_body_bytes: default_max_body(),
             flush_interval_ms: default_flush_ms(),
+            gateway_id: None,
+            reuse_port: false,
         }
     }
 }
@@ -155,6 +167,16 @@ impl FleetConfig {
                 format!("{} is not in 100..=30000", self.flush_interval_ms),
             ));
         }
+        if let Some(g) = &self.gateway_id
+            && (g.is_empty()
+                || g.len() > 64
+                || !g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(invalid(
+                "gateway_id",
+                format!("{g:?} is not 1-64 letters, digits, '-' or '_'"),
+            ));
+        }
         if hearth_fleet_client::tls::server_name(&self.name).is_err() {
             return Err(invalid("name", format!("{:?} is not a DNS name", self.name)));
         }
@@ -193,5 +215,13 @@ mod tests {
         let e = FleetConfig::parse("colour = 1", p).err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| e.contains("colour")), "{e:?}");
         assert_eq!(FleetConfig::parse("", p).ok(), Some(FleetConfig::default()));
+        let e = FleetConfig::parse("gateway_id = \"g 1\"", p).err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("fleet.toml: gateway_id: \"g 1\" is not 1-64 letters, digits, '-' or '_'")
+        );
+        let c = FleetConfig::parse("gateway_id = \"g-1\"\nreuse_port = true", p).ok();
+        assert_eq!(c.as_ref().and_then(|c| c.gateway_id.as_deref()), Some("g-1"));
+        assert!(c.is_some_and(|c| c.reuse_port));
     }
 }

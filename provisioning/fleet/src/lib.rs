@@ -4,7 +4,9 @@
 //! (its [`ca::Ca`], created on first start, and the [`registry::Registry`] on SQLite or
 //! PostgreSQL) and starts two tasks: the accept loop (one TLS 1.3 listener; ALPN `hearth/1` goes
 //! to [`session`], `hearth-tunnel/1` to the tunnel gateway [`tunnel`], everything else to the HTTPS + JSON [`api`] under `/v1`) and the sweep task
-//! (marks nodes offline after 3 missed heartbeats, writes liveness to the registry in batches).
+//! (marks nodes offline after 3 missed heartbeats, writes liveness to the registry in batches and,
+//! when the fleet runs as several gateway processes, delivers changes made through the others),
+//! plus one thread committing enrollments in groups ([`enroll`]).
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
 //! Design: `docs/0005-fleet.md`; wire format: `docs/protocol.md`.
 
@@ -12,6 +14,7 @@ pub mod api;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod enroll;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hearth_proto::control::{self, ControlMessage, Heartbeat};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ca::{Ca, peer_of};
 use crate::config::FleetConfig;
-use crate::registry::{Registry, RegistryError, Seen};
+use crate::registry::{NewEvent, Registry, RegistryError, Seen};
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,6 +59,10 @@ pub struct Fleet {
     pub live: Mutex<HashMap<String, Live>>,
     /// Node tunnels ([`crate::tunnel`]).
     pub gateway: crate::tunnel::Gateway,
+    /// Enrollments, committed in groups ([`crate::enroll`]).
+    pub enroller: crate::enroll::EnrollQueue,
+    /// Session events (`online`, `offline`) waiting for the sweep's next write.
+    pub pending_events: Mutex<Vec<NewEvent>>,
     sessions: std::sync::atomic::AtomicU64,
 }
 
@@ -86,6 +90,9 @@ pub enum StartError {
     /// TLS setup.
     #[error(transparent)]
     Pem(#[from] hearth_fleet_client::tls::TlsError),
+    /// The enrollment writer thread.
+    #[error("cannot start the enrollment writer")]
+    Thread(#[source] std::io::Error),
     /// Binding.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -111,10 +118,15 @@ impl Fleet {
         let url = config.registry_url();
         let registry = Registry::open_url(&url)
             .map_err(|source| StartError::Registry { url: redact(&url), source })?;
+        let registry = Arc::new(registry);
+        let enroller =
+            crate::enroll::EnrollQueue::start(registry.clone()).map_err(StartError::Thread)?;
         Ok(Arc::new(Self {
             config,
             ca,
-            registry: Arc::new(registry),
+            enroller,
+            pending_events: Mutex::new(Vec::new()),
+            registry,
             live: Mutex::new(HashMap::new()),
             gateway: crate::tunnel::Gateway::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
@@ -151,6 +163,34 @@ impl Fleet {
     pub fn push(&self, node: &str, msg: ControlMessage) -> bool {
         let tx = self.live().get(node).and_then(|l| l.tx.clone());
         tx.is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// Send a node its desired state and pending commands again (after an operator changed
+    /// them): at once when its session is in this process; through the registry's outbox when
+    /// the fleet runs as several gateway processes and another one may hold it (that gateway
+    /// picks it up within a second, [`deliver_notifications`]). Without a session anywhere,
+    /// nothing to do: a session gets both when it opens.
+    pub async fn notify(self: &Arc<Self>, node: &str, msg: ControlMessage) -> bool {
+        if self.push(node, msg) {
+            return true;
+        }
+        if self.config.gateway_id.is_some() {
+            let id = node.to_string();
+            if let Err(e) = self.db(move |r| r.notify_gateway(&id, crate::now_ms())).await {
+                tracing::warn!(%node, error = %format!("{e:#}"), "cannot notify the node's gateway");
+            }
+        }
+        false
+    }
+
+    /// Record an event with the sweep's next write (within a second).
+    pub fn later_event(&self, node: &str, kind: &str, message: String, at_ms: u64) {
+        self.pending_events.lock().unwrap_or_else(PoisonError::into_inner).push(NewEvent {
+            at_ms,
+            node: Some(node.to_string()),
+            kind: kind.to_string(),
+            message,
+        });
     }
 
     /// Whether a node is online (a heartbeat within 3 intervals).
@@ -220,8 +260,8 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
         .await
         .map_err(|e| StartError::Bind { addr, source: std::io::Error::other(e) })??;
     let tls = fleet.tls_config()?;
-    let listener =
-        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listen(addr, fleet.config.reuse_port)
+        .map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     let cancel = CancellationToken::new();
     let router = crate::api::router(fleet.clone());
@@ -235,6 +275,17 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
     let sweep = tokio::spawn(sweep_loop(fleet.clone(), cancel.clone()));
     tracing::info!(%addr, name = %fleet.config.name, registry = fleet.registry.kind(), "fleet listening");
     Ok(RunningFleet { addr, fleet, cancel, tasks: vec![accept, sweep] })
+}
+
+/// The listening socket (`SO_REUSEPORT` when several gateway processes share the address).
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    if reuse_port {
+        sock.set_reuseport(true)?;
+    }
+    sock.bind(addr)?;
+    sock.listen(4096)
 }
 
 async fn accept_loop(
@@ -321,10 +372,15 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
         };
         for id in went_offline {
             tracing::info!(node = %id, "node offline (3 heartbeats missed)");
-            let r =
-                fleet.db(move |r| r.event(Some(&id), "offline", "3 heartbeats missed", now)).await;
-            if let Err(e) = r {
-                tracing::warn!(error = %format!("{e:#}"), "cannot record an offline event");
+            fleet.later_event(&id, "offline", "3 heartbeats missed".into(), now);
+        }
+        let events = std::mem::take(
+            &mut *fleet.pending_events.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        if !events.is_empty() {
+            let n = events.len();
+            if let Err(e) = fleet.db(move |r| r.events_batch(&events)).await {
+                tracing::warn!(error = %format!("{e:#}"), events = n, "cannot record session events");
             }
         }
         if stopping || last_flush.elapsed() >= flush_every {
@@ -340,6 +396,7 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
                             last_seen_ms: l.last_seen_ms,
                             heartbeat: l.heartbeat.clone(),
                             protocol_version: l.protocol_version,
+                            gateway: fleet.config.gateway_id.clone(),
                         }
                     })
                     .collect()
@@ -357,8 +414,60 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
                 }
             }
         }
+        if let Some(gw) = &fleet.config.gateway_id
+            && !stopping
+        {
+            deliver_notifications(&fleet, gw).await;
+        }
         if stopping {
             return;
         }
+    }
+}
+
+/// Outbox entries older than this are dropped (the node's session moved or ended; a session
+/// gets its state when it opens).
+const NOTIFY_EXPIRY_MS: u64 = 60_000;
+
+/// Deliver what other gateway processes left in the outbox for nodes whose session this one
+/// holds: the desired state and pending commands again (both idempotent on the node: the
+/// desired state has a generation, commands an id), or the end of the session if the node was
+/// revoked.
+pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
+    let gw = gateway.to_string();
+    let now = crate::now_ms();
+    let nodes = match fleet
+        .db(move |r| r.take_notifications(&gw, now.saturating_sub(NOTIFY_EXPIRY_MS)))
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the gateway outbox");
+            return;
+        }
+    };
+    for node in nodes {
+        let id = node.clone();
+        let row = fleet.db(move |r| r.node(&id)).await;
+        let Ok(Some(row)) = row else { continue };
+        if row.revoked {
+            if let Some(l) = fleet.live().get_mut(&node) {
+                l.tx = None;
+                l.kill.cancel();
+            }
+            fleet.gateway.disconnect(&node);
+            continue;
+        }
+        if !fleet.push(&node, ControlMessage::Desired(row.desired)) {
+            continue;
+        }
+        let id = node.clone();
+        let pending = fleet.db(move |r| r.pending_commands(&id)).await.unwrap_or_default();
+        for (cid, kind) in pending {
+            if fleet.push(&node, ControlMessage::Command(control::Command { id: cid, kind })) {
+                let _ = fleet.db(move |r| r.command_sent(cid)).await;
+            }
+        }
+        tracing::debug!(%node, "delivered a change made through another gateway");
     }
 }

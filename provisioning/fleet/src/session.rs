@@ -103,9 +103,8 @@ where
         prev.is_some_and(|p| p.online && is_fresh(p.last_seen_ms, now))
     };
     if !was_online {
-        let id = node.clone();
         let msg = format!("session open (protocol {version}, agent {})", hello.agent_version);
-        let _ = fleet.db(move |r| r.event(Some(&id), "online", &msg, now)).await;
+        fleet.later_event(&node, "online", msg, now);
     }
     tracing::info!(%node, version, agent = %hello.agent_version, "session open");
 

@@ -39,6 +39,7 @@ async fn batches_cross_chunks(db: Db) -> TestResult {
             last_seen_ms: 1,
             heartbeat: None,
             protocol_version: 1,
+            gateway: None,
         })
         .collect();
     for (slot, (pos, id)) in [0, SEEN_CHUNK, len - 1].into_iter().zip(&ids).enumerate() {
@@ -47,6 +48,7 @@ async fn batches_cross_chunks(db: Db) -> TestResult {
             last_seen_ms: 1_000 + slot as u64,
             heartbeat: Some(heartbeat(4000 + slot as u32)),
             protocol_version: 1,
+            gateway: Some("g1".into()),
         };
     }
     // Registry calls run on blocking threads (the PostgreSQL client blocks on its own runtime).

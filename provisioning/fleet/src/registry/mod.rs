@@ -141,6 +141,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
     /// The column type of an auto-increment primary key.
     fn serial_pk(&self) -> &'static str;
+    /// Run `f`, which only reads, in one transaction (by default the same as [`Backend::transact`]).
+    fn read(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        self.transact(f)
+    }
     /// Run `f` in one transaction: committed if it returns `Ok`, rolled back otherwise.
     fn transact(
         &self,
@@ -149,8 +156,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// The schema, one migration per entry; `{serial}` becomes the backend's auto-increment key.
-pub const MIGRATIONS: &[&str] =
-    &["CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, labels TEXT NOT NULL,
+pub const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, labels TEXT NOT NULL,
         created_ms BIGINT NOT NULL, expires_ms BIGINT NOT NULL, max_uses BIGINT NOT NULL,
         uses BIGINT NOT NULL, revoked BIGINT NOT NULL);
      CREATE TABLE nodes (id TEXT PRIMARY KEY, token_id TEXT NOT NULL, dmi_uuid TEXT NOT NULL,
@@ -162,10 +169,14 @@ pub const MIGRATIONS: &[&str] =
      CREATE TABLE commands (id {serial}, node_id TEXT NOT NULL, kind TEXT NOT NULL,
         created_ms BIGINT NOT NULL, sent BIGINT NOT NULL, outcome TEXT);
      CREATE TABLE events (id {serial}, at_ms BIGINT NOT NULL, node_id TEXT, kind TEXT NOT NULL,
-        message TEXT NOT NULL)"];
+        message TEXT NOT NULL)",
+    "ALTER TABLE nodes ADD COLUMN gateway TEXT;
+     CREATE TABLE outbox (id {serial}, node_id TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+];
 
 /// Tables [`Registry::dump`] covers: every table.
-pub const TABLES: &[&str] = &["schema_migrations", "tokens", "nodes", "commands", "events"];
+pub const TABLES: &[&str] =
+    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox"];
 
 /// A token to store.
 #[derive(Debug, Clone)]
@@ -210,6 +221,28 @@ pub struct CertRecord {
     pub not_after_ms: u64,
 }
 
+/// Issues the certificate for a node id inside an enrollment's transaction.
+pub type SignFn<'a> = dyn FnMut(&str) -> Result<CertRecord, String> + Send + 'a;
+
+/// One enrollment of a batch ([`Registry::enroll_batch`]) and its signer.
+pub type BatchItem<'a> = (&'a Enrollment, &'a mut SignFn<'a>);
+
+/// An enrollment's outcome: the node id and whether it is new, or why not.
+pub type EnrollOutcome = Result<(String, bool), RegistryError>;
+
+/// An event to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The node it is about.
+    pub node: Option<String>,
+    /// Kind (`online`, `offline`, …).
+    pub kind: String,
+    /// Text.
+    pub message: String,
+}
+
 /// A live node's latest state, flushed in batches.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -221,6 +254,8 @@ pub struct Seen {
     pub heartbeat: Option<Heartbeat>,
     /// Session protocol version.
     pub protocol_version: u16,
+    /// The gateway (fleet process) holding its session, when the fleet runs several.
+    pub gateway: Option<String>,
 }
 
 /// Nodes per statement in [`Registry::record_seen`] (4 parameters each: well under SQLite's
@@ -349,6 +384,26 @@ impl Registry {
         self.backend.kind()
     }
 
+    /// A read-only transaction (on SQLite it takes no write lock, so readers in several fleet
+    /// processes never wait for each other).
+    fn rtx<R>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
+        let mut out = None;
+        self.backend.read(&mut |tx| {
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| {
+            RegistryError::Db(DbError {
+                backend: self.backend.kind(),
+                what: "transaction returned nothing".into(),
+                source: "no result".into(),
+            })
+        })
+    }
+
     fn tx<R>(
         &self,
         mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
@@ -369,7 +424,13 @@ impl Registry {
 
     fn migrate(&self) -> Result<(), RegistryError> {
         let serial = self.backend.serial_pk();
+        let postgres = self.backend.kind() == "postgres";
         self.tx(|tx| {
+            if postgres {
+                // Several fleet processes (gateways) may start at once on one database: one
+                // migrates, the others wait here and then find nothing left to do.
+                tx.exec("SELECT pg_advisory_xact_lock(7443)", &[])?;
+            }
             tx.exec(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
                 &[],
@@ -392,7 +453,7 @@ impl Registry {
 
     /// Every row of every table, as text, in key order (what the bad-input tests compare).
     pub fn dump(&self) -> Result<BTreeMap<String, Vec<String>>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let mut out = BTreeMap::new();
             for t in TABLES {
                 let rows = tx.query(&format!("SELECT * FROM {t} ORDER BY 1"), &[])?;
@@ -428,7 +489,7 @@ impl Registry {
 
     /// All tokens, oldest first.
     pub fn tokens(&self) -> Result<Vec<TokenView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(
                 "SELECT id, labels, created_ms, expires_ms, max_uses, uses, revoked FROM tokens ORDER BY created_ms, id",
                 &[],
@@ -469,98 +530,34 @@ impl Registry {
         now_ms: u64,
         sign: &mut dyn FnMut(&str) -> Result<CertRecord, String>,
     ) -> Result<(String, bool), RegistryError> {
+        self.tx(|tx| enroll_in(tx, e, now_ms, sign))
+    }
+
+    /// Several enrollments in one transaction (one durable commit for all: group commit), each
+    /// inside its own savepoint so a refused one changes nothing and the others still commit.
+    /// The result of each, in order; a failed commit fails them all.
+    pub fn enroll_batch(
+        &self,
+        batch: &mut [BatchItem<'_>],
+        now_ms: u64,
+    ) -> Result<Vec<EnrollOutcome>, RegistryError> {
         self.tx(|tx| {
-            let rows = tx.query(
-                "SELECT id, labels, expires_ms, max_uses, uses, revoked FROM tokens WHERE hash = $1",
-                &[text(&e.token_hash)],
-            )?;
-            let Some(t) = rows.first() else { return Err(Refusal::UnknownToken.into()) };
-            let token_id = s(col(t, 0));
-            let max_uses = i(col(t, 3)) as u32;
-            if i(col(t, 5)) != 0 {
-                return Err(Refusal::RevokedToken { id: token_id }.into());
-            }
-            if i(col(t, 2)) as u64 <= now_ms {
-                return Err(Refusal::ExpiredToken { id: token_id }.into());
-            }
-            let used_up = || Refusal::UsedUpToken { id: token_id.clone(), max_uses };
-            if i(col(t, 4)) >= i(col(t, 3)) {
-                return Err(used_up().into());
-            }
-            let won = tx.exec(
-                "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND uses < max_uses AND revoked = 0 AND expires_ms > $2",
-                &[text(&token_id), int(now_ms)],
-            )?;
-            if won == 0 {
-                return Err(used_up().into());
-            }
-            let labels: BTreeMap<String, String> = json(col(t, 1), "labels", &token_id)?;
-            let known = tx.query(
-                "SELECT id, revoked FROM nodes WHERE dmi_uuid = $1 AND board_serial = $2",
-                &[text(&e.hardware.dmi_uuid), text(&e.hardware.board_serial)],
-            )?;
-            let hardware = to_json(&e.hardware);
-            let gpus = to_json(&e.gpus);
-            if let Some(k) = known.first() {
-                let node = s(col(k, 0));
-                if i(col(k, 1)) != 0 {
-                    return Err(Refusal::RevokedHardware { node }.into());
+            let mut out = Vec::with_capacity(batch.len());
+            for (e, sign) in batch.iter_mut() {
+                tx.exec("SAVEPOINT enrollment", &[])?;
+                match enroll_in(tx, e, now_ms, *sign) {
+                    Ok(r) => {
+                        tx.exec("RELEASE SAVEPOINT enrollment", &[])?;
+                        out.push(Ok(r));
+                    }
+                    Err(err) => {
+                        tx.exec("ROLLBACK TO SAVEPOINT enrollment", &[])?;
+                        tx.exec("RELEASE SAVEPOINT enrollment", &[])?;
+                        out.push(Err(err));
+                    }
                 }
-                let cert = sign(&node).map_err(Refusal::Signing)?;
-                tx.exec(
-                    "UPDATE nodes SET token_id = $2, hardware = $3, hostname = $4, gpus = $5, agent_version = $6,
-                        enrolled_ms = $7, cert_serial = $8, cert_not_after_ms = $9 WHERE id = $1",
-                    &[
-                        text(&node),
-                        text(&token_id),
-                        text(&hardware),
-                        text(&e.hostname),
-                        text(&gpus),
-                        text(&e.agent_version),
-                        int(now_ms),
-                        text(&cert.serial),
-                        int(cert.not_after_ms),
-                    ],
-                )?;
-                add_event(tx, now_ms, Some(&node), "re-enrolled", &format!("known hardware re-enrolled with token {token_id}"))?;
-                return Ok((node, false));
             }
-            let node = e.new_id.clone();
-            let cert = sign(&node).map_err(Refusal::Signing)?;
-            let desired = DesiredState {
-                generation: 1,
-                drain: false,
-                power_budget_w: None,
-                labels: labels.clone(),
-                update_channel: "stable".into(),
-            };
-            tx.exec(
-                "INSERT INTO nodes (id, token_id, dmi_uuid, board_serial, hardware, hostname, gpus, agent_version,
-                    enrolled_ms, cert_serial, cert_not_after_ms, desired, revoked)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0)",
-                &[
-                    text(&node),
-                    text(&token_id),
-                    text(&e.hardware.dmi_uuid),
-                    text(&e.hardware.board_serial),
-                    text(&hardware),
-                    text(&e.hostname),
-                    text(&gpus),
-                    text(&e.agent_version),
-                    int(now_ms),
-                    text(&cert.serial),
-                    int(cert.not_after_ms),
-                    text(to_json(&desired)),
-                ],
-            )?;
-            add_event(
-                tx,
-                now_ms,
-                Some(&node),
-                "enrolled",
-                &format!("{} with {} GPU(s), token {token_id}", e.hostname, e.gpus.len()),
-            )?;
-            Ok((node, true))
+            Ok(out)
         })
     }
 
@@ -588,7 +585,7 @@ impl Registry {
 
     /// Every node, by id.
     pub fn nodes(&self) -> Result<Vec<NodeView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"), &[])?;
             rows.iter().map(|r| node_from_row(r)).collect()
         })
@@ -596,7 +593,7 @@ impl Registry {
 
     /// One node.
     pub fn node(&self, id: &str) -> Result<Option<NodeView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows =
                 tx.query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"), &[text(id)])?;
             rows.first().map(|r| node_from_row(r)).transpose()
@@ -676,7 +673,7 @@ impl Registry {
 
     /// Commands of a node not yet sent, oldest first.
     pub fn pending_commands(&self, node: &str) -> Result<Vec<(u64, CommandKind)>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(
                 "SELECT id, kind FROM commands WHERE node_id = $1 AND sent = 0 ORDER BY id",
                 &[text(node)],
@@ -726,7 +723,7 @@ impl Registry {
 
     /// Commands, newest first (of one node if given).
     pub fn commands(&self, node: Option<&str>) -> Result<Vec<CommandView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = match node {
                 Some(n) => tx.query(
                     "SELECT id, node_id, kind, created_ms, sent, outcome FROM commands WHERE node_id = $1 ORDER BY id DESC",
@@ -769,9 +766,23 @@ impl Registry {
         self.tx(|tx| Ok(add_event(tx, now_ms, node, kind, message)?))
     }
 
+    /// Several events in one transaction (session `online`/`offline` events, written with the
+    /// sweep rather than one commit per session).
+    pub fn events_batch(&self, events: &[NewEvent]) -> Result<(), RegistryError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.tx(|tx| {
+            for e in events {
+                add_event(tx, e.at_ms, e.node.as_deref(), &e.kind, &e.message)?;
+            }
+            Ok(())
+        })
+    }
+
     /// The latest `limit` events, oldest first.
     pub fn events(&self, limit: u32) -> Result<Vec<EventView>, RegistryError> {
-        self.tx(|tx| {
+        self.rtx(|tx| {
             let rows = tx.query(
                 "SELECT id, at_ms, node_id, kind, message FROM events ORDER BY id DESC LIMIT $1",
                 &[int(limit)],
@@ -791,6 +802,45 @@ impl Registry {
         })
     }
 
+    /// Ask the gateway holding `node`'s session (another fleet process) to send it its desired
+    /// state and pending commands again, or to end it if the node was revoked.
+    pub fn notify_gateway(&self, node: &str, now_ms: u64) -> Result<(), RegistryError> {
+        self.tx(|tx| {
+            tx.exec(
+                "INSERT INTO outbox (node_id, created_ms) VALUES ($1, $2)",
+                &[text(node), int(now_ms)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Take the notifications for nodes whose session `gateway` holds (removed as they are
+    /// returned), and drop the ones older than `expire_before_ms` (their node reconnected
+    /// elsewhere or went offline; a new session gets its state at start anyway).
+    pub fn take_notifications(
+        &self,
+        gateway: &str,
+        expire_before_ms: u64,
+    ) -> Result<Vec<String>, RegistryError> {
+        self.tx(|tx| {
+            let rows = tx.query(
+                "SELECT o.id, o.node_id FROM outbox o JOIN nodes n ON n.id = o.node_id \
+                 WHERE n.gateway = $1 ORDER BY o.id",
+                &[text(gateway)],
+            )?;
+            let mut nodes = Vec::with_capacity(rows.len());
+            for r in &rows {
+                tx.exec("DELETE FROM outbox WHERE id = $1", &[int(i(col(r, 0)))])?;
+                let n = s(col(r, 1));
+                if !nodes.contains(&n) {
+                    nodes.push(n);
+                }
+            }
+            tx.exec("DELETE FROM outbox WHERE created_ms < $1", &[int(expire_before_ms)])?;
+            Ok(nodes)
+        })
+    }
+
     /// Write a batch of liveness updates: one transaction, one multi-row `UPDATE … FROM (VALUES
     /// …)` per [`SEEN_CHUNK`] nodes (portable: both SQLite and PostgreSQL name the columns of a
     /// `VALUES` list `column1…`), so a batch of 50,000 nodes is 100 statements, not 50,000 round
@@ -803,26 +853,28 @@ impl Registry {
             for chunk in batch.chunks(SEEN_CHUNK) {
                 let mut sql = String::from(
                     "UPDATE nodes SET last_seen_ms = v.column2, heartbeat = v.column3, \
-                     protocol_version = v.column4 FROM (VALUES ",
+                     protocol_version = v.column4, gateway = v.column5 FROM (VALUES ",
                 );
-                let mut params = Vec::with_capacity(chunk.len() * 4);
+                let mut params = Vec::with_capacity(chunk.len() * 5);
                 for (k, b) in chunk.iter().enumerate() {
-                    let p = k * 4;
+                    let p = k * 5;
                     if k > 0 {
                         sql.push_str(", ");
                     }
                     sql.push_str(&format!(
-                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))",
+                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
                         p + 1,
                         p + 2,
                         p + 3,
-                        p + 4
+                        p + 4,
+                        p + 5
                     ));
                     params.extend([
                         text(&b.node_id),
                         int(b.last_seen_ms),
                         Value::Text(b.heartbeat.as_ref().map(to_json)),
                         int(b.protocol_version),
+                        Value::Text(b.gateway.clone()),
                     ]);
                 }
                 sql.push_str(") AS v WHERE nodes.id = v.column1");
@@ -831,4 +883,110 @@ impl Registry {
             Ok(())
         })
     }
+}
+
+/// Check and consume the token, then create the node (or re-enroll known hardware) inside `tx`.
+fn enroll_in(
+    tx: &mut dyn Tx,
+    e: &Enrollment,
+    now_ms: u64,
+    sign: &mut dyn FnMut(&str) -> Result<CertRecord, String>,
+) -> Result<(String, bool), RegistryError> {
+    let rows = tx.query(
+        "SELECT id, labels, expires_ms, max_uses, uses, revoked FROM tokens WHERE hash = $1",
+        &[text(&e.token_hash)],
+    )?;
+    let Some(t) = rows.first() else { return Err(Refusal::UnknownToken.into()) };
+    let token_id = s(col(t, 0));
+    let max_uses = i(col(t, 3)) as u32;
+    if i(col(t, 5)) != 0 {
+        return Err(Refusal::RevokedToken { id: token_id }.into());
+    }
+    if i(col(t, 2)) as u64 <= now_ms {
+        return Err(Refusal::ExpiredToken { id: token_id }.into());
+    }
+    let used_up = || Refusal::UsedUpToken { id: token_id.clone(), max_uses };
+    if i(col(t, 4)) >= i(col(t, 3)) {
+        return Err(used_up().into());
+    }
+    let won = tx.exec(
+            "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND uses < max_uses AND revoked = 0 AND expires_ms > $2",
+            &[text(&token_id), int(now_ms)],
+        )?;
+    if won == 0 {
+        return Err(used_up().into());
+    }
+    let labels: BTreeMap<String, String> = json(col(t, 1), "labels", &token_id)?;
+    let known = tx.query(
+        "SELECT id, revoked FROM nodes WHERE dmi_uuid = $1 AND board_serial = $2",
+        &[text(&e.hardware.dmi_uuid), text(&e.hardware.board_serial)],
+    )?;
+    let hardware = to_json(&e.hardware);
+    let gpus = to_json(&e.gpus);
+    if let Some(k) = known.first() {
+        let node = s(col(k, 0));
+        if i(col(k, 1)) != 0 {
+            return Err(Refusal::RevokedHardware { node }.into());
+        }
+        let cert = sign(&node).map_err(Refusal::Signing)?;
+        tx.exec(
+                "UPDATE nodes SET token_id = $2, hardware = $3, hostname = $4, gpus = $5, agent_version = $6,
+                    enrolled_ms = $7, cert_serial = $8, cert_not_after_ms = $9 WHERE id = $1",
+                &[
+                    text(&node),
+                    text(&token_id),
+                    text(&hardware),
+                    text(&e.hostname),
+                    text(&gpus),
+                    text(&e.agent_version),
+                    int(now_ms),
+                    text(&cert.serial),
+                    int(cert.not_after_ms),
+                ],
+            )?;
+        add_event(
+            tx,
+            now_ms,
+            Some(&node),
+            "re-enrolled",
+            &format!("known hardware re-enrolled with token {token_id}"),
+        )?;
+        return Ok((node, false));
+    }
+    let node = e.new_id.clone();
+    let cert = sign(&node).map_err(Refusal::Signing)?;
+    let desired = DesiredState {
+        generation: 1,
+        drain: false,
+        power_budget_w: None,
+        labels: labels.clone(),
+        update_channel: "stable".into(),
+    };
+    tx.exec(
+            "INSERT INTO nodes (id, token_id, dmi_uuid, board_serial, hardware, hostname, gpus, agent_version,
+                enrolled_ms, cert_serial, cert_not_after_ms, desired, revoked)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0)",
+            &[
+                text(&node),
+                text(&token_id),
+                text(&e.hardware.dmi_uuid),
+                text(&e.hardware.board_serial),
+                text(&hardware),
+                text(&e.hostname),
+                text(&gpus),
+                text(&e.agent_version),
+                int(now_ms),
+                text(&cert.serial),
+                int(cert.not_after_ms),
+                text(to_json(&desired)),
+            ],
+        )?;
+    add_event(
+        tx,
+        now_ms,
+        Some(&node),
+        "enrolled",
+        &format!("{} with {} GPU(s), token {token_id}", e.hostname, e.gpus.len()),
+    )?;
+    Ok((node, true))
 }
