@@ -56,6 +56,10 @@ pub struct EventLog {
     pub xids: BTreeMap<u32, BTreeSet<u64>>,
     /// Total events received.
     pub total: u64,
+    /// XIDs received per `(gpu, xid)` since start (`hearth_gpu_xid_errors_total`).
+    pub xid_counts: BTreeMap<(u32, u64), u64>,
+    /// The last XID per GPU (dcgm-exporter's `DCGM_FI_DEV_XID_ERRORS`).
+    pub last_xid: BTreeMap<u32, u64>,
 }
 
 /// The agent's shared state.
@@ -83,6 +87,9 @@ pub struct Agent {
     // Fleet (crate::fleet): desired state for the health and power subsystems, and membership.
     desired: watch::Sender<Option<hearth_proto::control::DesiredState>>,
     fleet_status: watch::Sender<hearth_proto::api::FleetStatus>,
+    /// Control session and tunnel counters (`crate::telemetry`).
+    pub link_stats: Arc<crate::telemetry::LinkStats>,
+    offline: OnceLock<Arc<Mutex<crate::telemetry::offline::Spool>>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -116,6 +123,8 @@ impl Agent {
                 state: "starting".into(),
                 ..Default::default()
             }),
+            link_stats: Arc::default(),
+            offline: OnceLock::new(),
         })
     }
 
@@ -186,6 +195,8 @@ impl Agent {
         let mut log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
         if let GpuEventKind::Xid(xid) = event.kind {
             log.xids.entry(event.gpu).or_default().insert(xid);
+            *log.xid_counts.entry((event.gpu, xid)).or_default() += 1;
+            log.last_xid.insert(event.gpu, xid);
         }
         log.total += 1;
         if log.recent.len() == RECENT_EVENTS {
@@ -195,6 +206,25 @@ impl Agent {
         log.recent.push_back(timed.clone());
         // No receiver (health not running yet) is fine.
         let _ = self.event_stream.send(timed);
+    }
+
+    /// The offline summary spool, once the `summaries` subsystem opened it.
+    pub fn offline_spool(&self) -> Option<Arc<Mutex<crate::telemetry::offline::Spool>>> {
+        self.offline.get().cloned()
+    }
+
+    /// Attach the opened spool (first call wins); returns the attached one.
+    pub fn set_offline_spool(
+        &self,
+        spool: crate::telemetry::offline::Spool,
+    ) -> Arc<Mutex<crate::telemetry::offline::Spool>> {
+        self.offline.get_or_init(|| Arc::new(Mutex::new(spool))).clone()
+    }
+
+    /// XID history: the last XID per GPU and the count per `(gpu, xid)` since start.
+    pub fn xid_history(&self) -> (BTreeMap<u32, u64>, BTreeMap<(u32, u64), u64>) {
+        let log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        (log.last_xid.clone(), log.xid_counts.clone())
     }
 
     /// Full node status (`GET /v1/status`).

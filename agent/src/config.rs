@@ -46,6 +46,38 @@ pub struct Config {
     /// Signed A/B updates (`[update]`, `crate::update::config`).
     #[serde(default)]
     pub update: crate::update::config::UpdateConfig,
+    /// The node's `/metrics` and offline summaries (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Default address of the node's `/metrics` (dcgm-exporter's port, loopback only).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9400";
+
+/// `[metrics]`: the node's `/metrics` (dcgm-exporter-compatible names) and the summaries kept
+/// while the node is disconnected (`docs/0007-telemetry.md`). The local API serves `/metrics`
+/// too, so the fleet scrapes the node through the tunnel whatever these keys say.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` over HTTP on `listen`. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address of the HTTP listener, `IP:PORT`. Default `127.0.0.1:9400` (loopback: expose it
+    /// to a Prometheus on the LAN with `0.0.0.0:9400` and a firewall, or scrape through the
+    /// fleet's proxy).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+fn default_metrics_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9400))
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, listen: default_metrics_listen() }
+    }
 }
 
 /// `[power]`: the node power budget, temperature targets and the control loop

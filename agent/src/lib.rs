@@ -16,6 +16,9 @@
 //! - `fleet` ([`fleet`]): enrollment with the seed's token and the `hearth/1` control session to
 //!   the fleet; desired state flows out on [`agent::Agent::desired`] (`docs/0005-fleet.md`).
 //!
+//! - `metrics` ([`telemetry`]): `/metrics` with dcgm-exporter's names on `[metrics] listen`
+//!   (also served by the local API), and offline summaries (`docs/0007-telemetry.md`).
+//!
 //! Beside them, a notifier task speaks to systemd ([`systemd`]: READY, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STATUS), and [`run`] turns SIGTERM/SIGINT into a shutdown within 5 s.
 //! Every subcommand other than `run` and `render-network` is a client of the API
@@ -45,6 +48,7 @@ pub mod render;
 pub mod sampler;
 pub mod supervisor;
 pub mod systemd;
+pub mod telemetry;
 pub mod update;
 
 use std::sync::Arc;
@@ -101,6 +105,10 @@ pub fn start(config: Config, notifier: Arc<dyn Notifier>) -> anyhow::Result<Runn
     let mut subsystems = subsystems;
     if agent.config.fleet.enabled {
         subsystems.push(Arc::new(fleet::Fleet::new(agent.clone())));
+    }
+    subsystems.push(Arc::new(telemetry::offline::Summaries::new(agent.clone())));
+    if agent.config.metrics.enabled {
+        subsystems.push(Arc::new(telemetry::server::MetricsServer::new(agent.clone())));
     }
     let supervisor = Supervisor::start(subsystems, supervisor::BACKOFF_START);
     agent.attach_subsystems(supervisor.status());

@@ -60,7 +60,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[api]\nsocket = {:?}\n[log]\nformat = \"json\"\n[state]\ndir = {:?}\n{extra}",
+                "[api]\nsocket = {:?}\n[log]\nformat = \"json\"\n[state]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}",
                 socket.display().to_string(),
                 dir.path().join("state").display().to_string()
             ),
@@ -428,7 +428,7 @@ fn a_second_agent_does_not_steal_the_socket() -> TestResult {
     std::fs::write(
         &config,
         format!(
-            "[api]\nsocket = {:?}\n[state]\ndir = {:?}\n{SIM}",
+            "[api]\nsocket = {:?}\n[state]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{SIM}",
             first.socket().display().to_string(),
             dir.path().join("state").display().to_string()
         ),

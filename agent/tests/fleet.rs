@@ -62,6 +62,7 @@ async fn agent_enrolls_follows_desired_state_acks_commands_and_stops_when_revoke
 
     let mut config = Config::default();
     config.state.dir = dir.path().join("agent");
+    config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.gpu.backend = BackendKind::Sim;
     let agent = Agent::new(config, None, "testhost".into());
     let rebooted = Arc::new(Rebooted::default());

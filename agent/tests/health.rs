@@ -47,6 +47,7 @@ async fn a_fault_quarantines_one_gpu_which_is_reset_when_idle_and_serves_again()
     let mut config = Config::default();
     config.api.socket = dir.path().join("agent.sock");
     config.state.dir = dir.path().join("state");
+    config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.gpu.backend = BackendKind::Sim;
     config.gpu.sample_interval_ms = 200;
     config.sim.gpus = 4;

@@ -14,6 +14,7 @@ async fn ready_watchdog_and_status_reach_the_notifier() -> Result<(), Box<dyn st
     let mut config = Config::default();
     config.api.socket = dir.path().join("agent.sock");
     config.state.dir = dir.path().join("state");
+    config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.gpu.backend = BackendKind::Sim;
     config.gpu.sample_interval_ms = 100;
     config.sim.gpus = 2;
@@ -57,6 +58,7 @@ async fn power_budget_is_held_persisted_left_safe_at_stop_and_restored()
     let mut config = Config::default();
     config.api.socket = dir.path().join("agent.sock");
     config.state.dir = dir.path().join("state");
+    config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.gpu.backend = BackendKind::Sim;
     config.gpu.sample_interval_ms = 100;
     config.sim.gpus = 4;

@@ -87,9 +87,51 @@ pub enum ControlMessage {
     /// Node → fleet: something to record in the fleet's event log (a health verdict change, a
     /// reboot request). Added at the end of the enum so older messages keep their encoding.
     Event(NodeEvent),
+    /// Node → fleet: 10 s summaries recorded while the node was disconnected, oldest first
+    /// (`docs/0007-telemetry.md`). Appended at the end of the enum.
+    Summaries(Vec<Summary>),
+    /// Fleet → node: every summary up to `seq` is stored; the node may forget them.
+    SummariesAck {
+        /// The highest summary sequence number stored.
+        seq: u64,
+    },
     /// Node → fleet: the update's phase or progress changed (`docs/0009-updates.md`). Added at
-    /// the end of the enum so older messages keep their encoding.
+    /// the end of the enum (after the summaries) so older messages keep their encoding.
     Update(UpdateReport),
+}
+
+/// One GPU over one summary interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSummary {
+    /// NVML index.
+    pub index: u32,
+    /// Samples taken in the interval.
+    pub samples: u32,
+    /// Mean core temperature, °C.
+    pub temp_avg_c: u32,
+    /// Highest core temperature, °C.
+    pub temp_max_c: u32,
+    /// Mean power draw, W.
+    pub power_avg_w: u32,
+    /// Highest power draw, W.
+    pub power_max_w: u32,
+    /// Mean utilisation, %.
+    pub util_avg_pct: u32,
+}
+
+/// What the node saw over one summary interval (10 s) while disconnected.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Rises by one per summary, across restarts (it is persisted with the summaries).
+    pub seq: u64,
+    /// Start of the interval, ms since the Unix epoch.
+    pub start_ms: u64,
+    /// Length of the interval, ms.
+    pub duration_ms: u32,
+    /// Node state at the end of the interval.
+    pub state: Option<NodeState>,
+    /// Per GPU.
+    pub gpus: Vec<GpuSummary>,
 }
 
 /// Where a node's update is, for the fleet: sent when the phase changes and at every tenth of

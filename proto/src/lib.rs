@@ -9,12 +9,15 @@
 //! - [`mux`]: the tunnel's data streams on the same session (credit-based flow control, fair
 //!   scheduling; see `docs/0006-tunnel.md`).
 //! - [`fleet`]: the JSON bodies of the fleet's HTTPS API (enrollment, `hearthctl`).
+//! - [`exposition`]: metric expositions (OpenMetrics and the Prometheus text format) shared by
+//!   the node's and the fleet's `/metrics` (`docs/0007-telemetry.md`).
 //!
 //! Units follow NVML's so that no value is rescaled on the way: temperatures in whole °C,
 //! power in milliwatts, energy in millijoules, clocks in MHz, memory in bytes.
 
 pub mod api;
 pub mod control;
+pub mod exposition;
 pub mod fleet;
 pub mod frame;
 pub mod gpu;

@@ -126,6 +126,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/health/diag", post(health_diag))
         .route("/v1/power/budget", post(set_power_budget))
         .route("/v1/update", get(update_state))
+        .route("/metrics", get(crate::telemetry::server::metrics))
         .route("/v1/sim", get(sim_info))
         .route("/v1/sim/inject", post(sim_inject))
         .route("/v1/sim/workload", post(sim_workload))

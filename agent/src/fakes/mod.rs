@@ -4,6 +4,7 @@
 pub mod command;
 pub mod fleet;
 pub mod host;
+pub mod process;
 pub mod reset;
 pub mod systemd;
 pub mod update;

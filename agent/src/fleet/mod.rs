@@ -417,13 +417,22 @@ impl Fleet {
                 identity.clone(),
                 targets,
                 stop.clone(),
+                self.agent.link_stats.clone(),
             ));
             (stop, task)
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let stats = self.agent.link_stats.clone();
+        crate::telemetry::LinkStats::add(&stats.session_opens, 1);
+        stats.session_up.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reader_stats = stats.clone();
         let reader_task = tokio::spawn(async move {
             loop {
                 let m = read_message(&mut reader).await;
+                if let Ok(m) = &m {
+                    let n = crate::telemetry::LinkStats::frame_len(m);
+                    crate::telemetry::LinkStats::add(&reader_stats.session_bytes_received, n);
+                }
                 let end = m.is_err();
                 if tx.send(m).await.is_err() || end {
                     return;
@@ -443,9 +452,12 @@ impl Fleet {
                 () = ctx.cancel.cancelled() => break Ok(()),
                 () = &mut renew => break Err(SessionError::Protocol("certificate renewal due".into())),
                 _ = tick.tick() => {
+                    if let Err(e) = self.upload_summaries(&mut writer).await {
+                        break Err(e);
+                    }
                     seq += 1;
                     let gen_ = self.agent.desired().borrow().as_ref().map_or(0, |d| d.generation);
-                    if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &self.heartbeat(seq, gen_)).await {
+                    if let Err(e) = self.send(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
                     }
                     if let Some((report, marker)) = self.update_due() {
@@ -459,7 +471,7 @@ impl Fleet {
                     let (events, marker) = self.pending_events();
                     let mut failed = None;
                     for e in &events {
-                        if let Err(err) = hearth_fleet_client::session::write_message(&mut writer, e).await {
+                        if let Err(err) = self.send(&mut writer, e).await {
                             failed = Some(err);
                             break;
                         }
@@ -476,7 +488,7 @@ impl Fleet {
                         None => break Err(SessionError::Protocol("reader ended".into())),
                     };
                     if let Some(reply) = self.handle(m)
-                        && let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &reply).await
+                        && let Err(e) = self.send(&mut writer, &reply).await
                     {
                         break Err(e);
                     }
@@ -484,6 +496,7 @@ impl Fleet {
             }
         };
         reader_task.abort();
+        stats.session_up.store(false, std::sync::atomic::Ordering::Relaxed);
         if let Some((stop, task)) = lane {
             stop.cancel();
             let _ = task.await;
@@ -491,8 +504,53 @@ impl Fleet {
         result
     }
 
+    /// Write one control message, counting its bytes (and heartbeats) for `/metrics`.
+    async fn send<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+        msg: &ControlMessage,
+    ) -> Result<(), SessionError> {
+        hearth_fleet_client::session::write_message(writer, msg).await?;
+        let stats = &self.agent.link_stats;
+        crate::telemetry::LinkStats::add(
+            &stats.session_bytes_sent,
+            crate::telemetry::LinkStats::frame_len(msg),
+        );
+        if matches!(msg, ControlMessage::Heartbeat(_)) {
+            crate::telemetry::LinkStats::add(&stats.heartbeats_sent, 1);
+        }
+        Ok(())
+    }
+
+    /// Send the next batch of offline summaries, if any are pending.
+    async fn upload_summaries<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+    ) -> Result<(), SessionError> {
+        let Some(spool) = self.agent.offline_spool() else { return Ok(()) };
+        let batch = spool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pending(crate::telemetry::offline::BATCH);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(summaries = batch.len(), "uploading offline summaries");
+        self.send(writer, &ControlMessage::Summaries(batch)).await
+    }
+
     fn handle(&self, m: ControlMessage) -> Option<ControlMessage> {
         match m {
+            ControlMessage::SummariesAck { seq } => {
+                let spool = self.agent.offline_spool()?;
+                let mut spool = spool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Err(e) = spool.ack(seq) {
+                    tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot forget acked summaries (they are sent again)");
+                }
+                // The next batch right away.
+                let batch = spool.pending(crate::telemetry::offline::BATCH);
+                (!batch.is_empty()).then_some(ControlMessage::Summaries(batch))
+            }
             ControlMessage::Desired(d) => {
                 let newer = self
                     .agent

@@ -23,7 +23,10 @@ use hearth_proto::mux::{Target, reset};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::Ordering;
+
 use crate::config::TunnelConfig as Policy;
+use crate::telemetry::LinkStats;
 
 /// What the node serves over its tunnel.
 #[derive(Debug, Clone)]
@@ -41,6 +44,7 @@ pub async fn run(
     identity: ClientIdentity,
     targets: Arc<Targets>,
     cancel: CancellationToken,
+    stats: Arc<LinkStats>,
 ) {
     let mut backoff = Backoff::default();
     loop {
@@ -52,10 +56,13 @@ pub async fn run(
         match outcome {
             Ok(mut tunnel) => {
                 tracing::info!(gateway = %ep.addr(), "tunnel up");
+                LinkStats::add(&stats.tunnel_connects, 1);
+                stats.tunnel_up.store(true, Ordering::Relaxed);
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => {
                             tunnel.handle.close();
+                            stats.tunnel_up.store(false, Ordering::Relaxed);
                             return;
                         }
                         why = tunnel.handle.ended() => {
@@ -63,11 +70,12 @@ pub async fn run(
                             break;
                         }
                         inc = tunnel.incoming.recv() => match inc {
-                            Some(inc) => { tokio::spawn(serve(targets.clone(), inc)); }
+                            Some(inc) => { tokio::spawn(serve_counted(targets.clone(), inc, stats.clone())); }
                             None => break,
                         },
                     }
                 }
+                stats.tunnel_up.store(false, Ordering::Relaxed);
                 backoff.session_ended(started.elapsed());
             }
             Err(e) => {
@@ -85,13 +93,25 @@ pub async fn run(
 
 /// Serve one stream the gateway opened.
 pub async fn serve(targets: Arc<Targets>, inc: Incoming) {
+    serve_counted(targets, inc, Arc::default()).await;
+}
+
+/// Serve one stream, counting it and the bytes relayed in `stats` (`/metrics`).
+pub async fn serve_counted(targets: Arc<Targets>, inc: Incoming, stats: Arc<LinkStats>) {
+    LinkStats::add(&stats.tunnel_streams, 1);
+    LinkStats::add(&stats.tunnel_streams_active, 1);
+    serve_stream(&targets, inc, &stats).await;
+    stats.tunnel_streams_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve_stream(targets: &Targets, inc: Incoming, stats: &LinkStats) {
     let Incoming { target, stream } = inc;
     let label = target.label();
     tracing::info!(stream = stream.id(), target = %label, "tunnel stream");
     match target {
         Target::Echo => echo(stream).await,
         Target::LocalApi => match tokio::net::UnixStream::connect(&targets.api_socket).await {
-            Ok(mut api) => relay(stream, &mut api).await,
+            Ok(mut api) => relay(stream, &mut api, stats).await,
             Err(e) => stream.refuse(
                 reset::UNREACHABLE,
                 &format!("local API at {} unreachable: {e}", targets.api_socket.display()),
@@ -99,7 +119,7 @@ pub async fn serve(targets: Arc<Targets>, inc: Incoming) {
         },
         Target::Port(port) if targets.policy.expose_ports.contains(&port) => {
             match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                Ok(mut tcp) => relay(stream, &mut tcp).await,
+                Ok(mut tcp) => relay(stream, &mut tcp, stats).await,
                 Err(e) => stream.refuse(reset::UNREACHABLE, &format!("127.0.0.1:{port}: {e}")),
             }
         }
@@ -131,12 +151,14 @@ async fn echo(mut s: TunnelStream) {
     let _ = s.shutdown().await;
 }
 
-async fn relay<T>(mut s: TunnelStream, local: &mut T)
+async fn relay<T>(mut s: TunnelStream, local: &mut T, stats: &LinkStats)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     match tokio::io::copy_bidirectional(&mut s, local).await {
-        Ok(_) => {
+        Ok((to_node, to_fleet)) => {
+            LinkStats::add(&stats.tunnel_bytes_in, to_node);
+            LinkStats::add(&stats.tunnel_bytes_out, to_fleet);
             let _ = s.shutdown().await;
             s.flushed().await;
         }

@@ -75,7 +75,7 @@ fn start_agent(
         format!(
             "[api]\nsocket = {:?}\n[gpu]\nbackend = \"sim\"\nsample_interval_ms = 1000\n\
              [sim]\ngpus = {gpus}\nworkload = \"training\"\n[log]\nlevel = \"warn\"\nformat = \"text\"\n\
-             [state]\ndir = {:?}\n",
+             [state]\ndir = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             socket.display().to_string(),
             dir.join(format!("{name}-state")).display().to_string()
         ),

@@ -39,7 +39,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into() }
     }
 }
@@ -95,6 +95,9 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/nodes/{id}/commands", get(list_commands).post(command))
         .route("/v1/nodes/{id}/revoke", post(revoke_node))
         .route("/v1/events", get(events))
+        .route("/metrics", get(crate::metrics::fleet_metrics))
+        .route("/v1/sd", get(crate::metrics::sd))
+        .route("/v1/nodes/{id}/metrics", get(crate::metrics::node_metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(fleet)
@@ -125,7 +128,7 @@ fn parse<T: DeserializeOwned>(
     })
 }
 
-fn need(peer: &Peer, role: Role) -> Result<(), ApiError> {
+pub(crate) fn need(peer: &Peer, role: Role) -> Result<(), ApiError> {
     match peer {
         Peer::Operator { role: Role::Admin, .. } => Ok(()),
         Peer::Operator { role: Role::Viewer, .. } if role == Role::Viewer => Ok(()),
@@ -322,7 +325,7 @@ async fn revoke_token(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no token {id}")))
 }
 
-fn with_liveness(fleet: &Fleet, mut n: NodeView, now: u64) -> NodeView {
+pub(crate) fn with_liveness(fleet: &Fleet, mut n: NodeView, now: u64) -> NodeView {
     if let Some(l) = fleet.live().get(&n.id) {
         n.last_seen_ms = Some(l.last_seen_ms);
         if l.heartbeat.is_some() {

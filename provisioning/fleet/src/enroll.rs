@@ -1,9 +1,11 @@
 //! Group commit for enrollments: one writer thread takes every enrollment waiting in the queue
-//! and runs them in one registry transaction ([`Registry::enroll_batch`]), each in its own
-//! savepoint, so a burst of nodes powering on together costs one durable commit per batch
-//! instead of one per node. Nothing waits on a timer: while one batch commits, the next one
-//! gathers. A refused enrollment changes nothing (its savepoint is rolled back); a failed commit
-//! fails every enrollment of its batch, and each node retries with its backoff.
+//! and runs them in one registry transaction ([`Registry::enroll_batch`]), so a burst of nodes
+//! powering on together costs one durable commit per batch instead of one per node, and each
+//! enrollment only four statements on its way (consume a token use, look the hardware up,
+//! write the node, write the event). Nothing waits on a timer: while one batch commits, the
+//! next one gathers. A refused enrollment changes nothing (its checks come before its writes);
+//! a database error or a failed commit fails every enrollment of its batch, and each node
+//! retries with its backoff.
 //! Design: `docs/0005-fleet.md` (enrollment).
 
 use std::sync::Arc;

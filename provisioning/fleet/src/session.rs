@@ -183,6 +183,23 @@ where
                     tracing::warn!(%node, error = %format!("{e:#}"), "cannot record a command ack");
                 }
             }
+            ControlMessage::Summaries(batch) => {
+                let Some(last) = batch.iter().map(|s| s.seq).max() else { continue };
+                let id = node.clone();
+                let n = batch.len();
+                match fleet.db(move |r| r.store_summaries(&id, &batch)).await {
+                    Ok(()) => {
+                        tracing::info!(%node, summaries = n, up_to = last, "offline summaries stored");
+                        let tx = fleet.live().get(&node).and_then(|l| l.tx.clone());
+                        if let Some(tx) = tx {
+                            let _ = tx.try_send(ControlMessage::SummariesAck { seq: last });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%node, error = %format!("{e:#}"), "cannot store offline summaries (the node keeps them)");
+                    }
+                }
+            }
             ControlMessage::Event(ev) => {
                 let id = node.clone();
                 let kind = format!("node.{}", ev.kind);
@@ -230,6 +247,8 @@ fn kind(m: &ControlMessage) -> &'static str {
         ControlMessage::Command(_) => "Command",
         ControlMessage::CommandAck(_) => "CommandAck",
         ControlMessage::Event(_) => "Event",
+        ControlMessage::Summaries(_) => "Summaries",
+        ControlMessage::SummariesAck { .. } => "SummariesAck",
         ControlMessage::Update(_) => "Update",
     }
 }

@@ -245,6 +245,27 @@ fn enroll_batch(db: Db) -> TestResult {
     let uses: BTreeMap<_, _> = r.tokens()?.into_iter().map(|t| (t.id, t.uses)).collect();
     assert_eq!(uses["t-single"], 1);
     assert_eq!(uses["t-multi"], 1);
+
+    // Revoked hardware is refused after its token use was taken: the use is given back.
+    r.revoke_node("n-batch1", now)?;
+    let es = [enrollment("multi", 1), enrollment("multi", 5)];
+    let mut signs: Vec<Box<SignFn<'static>>> = (0..es.len())
+        .map(|_| {
+            Box::new(|_: &str| Ok(CertRecord { serial: "ff".into(), not_after_ms: 9 }))
+                as Box<SignFn<'static>>
+        })
+        .collect();
+    let mut batch: Vec<BatchItem<'_>> =
+        es.iter().zip(signs.iter_mut()).map(|(e, s)| (e, &mut **s as _)).collect();
+    let out = r.enroll_batch(&mut batch, now)?;
+    assert!(
+        matches!(&out[0], Err(RegistryError::Refused(Refusal::RevokedHardware { node })) if node == "n-batch1"),
+        "{:?}",
+        out[0]
+    );
+    assert!(matches!(&out[1], Ok((id, true)) if id == "n-batch5"), "{:?}", out[1]);
+    let uses: BTreeMap<_, _> = r.tokens()?.into_iter().map(|t| (t.id, t.uses)).collect();
+    assert_eq!(uses["t-multi"], 2, "the refused enrollment's use was given back");
     Ok(())
 }
 

@@ -172,11 +172,15 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL)",
     "ALTER TABLE nodes ADD COLUMN gateway TEXT;
      CREATE TABLE outbox (id {serial}, node_id TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+    // Offline summaries uploaded on reconnect (docs/0007-telemetry.md); (node, seq) is unique so
+    // a re-sent batch (an ack lost with the connection) is stored once.
+    "CREATE TABLE node_summaries (node_id TEXT NOT NULL, seq BIGINT NOT NULL,
+        start_ms BIGINT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (node_id, seq))",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
 pub const TABLES: &[&str] =
-    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox"];
+    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox", "node_summaries"];
 
 /// A token to store.
 #[derive(Debug, Clone)]
@@ -533,9 +537,10 @@ impl Registry {
         self.tx(|tx| enroll_in(tx, e, now_ms, sign))
     }
 
-    /// Several enrollments in one transaction (one durable commit for all: group commit), each
-    /// inside its own savepoint so a refused one changes nothing and the others still commit.
-    /// The result of each, in order; a failed commit fails them all.
+    /// Several enrollments in one transaction (one durable commit for all: group commit). A
+    /// refused one writes nothing (its checks come before its writes, and a use of the token it
+    /// took is given back), so the others still commit. The result of each, in order; a database
+    /// error or a failed commit fails them all.
     pub fn enroll_batch(
         &self,
         batch: &mut [BatchItem<'_>],
@@ -544,17 +549,10 @@ impl Registry {
         self.tx(|tx| {
             let mut out = Vec::with_capacity(batch.len());
             for (e, sign) in batch.iter_mut() {
-                tx.exec("SAVEPOINT enrollment", &[])?;
+                // A refusal writes nothing (see `enroll_in`); a database error ends the batch.
                 match enroll_in(tx, e, now_ms, *sign) {
-                    Ok(r) => {
-                        tx.exec("RELEASE SAVEPOINT enrollment", &[])?;
-                        out.push(Ok(r));
-                    }
-                    Err(err) => {
-                        tx.exec("ROLLBACK TO SAVEPOINT enrollment", &[])?;
-                        tx.exec("RELEASE SAVEPOINT enrollment", &[])?;
-                        out.push(Err(err));
-                    }
+                    Err(RegistryError::Refused(r)) => out.push(Err(r.into())),
+                    r => out.push(Ok(r?)),
                 }
             }
             Ok(out)
@@ -780,6 +778,39 @@ impl Registry {
         })
     }
 
+    /// Store a node's offline summaries (JSON bodies); one already stored is kept as it is.
+    pub fn store_summaries(
+        &self,
+        node: &str,
+        batch: &[hearth_proto::control::Summary],
+    ) -> Result<(), RegistryError> {
+        self.tx(|tx| {
+            for sm in batch {
+                let body = serde_json::to_string(sm).unwrap_or_default();
+                tx.exec(
+                    "INSERT INTO node_summaries (node_id, seq, start_ms, body) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (node_id, seq) DO NOTHING",
+                    &[text(node), int(sm.seq), int(sm.start_ms), text(&body)],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A node's stored summaries, oldest first.
+    pub fn summaries(
+        &self,
+        node: &str,
+    ) -> Result<Vec<hearth_proto::control::Summary>, RegistryError> {
+        self.tx(|tx| {
+            let rows = tx.query(
+                "SELECT body FROM node_summaries WHERE node_id = $1 ORDER BY seq",
+                &[text(node)],
+            )?;
+            Ok(rows.iter().filter_map(|r| serde_json::from_str(&s(col(r, 0))).ok()).collect())
+        })
+    }
+
     /// The latest `limit` events, oldest first.
     pub fn events(&self, limit: u32) -> Result<Vec<EventView>, RegistryError> {
         self.rtx(|tx| {
@@ -885,6 +916,24 @@ impl Registry {
     }
 }
 
+/// Why the token with this hash cannot be used now (read after the consuming update matched
+/// nothing).
+fn token_refusal(tx: &mut dyn Tx, hash: &str, now_ms: u64) -> Result<Refusal, DbError> {
+    let rows = tx.query(
+        "SELECT id, expires_ms, max_uses, uses, revoked FROM tokens WHERE hash = $1",
+        &[text(hash)],
+    )?;
+    let Some(t) = rows.first() else { return Ok(Refusal::UnknownToken) };
+    let id = s(col(t, 0));
+    Ok(if i(col(t, 4)) != 0 {
+        Refusal::RevokedToken { id }
+    } else if i(col(t, 1)) as u64 <= now_ms {
+        Refusal::ExpiredToken { id }
+    } else {
+        Refusal::UsedUpToken { id, max_uses: i(col(t, 2)) as u32 }
+    })
+}
+
 /// Check and consume the token, then create the node (or re-enroll known hardware) inside `tx`.
 fn enroll_in(
     tx: &mut dyn Tx,
@@ -892,30 +941,18 @@ fn enroll_in(
     now_ms: u64,
     sign: &mut dyn FnMut(&str) -> Result<CertRecord, String>,
 ) -> Result<(String, bool), RegistryError> {
-    let rows = tx.query(
-        "SELECT id, labels, expires_ms, max_uses, uses, revoked FROM tokens WHERE hash = $1",
-        &[text(&e.token_hash)],
+    // Consume a use first (one round trip on the common path); only a refusal reads why.
+    let won = tx.query(
+        "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND uses < max_uses AND revoked = 0 \
+         AND expires_ms > $2 RETURNING id, labels",
+        &[text(&e.token_hash), int(now_ms)],
     )?;
-    let Some(t) = rows.first() else { return Err(Refusal::UnknownToken.into()) };
+    let Some(t) = won.first() else { return Err(token_refusal(tx, &e.token_hash, now_ms)?.into()) };
     let token_id = s(col(t, 0));
-    let max_uses = i(col(t, 3)) as u32;
-    if i(col(t, 5)) != 0 {
-        return Err(Refusal::RevokedToken { id: token_id }.into());
-    }
-    if i(col(t, 2)) as u64 <= now_ms {
-        return Err(Refusal::ExpiredToken { id: token_id }.into());
-    }
-    let used_up = || Refusal::UsedUpToken { id: token_id.clone(), max_uses };
-    if i(col(t, 4)) >= i(col(t, 3)) {
-        return Err(used_up().into());
-    }
-    let won = tx.exec(
-            "UPDATE tokens SET uses = uses + 1 WHERE id = $1 AND uses < max_uses AND revoked = 0 AND expires_ms > $2",
-            &[text(&token_id), int(now_ms)],
-        )?;
-    if won == 0 {
-        return Err(used_up().into());
-    }
+    // A refusal after this point gives the use back, so a refused enrollment changes nothing.
+    let give_back = |tx: &mut dyn Tx| {
+        tx.exec("UPDATE tokens SET uses = uses - 1 WHERE id = $1", &[text(&token_id)])
+    };
     let labels: BTreeMap<String, String> = json(col(t, 1), "labels", &token_id)?;
     let known = tx.query(
         "SELECT id, revoked FROM nodes WHERE dmi_uuid = $1 AND board_serial = $2",
@@ -926,9 +963,16 @@ fn enroll_in(
     if let Some(k) = known.first() {
         let node = s(col(k, 0));
         if i(col(k, 1)) != 0 {
+            give_back(tx)?;
             return Err(Refusal::RevokedHardware { node }.into());
         }
-        let cert = sign(&node).map_err(Refusal::Signing)?;
+        let cert = match sign(&node) {
+            Ok(c) => c,
+            Err(why) => {
+                give_back(tx)?;
+                return Err(Refusal::Signing(why).into());
+            }
+        };
         tx.exec(
                 "UPDATE nodes SET token_id = $2, hardware = $3, hostname = $4, gpus = $5, agent_version = $6,
                     enrolled_ms = $7, cert_serial = $8, cert_not_after_ms = $9 WHERE id = $1",
@@ -954,7 +998,13 @@ fn enroll_in(
         return Ok((node, false));
     }
     let node = e.new_id.clone();
-    let cert = sign(&node).map_err(Refusal::Signing)?;
+    let cert = match sign(&node) {
+        Ok(c) => c,
+        Err(why) => {
+            give_back(tx)?;
+            return Err(Refusal::Signing(why).into());
+        }
+    };
     let desired = DesiredState {
         generation: 1,
         drain: false,
