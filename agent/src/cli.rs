@@ -88,6 +88,15 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<PowerAction>,
     },
+    /// Signed A/B updates: status, apply, the boot check (`docs/0009-updates.md`).
+    Update {
+        /// Configuration file (TOML).
+        #[arg(long, short, default_value = "/etc/hearth/agent.toml")]
+        config: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        action: crate::update::cli::UpdateCmd,
+    },
     /// The simulator (nodes with `gpu.backend = "sim"`).
     Sim {
         /// What to do.
@@ -297,6 +306,9 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
         Command::Run { .. } | Command::CheckConfig { .. } | Command::RenderNetwork { .. } => {
             Ok(EXIT_USAGE)
         }
+        Command::Update { config, action } => {
+            crate::update::cli::run(&config, socket, action).await
+        }
         Command::Status { json, watch } => {
             let client = Client::new(socket);
             loop {
@@ -310,6 +322,12 @@ pub async fn run_client(socket: &std::path::Path, command: Command) -> anyhow::R
                     render::out(&render::status(&status));
                     if let Ok(h) = client.get::<HealthReport>("/v1/health").await {
                         render::out(&render::health_summary(&h));
+                    }
+                    if let Ok(u) =
+                        client.get::<crate::update::state::UpdateState>("/v1/update").await
+                        && u.phase != crate::update::state::Phase::Idle
+                    {
+                        render::out(&crate::update::cli::render_state(&u));
                     }
                 }
                 let Some(secs) = watch else { return Ok(0) };

@@ -43,6 +43,9 @@ pub struct Config {
     /// What the fleet may reach on this node through the tunnel (`[tunnel]`).
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Signed A/B updates (`[update]`, `crate::update::config`).
+    #[serde(default)]
+    pub update: crate::update::config::UpdateConfig,
     /// The node's `/metrics` and offline summaries (`[metrics]`).
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -530,6 +533,7 @@ impl Config {
         }
         crate::power::validate_settings(&self.power.settings(), "gpu")
             .map_err(|e| invalid(&format!("power.{}", e.key), e.message))?;
+        self.update.validate().map_err(|(key, message)| invalid(key, message))?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid(
                 "log.level",

@@ -24,6 +24,9 @@
 //! Every subcommand other than `run` and `render-network` is a client of the API
 //! ([`api::client`], [`cli`]); `render-network` ([`netconfig`]) renders the seed's network
 //! settings into systemd-networkd units at boot (`docs/0008-image.md`).
+//! Signed A/B updates ([`update`], `docs/0009-updates.md`) are not a supervised task: the
+//! `hearth-agent update apply|check|status` subcommands drive an [`update::Updater`]; the agent
+//! serves their state on `GET /v1/update` and reports it to the fleet.
 //! Architecture: `docs/architecture.md`; the GPU layer: `docs/0001-gpu-layer.md`.
 
 pub mod agent;
@@ -46,6 +49,7 @@ pub mod sampler;
 pub mod supervisor;
 pub mod systemd;
 pub mod telemetry;
+pub mod update;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -95,6 +95,9 @@ pub enum ControlMessage {
         /// The highest summary sequence number stored.
         seq: u64,
     },
+    /// Node → fleet: the update's phase or progress changed (`docs/0009-updates.md`). Added at
+    /// the end of the enum (after the summaries) so older messages keep their encoding.
+    Update(UpdateReport),
 }
 
 /// One GPU over one summary interval.
@@ -129,6 +132,27 @@ pub struct Summary {
     pub state: Option<NodeState>,
     /// Per GPU.
     pub gpus: Vec<GpuSummary>,
+}
+
+/// Where a node's update is, for the fleet: sent when the phase changes and at every tenth of
+/// the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReport {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// `downloading`, `writing`, `installed`, `rebooting`, `trial`, `check_failed`, `blessed`,
+    /// `rolled_back`, `failed`.
+    pub phase: String,
+    /// The release being installed.
+    pub version: Option<String>,
+    /// The version it replaces.
+    pub from_version: Option<String>,
+    /// Bytes done in this phase.
+    pub bytes_done: u64,
+    /// Bytes of this phase in all.
+    pub bytes_total: u64,
+    /// Why it failed, was refused or rolled back.
+    pub reason: Option<String>,
 }
 
 /// An event the node reports for the fleet's event log.

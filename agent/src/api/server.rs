@@ -125,6 +125,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/health/release", post(health_release))
         .route("/v1/health/diag", post(health_diag))
         .route("/v1/power/budget", post(set_power_budget))
+        .route("/v1/update", get(update_state))
         .route("/metrics", get(crate::telemetry::server::metrics))
         .route("/v1/sim", get(sim_info))
         .route("/v1/sim/inject", post(sim_inject))
@@ -204,6 +205,14 @@ async fn set_power_budget(
             None => "power budget removed (vendor limits)".to_string(),
         },
     }))
+}
+
+async fn update_state(
+    State(agent): State<Arc<Agent>>,
+) -> Result<Json<crate::update::state::UpdateState>, ApiFailure> {
+    crate::update::report::read_state(&agent.config.state.dir).map(Json).map_err(|e| {
+        ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, format!("{:#}", anyhow::Error::from(e)))
+    })
 }
 
 fn sim_host(agent: &Agent) -> Result<&Arc<hearth_sim::SimHost>, ApiFailure> {

@@ -7,3 +7,4 @@ pub mod host;
 pub mod process;
 pub mod reset;
 pub mod systemd;
+pub mod update;

@@ -57,6 +57,8 @@ pub struct Fleet {
     reported: std::sync::Mutex<(u64, Option<String>)>,
     /// Commands started (exactly once across reconnects) and the log's save generation.
     commands: std::sync::Mutex<(u64, commands::CommandLog)>,
+    /// The update phase and progress last reported (`crate::update::report`).
+    update_reported: std::sync::Mutex<Option<crate::update::report::Marker>>,
 }
 
 impl Fleet {
@@ -90,7 +92,17 @@ impl Fleet {
             rebooter,
             reported: std::sync::Mutex::new((0, None)),
             commands: std::sync::Mutex::new((0, commands::CommandLog::default())),
+            update_reported: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The update report due, if the update moved since the last one.
+    fn update_due(
+        &self,
+    ) -> Option<(hearth_proto::control::UpdateReport, crate::update::report::Marker)> {
+        let state = crate::update::report::read_state(&self.agent.config.state.dir).ok()?;
+        let last = *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::update::report::due(&state, last.as_ref(), now_ms())
     }
 
     /// Health events not yet reported to the fleet, and the marker to record once they are sent.
@@ -459,6 +471,12 @@ impl Fleet {
                     let gen_ = self.agent.desired().borrow().as_ref().map_or(0, |d| d.generation);
                     if let Err(e) = self.send(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
+                    }
+                    if let Some((report, marker)) = self.update_due() {
+                        if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &ControlMessage::Update(report)).await {
+                            break Err(e);
+                        }
+                        *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(marker);
                     }
                 }
                 Ok(()) = health_rx.changed() => {

@@ -11,6 +11,7 @@
 //!   [`backoff`]: the reconnect schedule. Design: `docs/0006-tunnel.md`.
 //! - [`identity`]: key pairs and CSRs; [`enroll`] exchanges a token and a CSR for a certificate.
 //! - [`seed`]: the seed file a node is provisioned with.
+//! - [`release`]: signed releases, the TUF repository nodes update from (`docs/0009-updates.md`).
 //!
 //! The design: `docs/0005-fleet.md`; the wire format: `docs/protocol.md`.
 
@@ -18,6 +19,7 @@ pub mod backoff;
 pub mod enroll;
 pub mod https;
 pub mod identity;
+pub mod release;
 pub mod seed;
 pub mod session;
 pub mod tls;

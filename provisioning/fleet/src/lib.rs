@@ -22,6 +22,7 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod tunnel;
+pub mod updates;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

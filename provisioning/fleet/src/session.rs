@@ -220,6 +220,15 @@ where
                     tracing::warn!(%node, error = %format!("{e:#}"), "cannot record a node event");
                 }
             }
+            ControlMessage::Update(u) => {
+                let id = node.clone();
+                let (kind, message) = crate::updates::event_of(&u);
+                if let Err(e) =
+                    fleet.db(move |r| r.event(Some(&id), &kind, &message, u.at_ms)).await
+                {
+                    tracing::warn!(%node, error = %format!("{e:#}"), "cannot record an update report");
+                }
+            }
             other => {
                 tracing::info!(%node, message = kind(&other), "unexpected message from a node: closing");
                 break;
@@ -282,5 +291,6 @@ fn kind(m: &ControlMessage) -> &'static str {
         ControlMessage::Event(_) => "Event",
         ControlMessage::Summaries(_) => "Summaries",
         ControlMessage::SummariesAck { .. } => "SummariesAck",
+        ControlMessage::Update(_) => "Update",
     }
 }

@@ -22,6 +22,7 @@ use hearth_proto::fleet::{
 };
 use serde::Deserialize;
 
+pub mod release;
 pub mod stream;
 
 /// `hearthctl.toml`.
@@ -119,6 +120,12 @@ pub enum Command {
         /// API path.
         #[arg(default_value = "/v1/status")]
         path: String,
+    },
+    /// Signing keys and signed releases (offline; nothing is sent to the fleet).
+    Release {
+        /// What to do.
+        #[command(subcommand)]
+        action: release::ReleaseAction,
     },
     /// Forward a local TCP address to a loopback port of a node (admin; the node's
     /// `tunnel.expose_ports` must list it).
@@ -406,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 ),
             )
         }
+        Command::Release { action } => release::run(action, cli.json).await,
         Command::Exec { .. }
         | Command::Shell { .. }
         | Command::Api { .. }
@@ -477,7 +485,11 @@ pub fn main() -> ExitCode {
             }
         };
     }
-    match rt.block_on(run(cli)) {
+    let r = match cli.command {
+        Command::Release { action } => rt.block_on(release::run(action, cli.json)),
+        _ => rt.block_on(run(cli)),
+    };
+    match r {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -1,0 +1,118 @@
+//! `hearth-agent update status|apply|check`: run in their own process (the boot check unit, an
+//! operator, the QEMU tests) with the agent's configuration; they read the running agent's API
+//! for health, and act on the disk themselves.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+use hearth_fleet_client::release::ReleaseVersion;
+
+use super::state::UpdateState;
+use super::{ApplyRequest, system};
+use crate::config::Config;
+use crate::render;
+
+/// `hearth-agent update ...`
+#[derive(Debug, Subcommand)]
+pub enum UpdateCmd {
+    /// Where the update is: phase, bytes, versions, anti-rollback floor, last reason.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the signed metadata, download the release and write it to the inactive slot.
+    Apply {
+        /// Install this version (default: the channel's newest).
+        #[arg(long)]
+        version: Option<ReleaseVersion>,
+        /// Reboot into the new slot when it is installed.
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// The boot check (`hearth-boot-check.service`): on a trial boot, wait up to
+    /// `update.check_timeout_s` for the agent, the fleet session and GPU health; on failure mark
+    /// the entry bad and reboot into the old slot. Exit 0: passed or nothing to check.
+    Check {
+        /// Do not reboot on failure (the entry is still marked bad).
+        #[arg(long)]
+        no_reboot: bool,
+    },
+}
+
+/// One line per field.
+pub fn render_state(s: &UpdateState) -> String {
+    let mut out = format!("update: {}", s.phase.as_str());
+    if let Some(t) = &s.target {
+        out.push_str(&format!("  target {} ({})", t.version, t.channel));
+    }
+    if let Some(f) = &s.from_version {
+        out.push_str(&format!("  from {f}"));
+    }
+    out.push('\n');
+    if s.bytes_total > 0 {
+        let pct = s.bytes_done as f64 * 100.0 / s.bytes_total as f64;
+        out.push_str(&format!("  bytes {} / {} ({pct:.1} %)\n", s.bytes_done, s.bytes_total));
+    }
+    if let Some(a) = &s.anti_rollback {
+        out.push_str(&format!("  anti-rollback version {a}\n"));
+    }
+    if let Some(r) = &s.reason {
+        out.push_str(&format!("  reason: {r}\n"));
+    }
+    out
+}
+
+/// Run an update subcommand. Returns the exit code.
+pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::Result<i32> {
+    let config = Config::load(config_path)?;
+    let socket: PathBuf = if socket.as_os_str().is_empty() {
+        config.api.socket.clone()
+    } else {
+        socket.to_path_buf()
+    };
+    match cmd {
+        UpdateCmd::Status { json } => {
+            let store = crate::persist::Store::new(config.state.dir.join("update.json"));
+            let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
+            if json {
+                render::out(&serde_json::to_string_pretty(&state)?);
+            } else {
+                render::out(&render_state(&state));
+            }
+            Ok(0)
+        }
+        UpdateCmd::Apply { version, reboot } => {
+            let updater = system::updater(&config)?;
+            let health = match crate::api::client::Client::new(&socket)
+                .get::<hearth_proto::api::NodeStatus>("/v1/status")
+                .await
+            {
+                Ok(s) => system::snapshot(&s),
+                Err(e) => anyhow::bail!("the agent must run for an update (health snapshot): {e}"),
+            };
+            let state = updater.apply(ApplyRequest { version, reboot, health }).await?;
+            render::out(&render_state(&state));
+            Ok(0)
+        }
+        UpdateCmd::Check { no_reboot } => {
+            let updater = system::updater(&config)?;
+            let bound = Duration::from_secs(config.update.check_timeout_s);
+            match updater.check(bound, !no_reboot, || system::observe(&socket)).await? {
+                None => {
+                    render::out("update check: not a trial boot, nothing to check");
+                    Ok(0)
+                }
+                Some(Ok(())) => {
+                    render::out("update check: passed");
+                    Ok(0)
+                }
+                Some(Err(reason)) => {
+                    render::err(&format!("update check failed: {reason}"));
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
