@@ -420,6 +420,85 @@ pub fn render(agent: &Agent, usage: &dyn SelfUsage) -> Exposition {
     )
     .samples = one(counter(&st.tunnel_bytes_out));
 
+    // Updates (`docs/0009-updates.md`): the persisted update state, read at each scrape.
+    match crate::update::report::read_state(&agent.config.state.dir) {
+        Ok(u) => {
+            use crate::update::state::Phase;
+            let phases = [
+                Phase::Idle,
+                Phase::Downloading,
+                Phase::Writing,
+                Phase::Installed,
+                Phase::Rebooting,
+                Phase::Trial,
+                Phase::CheckFailed,
+                Phase::Blessed,
+                Phase::RolledBack,
+                Phase::Failed,
+            ];
+            e.family(
+                "hearth_update_phase",
+                "Where the current (or last) update is: 1 for its phase.",
+                Kind::Gauge,
+            )
+            .samples = phases
+                .iter()
+                .map(|p| {
+                    own(
+                        vec![("phase", p.as_str().to_string())],
+                        if *p == u.phase { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect();
+            e.family(
+                "hearth_update_progress_bytes",
+                "Bytes downloaded or written in the update's current phase.",
+                Kind::Gauge,
+            )
+            .samples = one(u.bytes_done as f64);
+            e.family(
+                "hearth_update_size_bytes",
+                "Bytes the update's current phase handles in all.",
+                Kind::Gauge,
+            )
+            .samples = one(u.bytes_total as f64);
+            if let Some(t) = &u.target {
+                e.family(
+                    "hearth_update_target_info",
+                    "The release being (or last) installed (value 1).",
+                    Kind::Gauge,
+                )
+                .samples = vec![own(
+                    vec![("version", t.version.to_string()), ("channel", t.channel.clone())],
+                    1.0,
+                )];
+            }
+            if let Some(v) = &u.anti_rollback {
+                e.family(
+                    "hearth_update_anti_rollback_info",
+                    "The lowest release version this node accepts: the last blessed one (value 1).",
+                    Kind::Gauge,
+                )
+                .samples = vec![own(vec![("version", v.to_string())], 1.0)];
+            }
+            e.family(
+                "hearth_update_state_readable",
+                "The persisted update state could be read (1) or not (0).",
+                Kind::Gauge,
+            )
+            .samples = one(1.0);
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, "update state unreadable for /metrics");
+            e.family(
+                "hearth_update_state_readable",
+                "The persisted update state could be read (1) or not (0).",
+                Kind::Gauge,
+            )
+            .samples = one(0.0);
+        }
+    }
+
     // The agent itself.
     e.family("hearth_agent_build_info", "The agent's version (value 1).", Kind::Gauge).samples =
         vec![own(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1.0)];
@@ -594,6 +673,51 @@ mod tests {
             .map(|s| f64::from(s.power_avg_mw) / 1000.0)
             .sum();
         assert!((only("hearth_power_draw_watts").unwrap_or(0.0) - draw).abs() < 1e-6);
+    }
+
+    #[test]
+    fn update_series_follow_the_persisted_update_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = Arc::new(SimHost::new(
+            &Scenario::uniform("h100-sxm", 1, Workload::Training),
+            SimClock::Manual,
+        ));
+        let mut config = Config::default();
+        config.gpu.backend = BackendKind::Sim;
+        config.state.dir = dir.path().to_path_buf();
+        let agent = Agent::new(config, Some(host), "node-a".into());
+        let find = |parsed: &Parsed, name: &str, label: Option<(&str, &str)>| {
+            parsed
+                .iter()
+                .find(|(n, labels, _)| {
+                    n == name
+                        && label.is_none_or(|(k, v)| labels.iter().any(|(a, b)| a == k && b == v))
+                })
+                .map(|(_, _, v)| *v)
+        };
+        // No update yet: idle, readable.
+        let p = scrape(&agent);
+        assert_eq!(find(&p, "hearth_update_phase", Some(("phase", "idle"))), Some(1.0));
+        assert_eq!(find(&p, "hearth_update_state_readable", None), Some(1.0));
+        assert_eq!(find(&p, "hearth_update_target_info", None), None);
+
+        let state = crate::update::state::UpdateState {
+            phase: crate::update::state::Phase::Downloading,
+            bytes_done: 1000,
+            bytes_total: 4000,
+            ..Default::default()
+        };
+        crate::persist::Store::new(dir.path().join("update.json")).save(1, &state).expect("save");
+        let p = scrape(&agent);
+        assert_eq!(find(&p, "hearth_update_phase", Some(("phase", "downloading"))), Some(1.0));
+        assert_eq!(find(&p, "hearth_update_phase", Some(("phase", "idle"))), Some(0.0));
+        assert_eq!(find(&p, "hearth_update_progress_bytes", None), Some(1000.0));
+        assert_eq!(find(&p, "hearth_update_size_bytes", None), Some(4000.0));
+
+        std::fs::write(dir.path().join("update.json"), b"{ not json").expect("write");
+        let p = scrape(&agent);
+        assert_eq!(find(&p, "hearth_update_state_readable", None), Some(0.0));
+        assert_eq!(find(&p, "hearth_update_phase", None), None);
     }
 
     #[test]
