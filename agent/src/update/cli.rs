@@ -97,6 +97,18 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
             Ok(0)
         }
         UpdateCmd::Check { no_reboot } => {
+            // An image whose updates are off still runs the boot check: with no update on
+            // trial there is nothing to check, and the boot is good.
+            if config.update.urls().is_none() {
+                let store = crate::persist::Store::new(config.state.dir.join("update.json"));
+                let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
+                if !trial(&state) {
+                    render::out(
+                        "update check: updates are off and no update is on trial, nothing to check",
+                    );
+                    return Ok(0);
+                }
+            }
             let updater = system::updater(&config)?;
             let bound = Duration::from_secs(config.update.check_timeout_s);
             match updater.check(bound, !no_reboot, || system::observe(&socket)).await? {
@@ -114,5 +126,38 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
                 }
             }
         }
+    }
+}
+
+/// Whether `state` is a trial boot of a new version (what `update check` judges).
+fn trial(state: &UpdateState) -> bool {
+    state.phase == super::state::Phase::Trial
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn check_passes_when_updates_are_off_and_nothing_is_on_trial() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("[state]\ndir = \"{}\"\n", dir.path().join("state").display()),
+        )
+        .expect("config");
+        let code = run(&config, Path::new(""), UpdateCmd::Check { no_reboot: true })
+            .await
+            .expect("check runs");
+        assert_eq!(code, 0, "an image with updates off passes its boot check");
+        // On trial with updates off is a configuration error, not a pass.
+        std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+        let state = UpdateState { phase: super::super::state::Phase::Trial, ..Default::default() };
+        crate::persist::Store::new(dir.path().join("state/update.json"))
+            .save(1, &state)
+            .expect("save");
+        let r = run(&config, Path::new(""), UpdateCmd::Check { no_reboot: true }).await;
+        assert!(r.is_err_and(|e| format!("{e:#}").contains("updates are off")));
     }
 }
