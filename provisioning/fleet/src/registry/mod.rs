@@ -392,31 +392,30 @@ impl Registry {
     /// processes never wait for each other).
     fn rtx<R>(
         &self,
-        mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
     ) -> Result<R, RegistryError> {
-        let mut out = None;
-        self.backend.read(&mut |tx| {
-            out = Some(f(tx)?);
-            Ok(())
-        })?;
-        out.ok_or_else(|| {
-            RegistryError::Db(DbError {
-                backend: self.backend.kind(),
-                what: "transaction returned nothing".into(),
-                source: "no result".into(),
-            })
-        })
+        self.run(true, f)
     }
 
     fn tx<R>(
         &self,
+        f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
+    ) -> Result<R, RegistryError> {
+        self.run(false, f)
+    }
+
+    /// Run `f` in one transaction (read-only when `read`) and return what it returned.
+    fn run<R>(
+        &self,
+        read: bool,
         mut f: impl FnMut(&mut dyn Tx) -> Result<R, RegistryError>,
     ) -> Result<R, RegistryError> {
         let mut out = None;
-        self.backend.transact(&mut |tx| {
+        let mut body = |tx: &mut dyn Tx| {
             out = Some(f(tx)?);
             Ok(())
-        })?;
+        };
+        if read { self.backend.read(&mut body) } else { self.backend.transact(&mut body) }?;
         out.ok_or_else(|| {
             RegistryError::Db(DbError {
                 backend: self.backend.kind(),

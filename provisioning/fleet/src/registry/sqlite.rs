@@ -35,6 +35,22 @@ impl Sqlite {
     }
 }
 
+impl Sqlite {
+    /// One transaction begun with `behavior`: deferred for reads (no write lock), immediate for
+    /// writes.
+    fn run(
+        &self,
+        behavior: TransactionBehavior,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = conn.transaction_with_behavior(behavior).map_err(err("BEGIN"))?;
+        f(&mut SqliteTx(&tx))?;
+        tx.commit().map_err(err("COMMIT"))?;
+        Ok(())
+    }
+}
+
 struct SqliteTx<'a>(&'a rusqlite::Transaction<'a>);
 
 fn params(p: &[Value]) -> Vec<SqlValue> {
@@ -99,24 +115,13 @@ impl Backend for Sqlite {
         &self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx =
-            conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(err("BEGIN"))?;
-        f(&mut SqliteTx(&tx))?;
-        tx.commit().map_err(err("COMMIT"))?;
-        Ok(())
+        self.run(TransactionBehavior::Deferred, f)
     }
 
     fn transact(
         &self,
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(err("BEGIN IMMEDIATE"))?;
-        f(&mut SqliteTx(&tx))?;
-        tx.commit().map_err(err("COMMIT"))?;
-        Ok(())
+        self.run(TransactionBehavior::Immediate, f)
     }
 }
