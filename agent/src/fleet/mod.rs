@@ -6,7 +6,8 @@
 //! holds one outbound mTLS session (ALPN `hearth/1`, the CA pinned by SHA-256, the fleet name from
 //! the seed): a heartbeat every 10 s, desired state published on the agent's `desired` watch
 //! channel, commands acked (reboot through [`reboot::Rebooter`]; drain and diagnostics are acked
-//! "not supported yet"). It renews the certificate at half-life; revoked, it stops and says so.
+//! "not supported yet"); a desired state naming `update_version` (a staged rollout) starts the
+//! update client in-process (`docs/0009-updates.md`). It renews the certificate at half-life; revoked, it stops and says so.
 //! READY never waits for it. Design: `docs/0005-fleet.md`.
 
 pub mod commands;
@@ -42,6 +43,9 @@ pub const BACKOFF_CAP_MS: u64 = 300_000;
 /// How long enrollment waits for the GPU layer's first inventory.
 pub const INVENTORY_WAIT: Duration = Duration::from_secs(30);
 
+/// How often the session looks for update progress to report (one small file read).
+pub const UPDATE_REPORT_POLL: Duration = Duration::from_secs(1);
+
 /// How often to look for a seed when there is none.
 pub const SEED_POLL: Duration = Duration::from_secs(30);
 
@@ -59,6 +63,10 @@ pub struct Fleet {
     commands: std::sync::Mutex<(u64, commands::CommandLog)>,
     /// The update phase and progress last reported (`crate::update::report`).
     update_reported: std::sync::Mutex<Option<crate::update::report::Marker>>,
+    /// The updater that installs the release a rollout names in the desired state (None when
+    /// `[update]` is off), and whether an install it started is running.
+    updater: Option<Arc<crate::update::Updater>>,
+    updating: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fleet {
@@ -75,7 +83,23 @@ impl Fleet {
                     (Box::new(hardware::SysfsDmi::default()), Arc::new(reboot::SystemctlReboot))
                 }
             };
-        Self::with(agent, sources, dmi, rebooter)
+        let updater = match crate::update::system::updater(cfg) {
+            Ok(u) => Some(Arc::new(u)),
+            Err(e) => {
+                tracing::info!(reason = %format!("{:#}", anyhow::Error::new(e)), "fleet-driven updates off");
+                None
+            }
+        };
+        let mut fleet = Self::with(agent, sources, dmi, rebooter);
+        fleet.updater = updater;
+        fleet
+    }
+
+    /// Install releases named by the fleet's desired state with `updater` (tests give one on
+    /// fake disks, ESP and boot loader).
+    pub fn with_updater(mut self, updater: Arc<crate::update::Updater>) -> Self {
+        self.updater = Some(updater);
+        self
     }
 
     /// With given touchpoints (tests use fakes).
@@ -93,7 +117,33 @@ impl Fleet {
             reported: std::sync::Mutex::new((0, None)),
             commands: std::sync::Mutex::new((0, commands::CommandLog::default())),
             update_reported: std::sync::Mutex::new(None),
+            updater: None,
+            updating: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
+    }
+
+    /// Start installing `version` (named by the desired state) in the background, unless an
+    /// install is running or the node already tried it ([`crate::update::fleet_wants`]). The
+    /// outcome is persisted in the update state and reported like any update.
+    fn start_update(&self, version: &str) {
+        let Some(updater) = self.updater.clone() else {
+            tracing::warn!(version, "the fleet asks for an update but updates are off here ([update] metadata_url)");
+            return;
+        };
+        if self.updating.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let flag = self.updating.clone();
+        let health = crate::update::system::snapshot(&self.agent.status());
+        let version = version.to_string();
+        tokio::spawn(async move {
+            match updater.apply_for_fleet(&version, health).await {
+                Ok(Some(state)) => tracing::info!(%version, phase = state.phase.as_str(), "fleet-requested update"),
+                Ok(None) => tracing::debug!(%version, "fleet-requested update already handled"),
+                Err(e) => tracing::warn!(%version, error = %format!("{:#}", anyhow::Error::new(e)), "fleet-requested update failed"),
+            }
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     /// The update report due, if the update moved since the last one.
@@ -446,6 +496,8 @@ impl Fleet {
         });
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_s.max(1)));
         let mut tick = tokio::time::interval(interval);
+        // Update progress goes out within a second of a phase change (a rollout waits on it).
+        let mut update_tick = tokio::time::interval(UPDATE_REPORT_POLL);
         let silence = interval * hearth_proto::control::MISSED_HEARTBEATS_OFFLINE + interval / 2;
         let mut heard = tokio::time::Instant::now();
         let mut seq = 0u64;
@@ -472,8 +524,10 @@ impl Fleet {
                     if let Err(e) = self.send(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
                     }
+                }
+                _ = update_tick.tick() => {
                     if let Some((report, marker)) = self.update_due() {
-                        if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &ControlMessage::Update(report)).await {
+                        if let Err(e) = self.send(&mut writer, &ControlMessage::Update(report)).await {
                             break Err(e);
                         }
                         *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(marker);
@@ -600,6 +654,9 @@ impl Fleet {
                     self.apply_desired(prev.as_ref(), &d);
                     tracing::info!(generation = d.generation, drain = d.drain, power_budget_w = ?d.power_budget_w, "desired state");
                     self.publish(|s| s.desired_generation = Some(d.generation));
+                    if let Some(v) = &d.update_version {
+                        self.start_update(v);
+                    }
                     self.agent.desired().send_replace(Some(d));
                 }
                 None

@@ -10,6 +10,8 @@
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
 //! Telemetry ([`metrics`]): the fleet's `/metrics`, Prometheus HTTP SD at `/v1/sd` and the scrape
 //! proxy `/v1/nodes/{id}/metrics` through each node's tunnel (`docs/0007-telemetry.md`).
+//! Staged rollouts of OS releases ([`rollout`], driven by the sweep and by node update reports;
+//! endpoints in [`rollout_api`]): `docs/0009-updates.md`.
 //! Design: `docs/0005-fleet.md`; wire format: `docs/protocol.md`.
 
 pub mod api;
@@ -19,6 +21,8 @@ pub mod config;
 pub mod enroll;
 pub mod metrics;
 pub mod registry;
+pub mod rollout;
+pub mod rollout_api;
 pub mod server;
 pub mod session;
 pub mod tunnel;

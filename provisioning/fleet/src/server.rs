@@ -64,6 +64,8 @@ pub struct Fleet {
     /// Session events (`online`, `offline`) waiting for the sweep's next write.
     pub pending_events: Mutex<Vec<NewEvent>>,
     sessions: std::sync::atomic::AtomicU64,
+    /// The clock of rollouts and maintenance windows ([`crate::rollout::Clock`]).
+    clock: std::sync::RwLock<Arc<dyn crate::rollout::Clock>>,
 }
 
 /// Why the fleet could not start.
@@ -130,6 +132,7 @@ impl Fleet {
             live: Mutex::new(HashMap::new()),
             gateway: crate::tunnel::Gateway::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
+            clock: std::sync::RwLock::new(Arc::new(crate::rollout::SystemClock)),
         }))
     }
 
@@ -147,6 +150,16 @@ impl Fleet {
                 source: Box::new(e),
             })),
         }
+    }
+
+    /// The clock of rollouts and maintenance windows.
+    pub fn clock(&self) -> Arc<dyn crate::rollout::Clock> {
+        self.clock.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replace the clock of rollouts (tests move through maintenance windows with it).
+    pub fn set_clock(&self, clock: Arc<dyn crate::rollout::Clock>) {
+        *self.clock.write().unwrap_or_else(PoisonError::into_inner) = clock;
     }
 
     /// The live-node table.
@@ -418,6 +431,9 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
             && !stopping
         {
             deliver_notifications(&fleet, gw).await;
+        }
+        if !stopping {
+            crate::rollout::drive(&fleet).await;
         }
         if stopping {
             return;

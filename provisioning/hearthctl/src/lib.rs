@@ -3,7 +3,7 @@
 //! Entry point: [`main`]. It reads `hearthctl.toml` ([`CtlConfig`]: fleet URL and name, CA pin,
 //! operator certificate and key, as written by `hearth-fleet operator-cert`), sends one HTTPS
 //! request with the operator certificate ([`hearth_fleet_client::https`]) and prints a table or
-//! JSON. Errors name the cause and exit non-zero. `exec`, `shell`, `api` and `forward` open streams to a
+//! JSON. Errors name the cause and exit non-zero. `rollout` drives staged rollouts ([`rollout`]). `exec`, `shell`, `api` and `forward` open streams to a
 //! node through the fleet's tunnel gateway instead ([`stream`], `docs/0006-tunnel.md`).
 
 use std::collections::BTreeMap;
@@ -23,6 +23,7 @@ use hearth_proto::fleet::{
 use serde::Deserialize;
 
 pub mod release;
+pub mod rollout;
 pub mod stream;
 
 /// `hearthctl.toml`.
@@ -120,6 +121,12 @@ pub enum Command {
         /// API path.
         #[arg(default_value = "/v1/status")]
         path: String,
+    },
+    /// Staged rollouts of a signed release to a channel's nodes.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        action: rollout::RolloutAction,
     },
     /// Signing keys and signed releases (offline; nothing is sent to the fleet).
     Release {
@@ -414,6 +421,33 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             )
         }
         Command::Release { action } => release::run(action, cli.json).await,
+        Command::Rollout { action } => {
+            use rollout::RolloutAction as A;
+            use hearth_proto::rollout::Rollout;
+            match action {
+                A::Create { channel, version, waves, max_failure_pct, windows } => {
+                    let req = rollout::create_request(&channel, &version, &waves, &max_failure_pct, &windows)?;
+                    let r: Rollout = ctl.post("/v1/rollouts", &req).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+                A::Status { id: None } => {
+                    let rs: Vec<Rollout> = ctl.get("/v1/rollouts").await?;
+                    out(&rs, rollout::list_text(&rs))
+                }
+                A::Status { id: Some(id) } => {
+                    let r: Rollout = ctl.get(&format!("/v1/rollouts/{id}")).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+                A::Pause { id } => {
+                    let r: Rollout = ctl.post(&format!("/v1/rollouts/{id}/pause"), &()).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+                A::Resume { id } => {
+                    let r: Rollout = ctl.post(&format!("/v1/rollouts/{id}/resume"), &()).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+            }
+        }
         Command::Exec { .. }
         | Command::Shell { .. }
         | Command::Api { .. }
