@@ -93,14 +93,7 @@ struct Machine {
 
 const H1_VERSION: &str = "1.0";
 
-async fn machine(
-    dir: &Path,
-    n: u64,
-    seed: &Seed,
-    keys: &Path,
-    repo: &Path,
-    bad: bool,
-) -> Machine {
+async fn machine(dir: &Path, n: u64, seed: &Seed, keys: &Path, repo: &Path, bad: bool) -> Machine {
     let state = dir.join(format!("node{n}"));
     let h1 = roothash_for(H1_VERSION);
     let disk = Arc::new(GptSlotDisk::new(H1_VERSION, &h1, SLOT_SIZE));
@@ -121,12 +114,8 @@ async fn machine(
             max_root_updates: 16,
         },
     };
-    let platform = Platform {
-        disk: disk.clone(),
-        esp,
-        boot: boot.clone(),
-        rebooter: reboots.clone(),
-    };
+    let platform =
+        Platform { disk: disk.clone(), esp, boot: boot.clone(), rebooter: reboots.clone() };
     let fetcher = Fetcher::new(None, Duration::from_secs(30)).expect("fetcher");
     let updater = Arc::new(Updater::new(source, "stable".into(), fetcher, platform, &state));
 
@@ -191,13 +180,17 @@ struct Lab {
     _dir: tempfile::TempDir,
     fleet: RunningFleet,
     ep: Endpoint,
-    admin: Arc<rustls::ClientConfig>,
+    pin: String,
+    admin: ClientIdentity,
     machines: Vec<Machine>,
 }
 
 /// A fleet, a signed repository and machines enrolled with tokens carrying `sites` labels;
 /// `bad(k)` says whether machine k's new system fails its check.
-async fn lab(sites: &[&str], bad: impl Fn(usize) -> bool) -> Result<Lab, Box<dyn std::error::Error + Send + Sync>> {
+async fn lab(
+    sites: &[&str],
+    bad: impl Fn(usize) -> bool,
+) -> Result<Lab, Box<dyn std::error::Error + Send + Sync>> {
     let dir = tempfile::tempdir()?;
     let fleet = hearth_fleet::server::start(FleetConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -207,11 +200,9 @@ async fn lab(sites: &[&str], bad: impl Fn(usize) -> bool) -> Result<Lab, Box<dyn
     })
     .await?;
     let (op, key) = fleet.fleet.ca.operator_cert("t", Role::Admin, Duration::from_secs(600))?;
-    let admin = client_config(
-        &fleet.fleet.ca.pin(),
-        Some(&ClientIdentity { cert_pem: op.cert_pem, key_pem: key }),
-        b"http/1.1",
-    )?;
+    let admin_id = ClientIdentity { cert_pem: op.cert_pem, key_pem: key };
+    let pin = fleet.fleet.ca.pin();
+    let admin = client_config(&pin, Some(&admin_id), b"http/1.1")?;
     let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
     let (keys, repo) = repository(dir.path()).await;
     let mut machines = Vec::new();
@@ -221,19 +212,19 @@ async fn lab(sites: &[&str], bad: impl Fn(usize) -> bool) -> Result<Lab, Box<dyn
             ttl_s: 600,
             max_uses: 1,
         };
-        let token: TokenCreated = json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
+        let token: TokenCreated =
+            json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
         let mut seed = Seed::parse(&token.seed, "token")?;
         seed.fleet.url = format!("https://{}", fleet.addr);
         machines.push(machine(dir.path(), k as u64, &seed, &keys, &repo, bad(k)).await);
     }
-    let l = Lab { _dir: dir, fleet, ep, admin, machines };
+    let l = Lab { _dir: dir, fleet, ep, pin, admin: admin_id, machines };
     for m in &l.machines {
         wait_for("sessions", || m.agent.fleet_status().borrow().state == "connected").await;
     }
     // Every node in the registry before the rollout is planned.
     for _ in 0..100 {
-        let nodes: Vec<hearth_proto::fleet::NodeView> =
-            json::<(), _>(&l.ep, l.admin.clone(), "GET", "/v1/nodes", None).await?;
+        let nodes: Vec<hearth_proto::fleet::NodeView> = l.get("/v1/nodes").await?;
         if nodes.len() == sites.len() {
             break;
         }
@@ -257,8 +248,24 @@ impl Lab {
         self.machines[k].agent.fleet_status().borrow().node_id.clone().unwrap_or_default()
     }
 
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = client_config(&self.pin, Some(&self.admin), b"http/1.1")?;
+        Ok(json::<(), T>(&self.ep, tls, "GET", path, None).await?)
+    }
+
+    async fn create(
+        &self,
+        req: &RolloutCreate,
+    ) -> Result<Rollout, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = client_config(&self.pin, Some(&self.admin), b"http/1.1")?;
+        Ok(json(&self.ep, tls, "POST", "/v1/rollouts", Some(req)).await?)
+    }
+
     async fn rollout(&self, id: u64) -> Rollout {
-        json::<(), _>(&self.ep, self.admin.clone(), "GET", &format!("/v1/rollouts/{id}"), None)
+        self.get(&format!("/v1/rollouts/{id}"))
             .await
             .unwrap_or_else(|e| panic!("rollout {id}: {e}"))
     }
@@ -307,12 +314,15 @@ async fn a_failing_wave_halts_the_rollout_and_the_rest_is_never_told() -> TestRe
         waves: waves(&[(20, 0), (60, 0), (100, 0)]),
         windows: vec![],
     };
-    let r: Rollout = json(&l.ep, l.admin.clone(), "POST", "/v1/rollouts", Some(&req)).await?;
+    let r = l.create(&req).await?;
     assert_eq!((0..3).map(|w| r.counts(w).nodes).collect::<Vec<_>>(), [1, 2, 2]);
     let halted = l.run_until(r.id, "the halt", |r| r.state == RolloutState::Halted).await;
     let why = halted.reason.clone().unwrap_or_default();
     assert!(why.contains("wave 2 of 3: 1 of 2"), "{why}");
-    assert!(why.contains("fleet session not established"), "the check's reason reaches the fleet: {why}");
+    assert!(
+        why.contains("fleet session not established"),
+        "the check's reason reaches the fleet: {why}"
+    );
     // The canary runs 2.0, blessed, its anti-rollback floor raised.
     let canary = &l.machines[order[0].1];
     let (_, st) = canary.updater.load()?;
@@ -353,9 +363,13 @@ async fn a_clean_rollout_completes_and_a_window_holds_its_group_until_it_opens()
         channel: "stable".into(),
         version: "2.0".into(),
         waves: waves(&[(50, 0), (100, 0)]),
-        windows: vec![Window { label: "site=ams1".into(), start: "02:00".into(), end: "04:00".into() }],
+        windows: vec![Window {
+            label: "site=ams1".into(),
+            start: "02:00".into(),
+            end: "04:00".into(),
+        }],
     };
-    let r: Rollout = json(&l.ep, l.admin.clone(), "POST", "/v1/rollouts", Some(&req)).await?;
+    let r = l.create(&req).await?;
     // The fra1 nodes of the first wave update; the ams1 ones are held: the wave cannot finish.
     let fra_first: Vec<String> = r
         .nodes

@@ -127,7 +127,10 @@ impl Fleet {
     /// outcome is persisted in the update state and reported like any update.
     fn start_update(&self, version: &str) {
         let Some(updater) = self.updater.clone() else {
-            tracing::warn!(version, "the fleet asks for an update but updates are off here ([update] metadata_url)");
+            tracing::warn!(
+                version,
+                "the fleet asks for an update but updates are off here ([update] metadata_url)"
+            );
             return;
         };
         if self.updating.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -138,9 +141,13 @@ impl Fleet {
         let version = version.to_string();
         tokio::spawn(async move {
             match updater.apply_for_fleet(&version, health).await {
-                Ok(Some(state)) => tracing::info!(%version, phase = state.phase.as_str(), "fleet-requested update"),
+                Ok(Some(state)) => {
+                    tracing::info!(%version, phase = state.phase.as_str(), "fleet-requested update")
+                }
                 Ok(None) => tracing::debug!(%version, "fleet-requested update already handled"),
-                Err(e) => tracing::warn!(%version, error = %format!("{:#}", anyhow::Error::new(e)), "fleet-requested update failed"),
+                Err(e) => {
+                    tracing::warn!(%version, error = %format!("{:#}", anyhow::Error::new(e)), "fleet-requested update failed")
+                }
             }
             flag.store(false, std::sync::atomic::Ordering::SeqCst);
         });

@@ -45,12 +45,8 @@ fn gpt(image: &Path) -> anyhow::Result<Vec<(String, u64, u64)>> {
     f.seek(SeekFrom::Start(512))?;
     f.read_exact(&mut hdr)?;
     ensure!(&hdr[..8] == b"EFI PART", "{}: no GPT header at LBA 1", image.display());
-    let u64_at = |b: &[u8], o: usize| {
-        u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]))
-    };
-    let u32_at = |b: &[u8], o: usize| {
-        u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]))
-    };
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
     let (lba, count, size) = (u64_at(&hdr, 72), u32_at(&hdr, 80), u32_at(&hdr, 84));
     ensure!((128..=4096).contains(&size) && count <= 1024, "implausible GPT entries");
     let mut entries = vec![0u8; count as usize * size as usize];
@@ -146,7 +142,10 @@ fn main() -> anyhow::Result<()> {
         .find(|(n, _, _)| n.starts_with("hearth_") && !n.ends_with("_verity") && n != "_empty")
         .cloned()
     else {
-        bail!("{}: no root partition labelled hearth_<V> (partitions: {parts:?})", o.image.display());
+        bail!(
+            "{}: no root partition labelled hearth_<V> (partitions: {parts:?})",
+            o.image.display()
+        );
     };
     eprintln!("slot A root: {label}, {len} bytes at {start}");
     let built = tmp.path().join("built.erofs");
@@ -184,7 +183,10 @@ fn main() -> anyhow::Result<()> {
     for chunk in [4096usize, 65_536] {
         let (d, bytes) = delta(&old, &new, chunk);
         row(&format!("{} KiB chunks the running slot lacks", chunk / 1024), d);
-        row(&format!("{} KiB chunks the running slot lacks, zstd -3", chunk / 1024), zstd_len(&bytes)?);
+        row(
+            &format!("{} KiB chunks the running slot lacks, zstd -3", chunk / 1024),
+            zstd_len(&bytes)?,
+        );
     }
     row("the new agent binary alone, zstd -3 (lower bound)", agent_z);
     Ok(())

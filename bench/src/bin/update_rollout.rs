@@ -176,12 +176,14 @@ async fn rollout(
     waves: Vec<WaveSpec>,
     times: &Times,
 ) -> anyhow::Result<Run> {
-    let req = RolloutCreate { channel: "stable".into(), version: version.into(), waves, windows: vec![] };
+    let req =
+        RolloutCreate { channel: "stable".into(), version: version.into(), waves, windows: vec![] };
     let t0 = Instant::now();
     let r: Rollout = json(ep, admin.clone(), "POST", "/v1/rollouts", Some(&req)).await?;
     let done = loop {
         let r: Rollout =
-            json::<(), _>(ep, admin.clone(), "GET", &format!("/v1/rollouts/{}", r.id), None).await?;
+            json::<(), _>(ep, admin.clone(), "GET", &format!("/v1/rollouts/{}", r.id), None)
+                .await?;
         match r.state {
             RolloutState::Completed => break r,
             RolloutState::Running => {}
@@ -224,9 +226,13 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let pin = fleet.fleet.ca.pin();
-    let (op, key) = fleet.fleet.ca.operator_cert("bench", Role::Admin, Duration::from_secs(7200))?;
-    let admin =
-        client_config(&pin, Some(&ClientIdentity { cert_pem: op.cert_pem, key_pem: key }), b"http/1.1")?;
+    let (op, key) =
+        fleet.fleet.ca.operator_cert("bench", Role::Admin, Duration::from_secs(7200))?;
+    let admin = client_config(
+        &pin,
+        Some(&ClientIdentity { cert_pem: op.cert_pem, key_pem: key }),
+        b"http/1.1",
+    )?;
     let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
     let req = TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 3600, max_uses: o.nodes };
     let token: TokenCreated = json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;

@@ -44,7 +44,9 @@ pub enum RolloutError {
         channel: String,
     },
     /// Another rollout of the channel is running or paused.
-    #[error("rollout {id} of channel {channel} is {state}: pause is not enough, it must complete or halt first")]
+    #[error(
+        "rollout {id} of channel {channel} is {state}: pause is not enough, it must complete or halt first"
+    )]
     Busy {
         /// Its id.
         id: u64,
@@ -170,9 +172,7 @@ pub fn plan(
     {
         return Err(invalid("channel", "must be 1..=64 of [A-Za-z0-9_-]"));
     }
-    req.version
-        .parse::<ReleaseVersion>()
-        .map_err(|e| invalid("version", e.to_string()))?;
+    req.version.parse::<ReleaseVersion>().map_err(|e| invalid("version", e.to_string()))?;
     if req.waves.is_empty() || req.waves.len() > MAX_WAVES {
         return Err(invalid("waves", format!("1..={MAX_WAVES} waves are needed")));
     }
@@ -181,7 +181,11 @@ pub fn plan(
         if w.until_pct <= prev || w.until_pct > 100 {
             return Err(invalid(
                 "waves",
-                format!("wave {}: until_pct {} must rise above {prev} and be at most 100", n + 1, w.until_pct),
+                format!(
+                    "wave {}: until_pct {} must rise above {prev} and be at most 100",
+                    n + 1,
+                    w.until_pct
+                ),
             ));
         }
         if w.max_failure_pct > 100 {
@@ -310,7 +314,10 @@ pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
             );
             r.state = RolloutState::Halted;
             r.reason = Some(why.clone());
-            step.events.push(("rollout.halted".into(), format!("rollout {} ({} {}): {why}", r.id, r.channel, r.version)));
+            step.events.push((
+                "rollout.halted".into(),
+                format!("rollout {} ({} {}): {why}", r.id, r.channel, r.version),
+            ));
             break;
         }
         if c.blessed + c.failed < c.nodes {
@@ -379,7 +386,10 @@ pub fn pause(r: &mut Rollout, now_ms: u64) -> Result<Step, RolloutError> {
     r.updated_ms = now_ms;
     Ok(Step {
         tell: vec![],
-        events: vec![("rollout.paused".into(), format!("rollout {} ({} {}) paused", r.id, r.channel, r.version))],
+        events: vec![(
+            "rollout.paused".into(),
+            format!("rollout {} ({} {}) paused", r.id, r.channel, r.version),
+        )],
     })
 }
 
@@ -393,7 +403,10 @@ pub fn resume(r: &mut Rollout, now_ms: u64) -> Result<Step, RolloutError> {
     let mut step = tick(r, now_ms);
     step.events.insert(
         0,
-        ("rollout.resumed".into(), format!("rollout {} ({} {}) resumed", r.id, r.channel, r.version)),
+        (
+            "rollout.resumed".into(),
+            format!("rollout {} ({} {}) resumed", r.id, r.channel, r.version),
+        ),
     );
     Ok(step)
 }
@@ -427,7 +440,9 @@ pub async fn drive(fleet: &Arc<Fleet>) {
             .await;
         match res {
             Ok((_, told)) => deliver(fleet, told).await,
-            Err(e) => tracing::warn!(rollout = id, error = %format!("{e:#}"), "cannot advance a rollout"),
+            Err(e) => {
+                tracing::warn!(rollout = id, error = %format!("{e:#}"), "cannot advance a rollout")
+            }
         }
     }
 }
@@ -449,14 +464,14 @@ pub async fn on_report(fleet: &Arc<Fleet>, node: &str, u: &UpdateReport) {
     let (id, u) = (node.to_string(), u.clone());
     let res = fleet
         .db(move |reg| {
-            reg.change_rollout(rid, now, &mut |r| {
-                Ok(report(r, &id, &u, now).then(|| tick(r, now)))
-            })
+            reg.change_rollout(rid, now, &mut |r| Ok(report(r, &id, &u, now).then(|| tick(r, now))))
         })
         .await;
     match res {
         Ok((_, told)) => deliver(fleet, told).await,
-        Err(e) => tracing::warn!(%node, rollout = rid, error = %format!("{e:#}"), "cannot record an update report in its rollout"),
+        Err(e) => {
+            tracing::warn!(%node, rollout = rid, error = %format!("{e:#}"), "cannot record an update report in its rollout")
+        }
     }
 }
 
@@ -511,8 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn waves_split_by_cumulative_share_with_a_canary_of_at_least_one() -> Result<(), RolloutError>
-    {
+    fn waves_split_by_cumulative_share_with_a_canary_of_at_least_one() -> Result<(), RolloutError> {
         let r = plan(&req(&[(5, 0), (25, 10), (100, 10)]), nodes(20), at(1, 0))?;
         let sizes: Vec<usize> = (0..3).map(|w| r.counts(w).nodes).collect();
         assert_eq!(sizes, [1, 4, 15]);
@@ -583,7 +597,8 @@ mod tests {
     #[test]
     fn a_maintenance_window_holds_its_group_until_it_opens() -> Result<(), RolloutError> {
         let mut q = req(&[(100, 0)]);
-        q.windows = vec![Window { label: "site=ams1".into(), start: "02:00".into(), end: "04:00".into() }];
+        q.windows =
+            vec![Window { label: "site=ams1".into(), start: "02:00".into(), end: "04:00".into() }];
         let mut r = plan(&q, nodes(4), at(1, 0))?;
         let s = tick(&mut r, at(1, 0));
         assert_eq!(s.tell, ["n001", "n003"], "fra1 has no window; ams1 waits");
@@ -631,14 +646,22 @@ mod tests {
             (RolloutCreate { channel: "a b".into(), ..req(&[(100, 0)]) }, "channel"),
             (
                 RolloutCreate {
-                    windows: vec![Window { label: "site".into(), start: "02:00".into(), end: "03:00".into() }],
+                    windows: vec![Window {
+                        label: "site".into(),
+                        start: "02:00".into(),
+                        end: "03:00".into(),
+                    }],
                     ..req(&[(100, 0)])
                 },
                 "not KEY=VALUE",
             ),
             (
                 RolloutCreate {
-                    windows: vec![Window { label: "site=a".into(), start: "25:00".into(), end: "03:00".into() }],
+                    windows: vec![Window {
+                        label: "site=a".into(),
+                        start: "25:00".into(),
+                        end: "03:00".into(),
+                    }],
                     ..req(&[(100, 0)])
                 },
                 "not HH:MM-HH:MM",

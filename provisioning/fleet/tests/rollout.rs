@@ -172,7 +172,12 @@ async fn get_rollout(f: &TestFleet, id: u64) -> Rollout {
         .unwrap_or_else(|e| panic!("rollout {id}: {e}"))
 }
 
-async fn wait_rollout(f: &TestFleet, id: u64, what: &str, ok: impl Fn(&Rollout) -> bool) -> Rollout {
+async fn wait_rollout(
+    f: &TestFleet,
+    id: u64,
+    what: &str,
+    ok: impl Fn(&Rollout) -> bool,
+) -> Rollout {
     let mut last = None;
     for _ in 0..200 {
         let r = get_rollout(f, id).await;
@@ -219,7 +224,10 @@ async fn halts_on_a_failing_wave_and_survives_a_restart(db: Db) -> TestResult {
     let mut sorted: Vec<String> = nodes.ids.iter().map(|n| n.0.clone()).collect();
     sorted.sort();
     let fail: BTreeMap<String, &'static str> = [
-        (sorted[1].clone(), "GPU health worse than before the update: 7 of 8 GPUs healthy, 8 before"),
+        (
+            sorted[1].clone(),
+            "GPU health worse than before the update: 7 of 8 GPUs healthy, 8 before",
+        ),
         (sorted[3].clone(), "did not finish booting within its tries"),
     ]
     .into();
@@ -252,7 +260,8 @@ async fn halts_on_a_failing_wave_and_survives_a_restart(db: Db) -> TestResult {
     assert!(told_now.keys().all(|n| !wave3.contains(n)), "wave 3 told: {told_now:?}");
     assert_eq!(told_now.len(), 5);
     let events: Vec<EventView> =
-        json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/events?limit=500", None).await?;
+        json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/events?limit=500", None)
+            .await?;
     let halt = events.iter().find(|e| e.kind == "rollout.halted").ok_or("no halt event")?;
     assert!(halt.message.contains("wave 2 of 3"), "{}", halt.message);
     assert!(events.iter().any(|e| e.kind == "node.update.rolled_back"));
@@ -295,7 +304,11 @@ async fn a_window_holds_its_group_across_a_restart_then_completes(db: Db) -> Tes
         channel: "stable".into(),
         version: "2.0".into(),
         waves: waves(&[(100, 0)]),
-        windows: vec![Window { label: "site=ams1".into(), start: "02:00".into(), end: "04:00".into() }],
+        windows: vec![Window {
+            label: "site=ams1".into(),
+            start: "02:00".into(),
+            end: "04:00".into(),
+        }],
     };
     let r = create(&f, &req).await?;
     let ams_ids: BTreeSet<String> = ams.ids.iter().map(|n| n.0.clone()).collect();
@@ -335,7 +348,11 @@ async fn bad_requests_change_nothing(db: Db) -> TestResult {
         (RolloutCreate { waves: waves(&[(50, 0)]), ..good.clone() }, "last wave must reach 100"),
         (
             RolloutCreate {
-                windows: vec![Window { label: "site=a".into(), start: "2am".into(), end: "04:00".into() }],
+                windows: vec![Window {
+                    label: "site=a".into(),
+                    start: "2am".into(),
+                    end: "04:00".into(),
+                }],
                 ..good.clone()
             },
             "not HH:MM-HH:MM",
@@ -345,9 +362,10 @@ async fn bad_requests_change_nothing(db: Db) -> TestResult {
         let e = create(&f, &req).await.expect_err(want);
         assert!(e.contains(want), "{e:?} should name {want:?}");
     }
-    let e = json::<_, Rollout>(&f.ep(), f.http(Some(&f.viewer)), "POST", "/v1/rollouts", Some(&good))
-        .await
-        .expect_err("viewer");
+    let e =
+        json::<_, Rollout>(&f.ep(), f.http(Some(&f.viewer)), "POST", "/v1/rollouts", Some(&good))
+            .await
+            .expect_err("viewer");
     assert!(e.to_string().contains("needs admin"), "{e}");
     let e = json::<(), Rollout>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/rollouts/77", None)
         .await

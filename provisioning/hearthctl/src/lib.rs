@@ -422,11 +422,17 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Release { action } => release::run(action, cli.json).await,
         Command::Rollout { action } => {
-            use rollout::RolloutAction as A;
             use hearth_proto::rollout::Rollout;
+            use rollout::RolloutAction as A;
             match action {
                 A::Create { channel, version, waves, max_failure_pct, windows } => {
-                    let req = rollout::create_request(&channel, &version, &waves, &max_failure_pct, &windows)?;
+                    let req = rollout::create_request(
+                        &channel,
+                        &version,
+                        &waves,
+                        &max_failure_pct,
+                        &windows,
+                    )?;
                     let r: Rollout = ctl.post("/v1/rollouts", &req).await?;
                     out(&r, rollout::status_text(&r))
                 }

@@ -62,7 +62,10 @@ pub fn parse_waves(waves: &str, failure: &str) -> anyhow::Result<Vec<WaveSpec>> 
     let fail = match fail.len() {
         1 => vec![fail[0]; until.len()],
         n if n == until.len() => fail,
-        n => bail!("--max-failure-pct has {n} values for {} waves (give 1 or one per wave)", until.len()),
+        n => bail!(
+            "--max-failure-pct has {n} values for {} waves (give 1 or one per wave)",
+            until.len()
+        ),
     };
     Ok(until
         .into_iter()
@@ -139,7 +142,14 @@ pub fn status_text(r: &Rollout) -> String {
         r.reason.as_ref().map_or(String::new(), |why| format!(" ({why})"))
     );
     for w in &r.windows {
-        let _ = writeln!(t, "window: {}={} {}-{} UTC", w.key, w.value, hhmm(w.start_min), hhmm(w.end_min));
+        let _ = writeln!(
+            t,
+            "window: {}={} {}-{} UTC",
+            w.key,
+            w.value,
+            hhmm(w.start_min),
+            hhmm(w.end_min)
+        );
     }
     let _ = writeln!(
         t,
@@ -193,13 +203,19 @@ mod tests {
     #[test]
     fn arguments_parse_and_bad_ones_name_the_flag() -> anyhow::Result<()> {
         let w = parse_waves("5,25,100", "0")?;
-        assert_eq!(w.iter().map(|w| (w.until_pct, w.max_failure_pct)).collect::<Vec<_>>(), [(5, 0), (25, 0), (100, 0)]);
+        assert_eq!(
+            w.iter().map(|w| (w.until_pct, w.max_failure_pct)).collect::<Vec<_>>(),
+            [(5, 0), (25, 0), (100, 0)]
+        );
         let e = parse_waves("5,100", "0,1,2").expect_err("mismatch").to_string();
         assert!(e.contains("3 values for 2 waves"), "{e}");
         let e = parse_waves("5,x", "0").expect_err("bad").to_string();
         assert!(e.contains("--waves") && e.contains("\"x\""), "{e}");
         let win = parse_window("site=ams1@02:00-04:00")?;
-        assert_eq!((win.label.as_str(), win.start.as_str(), win.end.as_str()), ("site=ams1", "02:00", "04:00"));
+        assert_eq!(
+            (win.label.as_str(), win.start.as_str(), win.end.as_str()),
+            ("site=ams1", "02:00", "04:00")
+        );
         assert!(parse_window("site=ams1").is_err());
         Ok(())
     }
@@ -221,8 +237,16 @@ mod tests {
             id: 3,
             channel: "stable".into(),
             version: "2.0".into(),
-            waves: vec![WaveSpec { until_pct: 10, max_failure_pct: 0 }, WaveSpec { until_pct: 100, max_failure_pct: 10 }],
-            windows: vec![WindowRule { key: "site".into(), value: "ams1".into(), start_min: 120, end_min: 240 }],
+            waves: vec![
+                WaveSpec { until_pct: 10, max_failure_pct: 0 },
+                WaveSpec { until_pct: 100, max_failure_pct: 10 },
+            ],
+            windows: vec![WindowRule {
+                key: "site".into(),
+                value: "ams1".into(),
+                start_min: 120,
+                end_min: 240,
+            }],
             state: RolloutState::Halted,
             reason: Some("wave 2 of 2: 1 of 2".into()),
             wave: 1,

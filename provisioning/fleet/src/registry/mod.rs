@@ -934,7 +934,13 @@ fn desired_in(
     change(&mut desired);
     desired.generation += 1;
     tx.exec("UPDATE nodes SET desired = $2 WHERE id = $1", &[text(id), text(to_json(&desired))])?;
-    add_event(tx, now_ms, Some(id), "desired", &format!("{what} (generation {})", desired.generation))?;
+    add_event(
+        tx,
+        now_ms,
+        Some(id),
+        "desired",
+        &format!("{what} (generation {})", desired.generation),
+    )?;
     Ok(desired)
 }
 

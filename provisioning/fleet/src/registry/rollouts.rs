@@ -8,8 +8,8 @@ use hearth_proto::control::DesiredState;
 use hearth_proto::rollout::{Rollout, RolloutCreate};
 
 use super::{
-    DbError, Refusal, Registry, RegistryError, Tx, add_event, col, desired_in, i, int,
-    json, s, text, to_json,
+    DbError, Refusal, Registry, RegistryError, Tx, add_event, col, desired_in, i, int, json, s,
+    text, to_json,
 };
 use crate::rollout::{RolloutError, Step};
 
@@ -20,8 +20,7 @@ const CONFLICT: &str = "changed concurrently";
 pub type Told = Vec<(String, DesiredState)>;
 
 fn load(tx: &mut dyn Tx, id: u64) -> Result<(u64, Rollout), RegistryError> {
-    let rows =
-        tx.query("SELECT generation, body FROM rollouts WHERE id = $1", &[int(id)])?;
+    let rows = tx.query("SELECT generation, body FROM rollouts WHERE id = $1", &[int(id)])?;
     let Some(r) = rows.first() else {
         return Err(Refusal::Rollout(RolloutError::Unknown { id }).into());
     };
