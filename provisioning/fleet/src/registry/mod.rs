@@ -7,6 +7,7 @@
 //! token with a conditional `UPDATE … WHERE uses < max_uses`, so two enrollments racing on a
 //! single-use token cannot both win on either backend. Design: `docs/0005-fleet.md`.
 
+pub mod expose;
 pub mod postgres;
 pub mod sqlite;
 
@@ -176,11 +177,23 @@ pub const MIGRATIONS: &[&str] = &[
     // a re-sent batch (an ack lost with the connection) is stored once.
     "CREATE TABLE node_summaries (node_id TEXT NOT NULL, seq BIGINT NOT NULL,
         start_ms BIGINT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (node_id, seq))",
+    // Gateway ports forwarding to a port on a node (`hearthctl expose`, registry/expose.rs).
+    "CREATE TABLE exposures (gateway_port BIGINT PRIMARY KEY, node_id TEXT NOT NULL,
+        node_port BIGINT NOT NULL, created_by TEXT NOT NULL, created_ms BIGINT NOT NULL,
+        UNIQUE (node_id, node_port))",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
-pub const TABLES: &[&str] =
-    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox", "node_summaries"];
+pub const TABLES: &[&str] = &[
+    "schema_migrations",
+    "tokens",
+    "nodes",
+    "commands",
+    "events",
+    "outbox",
+    "node_summaries",
+    "exposures",
+];
 
 /// A token to store.
 #[derive(Debug, Clone)]
