@@ -7,11 +7,14 @@
 //! the seed): a heartbeat every 10 s, desired state published on the agent's `desired` watch
 //! channel, commands acked (reboot through [`reboot::Rebooter`]; drain and diagnostics are acked
 //! "not supported yet"); a desired state naming `update_version` (a staged rollout) starts the
-//! update client in-process (`docs/0009-updates.md`). It renews the certificate at half-life; revoked, it stops and says so.
-//! READY never waits for it. Design: `docs/0005-fleet.md`.
+//! update client in-process (`docs/0009-updates.md`). It renews the certificate at half-life;
+//! revoked, it stops and says so. READY never waits for it. The seed may name several gateways:
+//! after a failure the next one is tried, and a network change ([`netwatch`]) cuts the retry wait
+//! short (`docs/0006-tunnel.md`). Design: `docs/0005-fleet.md`.
 
 pub mod commands;
 pub mod hardware;
+pub mod netwatch;
 pub mod reboot;
 pub mod seed;
 pub mod state;
@@ -19,6 +22,8 @@ pub mod tunnel;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use hearth_fleet_client::https::Endpoint;
 use hearth_fleet_client::seed::Seed;
@@ -56,6 +61,8 @@ pub struct Fleet {
     sources: Vec<Box<dyn seed::SeedSource>>,
     dmi: Box<dyn hardware::Dmi>,
     rebooter: Arc<dyn reboot::Rebooter>,
+    /// Network changes cut a reconnect wait short ([`netwatch`]).
+    netwatch: Arc<dyn netwatch::NetWatch>,
     /// What has been reported to the fleet: the last verdict-change `seq` and the last reboot
     /// request (advanced only after the fleet's connection took the message).
     reported: std::sync::Mutex<(u64, Option<String>)>,
@@ -90,7 +97,8 @@ impl Fleet {
                 None
             }
         };
-        let mut fleet = Self::with(agent, sources, dmi, rebooter);
+        let mut fleet = Self::with(agent, sources, dmi, rebooter)
+            .with_netwatch(Arc::new(netwatch::Netlink::default()));
         fleet.updater = updater;
         fleet
     }
@@ -99,6 +107,12 @@ impl Fleet {
     /// fake disks, ESP and boot loader).
     pub fn with_updater(mut self, updater: Arc<crate::update::Updater>) -> Self {
         self.updater = Some(updater);
+        self
+    }
+
+    /// With a network change watch (the default of [`Fleet::with`] never reports a change).
+    pub fn with_netwatch(mut self, netwatch: Arc<dyn netwatch::NetWatch>) -> Self {
+        self.netwatch = netwatch;
         self
     }
 
@@ -114,6 +128,7 @@ impl Fleet {
             sources,
             dmi,
             rebooter,
+            netwatch: Arc::new(netwatch::Never::default()),
             reported: std::sync::Mutex::new((0, None)),
             commands: std::sync::Mutex::new((0, commands::CommandLog::default())),
             update_reported: std::sync::Mutex::new(None),
@@ -305,6 +320,9 @@ impl Fleet {
         let store = Store::new(self.agent.config.state.dir.join("fleet.json"));
         persist::ensure_dir(&self.agent.config.state.dir)?;
         let mut attempt = 0u32;
+        // Which of the seed's gateways is in use: the next one after a failure.
+        let mut gateway = 0usize;
+        let mut net = self.netwatch.subscribe();
         let backoff = |attempt: u32| {
             Duration::from_millis(state::backoff_ms(
                 attempt,
@@ -343,9 +361,12 @@ impl Fleet {
                     continue;
                 }
             };
-            let ep = seed.endpoint()?;
+            let endpoints = seed.endpoints()?;
+            let pick = gateway % endpoints.len();
+            let ep = endpoints.get(pick).cloned().context("the seed names no gateway")?;
+            let url = std::iter::once(&seed.fleet.url).chain(&seed.fleet.fallback_urls).nth(pick);
             let pin = seed.fleet.ca_sha256.clone();
-            self.publish(|s| s.fleet_url = Some(seed.fleet.url.clone()));
+            self.publish(|s| s.fleet_url = url.cloned());
             let key = self.key_pem()?;
             match membership {
                 Membership::Revoked { node_id, reason } => {
@@ -379,10 +400,13 @@ impl Fleet {
                             let msg = format!("{:#}", anyhow::Error::new(e));
                             let wait = backoff(attempt);
                             attempt = attempt.saturating_add(1);
+                            gateway = gateway.wrapping_add(1);
                             tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, "enrollment failed");
                             self.publish(|s| s.last_error = Some(format!("enrollment: {msg}")));
-                            if Self::sleep_or_cancel(&ctx, wait).await {
-                                return Ok(());
+                            match netwatch::wait_retry(&ctx.cancel, wait, &mut net).await {
+                                netwatch::Retry::Cancelled => return Ok(()),
+                                netwatch::Retry::NetworkChanged => attempt = 0,
+                                netwatch::Retry::Waited => {}
                             }
                         }
                     }
@@ -434,13 +458,17 @@ impl Fleet {
                             let msg = format!("{:#}", anyhow::Error::new(err));
                             let wait = backoff(attempt);
                             attempt = attempt.saturating_add(1);
-                            tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, "fleet session ended");
+                            // The next try goes to the seed's next gateway (docs/0006-tunnel.md).
+                            gateway = gateway.wrapping_add(1);
+                            tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, gateways = endpoints.len(), "fleet session ended");
                             self.publish(|s| {
                                 s.state = "disconnected".into();
                                 s.last_error = Some(msg);
                             });
-                            if Self::sleep_or_cancel(&ctx, wait).await {
-                                return Ok(());
+                            match netwatch::wait_retry(&ctx.cancel, wait, &mut net).await {
+                                netwatch::Retry::Cancelled => return Ok(()),
+                                netwatch::Retry::NetworkChanged => attempt = 0,
+                                netwatch::Retry::Waited => {}
                             }
                         }
                     }
@@ -480,6 +508,7 @@ impl Fleet {
                 targets,
                 stop.clone(),
                 self.agent.link_stats.clone(),
+                self.netwatch.subscribe(),
             ));
             (stop, task)
         });

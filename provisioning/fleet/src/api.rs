@@ -96,6 +96,9 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/nodes/{id}/commands", get(list_commands).post(command))
         .route("/v1/nodes/{id}/revoke", post(revoke_node))
         .route("/v1/events", get(events))
+        .route("/v1/nodes/{id}/expose", post(crate::expose::create))
+        .route("/v1/exposures", get(crate::expose::list))
+        .route("/v1/exposures/{port}/remove", post(crate::expose::remove))
         .route("/metrics", get(crate::metrics::fleet_metrics))
         .route("/v1/sd", get(crate::metrics::sd))
         .route("/v1/nodes/{id}/metrics", get(crate::metrics::node_metrics));
@@ -305,6 +308,7 @@ async fn create_token(
             ca_sha256: fleet.ca.pin(),
             token: secret.clone(),
             https_proxy: None,
+            fallback_urls: Vec::new(),
         },
         network: None,
     };

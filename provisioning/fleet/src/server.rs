@@ -59,6 +59,8 @@ pub struct Fleet {
     pub live: Mutex<HashMap<String, Live>>,
     /// Node tunnels ([`crate::tunnel`]).
     pub gateway: crate::tunnel::Gateway,
+    /// Customer ingress listeners ([`crate::expose`]).
+    pub exposer: crate::expose::Exposer,
     /// Enrollments, committed in groups ([`crate::enroll`]).
     pub enroller: crate::enroll::EnrollQueue,
     /// Session events (`online`, `offline`) waiting for the sweep's next write.
@@ -131,6 +133,7 @@ impl Fleet {
             registry,
             live: Mutex::new(HashMap::new()),
             gateway: crate::tunnel::Gateway::default(),
+            exposer: crate::expose::Exposer::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
             clock: std::sync::RwLock::new(Arc::new(crate::rollout::SystemClock)),
         }))
@@ -286,6 +289,7 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
         cancel.clone(),
     ));
     let sweep = tokio::spawn(sweep_loop(fleet.clone(), cancel.clone()));
+    crate::expose::restore(&fleet, &cancel).await;
     tracing::info!(%addr, name = %fleet.config.name, registry = fleet.registry.kind(), "fleet listening");
     Ok(RunningFleet { addr, fleet, cancel, tasks: vec![accept, sweep] })
 }

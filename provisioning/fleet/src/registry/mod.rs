@@ -7,6 +7,7 @@
 //! token with a conditional `UPDATE … WHERE uses < max_uses`, so two enrollments racing on a
 //! single-use token cannot both win on either backend. Design: `docs/0005-fleet.md`.
 
+pub mod expose;
 pub mod postgres;
 pub mod rollouts;
 pub mod sqlite;
@@ -184,6 +185,10 @@ pub const MIGRATIONS: &[&str] = &[
     "CREATE TABLE rollouts (id {serial}, channel TEXT NOT NULL, version TEXT NOT NULL,
         state TEXT NOT NULL, generation BIGINT NOT NULL, body TEXT NOT NULL,
         created_ms BIGINT NOT NULL)",
+    // Gateway ports forwarding to a port on a node (`hearthctl expose`, registry/expose.rs).
+    "CREATE TABLE exposures (gateway_port BIGINT PRIMARY KEY, node_id TEXT NOT NULL,
+        node_port BIGINT NOT NULL, created_by TEXT NOT NULL, created_ms BIGINT NOT NULL,
+        UNIQUE (node_id, node_port))",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
@@ -196,6 +201,7 @@ pub const TABLES: &[&str] = &[
     "outbox",
     "node_summaries",
     "rollouts",
+    "exposures",
 ];
 
 /// A token to store.
