@@ -23,6 +23,9 @@ pub enum UpdateCmd {
         json: bool,
     },
     /// Verify the signed metadata, download the release and write it to the inactive slot.
+    // `--version V` is the release to install: not the version flag the top-level command
+    // propagates (clap's debug build asserts on the clash).
+    #[command(disable_version_flag = true)]
     Apply {
         /// Install this version (default: the channel's newest).
         #[arg(long)]
