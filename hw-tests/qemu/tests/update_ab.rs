@@ -20,7 +20,8 @@
 //!   no `.partial` file.
 //!
 //! Prints the time of each step. `#[ignore]`d: needs `image/build --profile ci --update-root
-//! target/update-keys/root.json` (see `hw-tests/qemu/README.md`); `.ci/run` runs it.
+//! target/update-keys/root.json` (see `hw-tests/qemu/README.md`); run by hand until it has passed
+//! here (then in `.ci/run`'s QEMU step).
 
 #![allow(clippy::print_stdout)] // the steps' times are the output
 
@@ -33,7 +34,7 @@ use common::{TestResult, file_digest, slot_digest};
 use hearth_qemu::field;
 
 #[test]
-#[ignore = "needs the ci image built with --update-root (image/build); run by .ci/run"]
+#[ignore = "needs the ci image built with --update-root (image/build); run by hand (hw-tests/qemu/README.md)"]
 fn good_updates_a_to_b_to_a_prime() {
     if let Err(e) = run() {
         panic!("{e}");

@@ -20,7 +20,7 @@
 //! copied (`Rig::save_snapshot`); each case boots from a copy of it. A single case (CI) runs on
 //! the first boot.
 //!
-//! Environment: `HEARTH_UPDATE_BAD` (`no-boot` by default, what `.ci/run` runs; `all` or a
+//! Environment: `HEARTH_UPDATE_BAD` (`no-boot` by default, the CI mode; `all` or a
 //! comma-separated list), `HEARTH_UPDATE_TRIES` (default 1 in CI mode; the full run uses 3),
 //! plus the rig's (`HEARTH_IMAGE`, `HEARTH_UPDATE_KEYS`, `HEARTH_BOOT_TIMEOUT`).
 
@@ -41,7 +41,7 @@ const KINDS: &[(&str, &str)] = &[
 ];
 
 #[test]
-#[ignore = "needs the ci image built with --update-root (image/build); run by .ci/run"]
+#[ignore = "needs the ci image built with --update-root (image/build); run by hand (hw-tests/qemu/README.md)"]
 fn bad_updates_fall_back_and_the_fleet_sees_the_rollback() {
     if let Err(e) = run() {
         panic!("{e}");
