@@ -37,7 +37,7 @@ use fetch::{FetchError, Fetcher, UpdateTransport};
 use platform::{BootControl, EMPTY_LABEL, Esp, PlatformError, Slot, SlotDisk};
 use state::{HealthSnapshot, Phase, UpdateState};
 
-/// Boot tries the new entry gets (`+3`).
+/// Boot tries the new entry gets by default (`+3`; `update apply --tries N`).
 pub const BOOT_TRIES: u32 = 3;
 
 /// Why an update step failed or was refused. A refusal changes nothing on the disk.
@@ -180,6 +180,7 @@ pub struct Updater {
     platform: Platform,
     store: Store,
     download_dir: PathBuf,
+    boot_tries: u32,
 }
 
 /// What `update apply` asks for.
@@ -209,7 +210,14 @@ impl Updater {
             platform,
             store: Store::new(state_dir.join("update.json")),
             download_dir: state_dir.join("update/download"),
+            boot_tries: BOOT_TRIES,
         }
+    }
+
+    /// Boot tries the new entry gets (`hearth_<V>+N.efi`), 1..=9; default [`BOOT_TRIES`].
+    pub fn with_boot_tries(mut self, tries: u32) -> Self {
+        self.boot_tries = tries.clamp(1, 9);
+        self
     }
 
     /// The persisted state (default when none).
@@ -464,7 +472,9 @@ impl Updater {
         )?;
         // 3. The counted boot entry, last: until it exists the old slot is the only choice.
         let uki = self.download_dir.join(&rel.parts[&Part::Uki].name);
-        self.platform.esp.install(&format!("hearth_{}+{BOOT_TRIES}.efi", rel.version), &uki)?;
+        self.platform
+            .esp
+            .install(&format!("hearth_{}+{}.efi", rel.version, self.boot_tries), &uki)?;
         state.installed()?;
         self.save(generation, state)?;
         for part in Part::ALL {
