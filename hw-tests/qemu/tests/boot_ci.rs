@@ -214,6 +214,12 @@ fn boot() -> TestResult {
     assert!(console.iter().any(|l| l.starts_with("==== Hearth node ")), "no console status block");
     assert!(console.iter().any(|l| l.starts_with("fleet:")), "console fleet line");
     assert!(console.contains(&"seed:     credential"), "console seed line");
+    // No unit failed to start (systemd's red `[FAILED] Failed to start …` lines): a restart loop
+    // (systemd-resolved's, before /var/tmp existed on the read-only root) costs seconds of CPU
+    // on every try.
+    let failed: Vec<&str> =
+        console.iter().copied().filter(|l| l.contains("Failed to start")).collect();
+    assert!(failed.is_empty(), "units failed to start during boot: {failed:#?}");
 
     // From the fleet: the node enrolled and heartbeats over its session with its two GPUs.
     let deadline = Instant::now() + Duration::from_secs(180);
