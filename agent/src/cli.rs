@@ -543,3 +543,16 @@ pub fn main() -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks the whole command tree in debug builds only, when a subcommand is parsed: a
+    /// clash (an argument named like the propagated `--version`) panics on the node at run
+    /// time. Check every subcommand here instead.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

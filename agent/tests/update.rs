@@ -250,6 +250,22 @@ async fn good_update_writes_the_inactive_slot_then_blesses_and_raises_the_floor(
 }
 
 #[tokio::test]
+async fn the_new_entry_gets_the_asked_number_of_boot_tries() {
+    let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
+    env.sign("2.0", 30).await;
+    let updater = env.updater().with_boot_tries(1);
+    let st = updater.apply(req(None)).await.expect("apply");
+    assert_eq!(st.phase, Phase::Installed);
+    assert!(env.esp.content("hearth_2.0+1.efi").is_some(), "{:?}", env.esp.log());
+    assert!(env.esp.content("hearth_2.0+3.efi").is_none(), "{:?}", env.esp.log());
+    // Out of range asks are held to systemd-boot's single digit.
+    let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
+    env.sign("2.0", 30).await;
+    env.updater().with_boot_tries(0).apply(req(None)).await.expect("apply");
+    assert!(env.esp.content("hearth_2.0+1.efi").is_some(), "{:?}", env.esp.log());
+}
+
+#[tokio::test]
 async fn failed_boot_check_marks_bad_reboots_and_reports_a_rollback_with_the_reason() {
     let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
     env.sign("2.0", 30).await;

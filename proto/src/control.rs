@@ -260,6 +260,11 @@ pub struct DesiredState {
     pub labels: BTreeMap<String, String>,
     /// OS update channel.
     pub update_channel: String,
+    /// The release the node should install (`hearth-agent update apply --version V --reboot`
+    /// in-process): set by a staged rollout when the node's wave and maintenance window open
+    /// (`docs/0009-updates.md`). Appended at the end (postcard is positional).
+    #[serde(default)]
+    pub update_version: Option<String>,
 }
 
 /// A one-shot command.
@@ -376,6 +381,7 @@ mod tests {
             power_budget_w: Some(4000),
             labels: [("rack".to_string(), "r12".to_string())].into(),
             update_channel: "stable".into(),
+            update_version: Some("2.1".into()),
         });
         assert_eq!(ControlMessage::decode(&d.encode()?)?, d);
         Ok(())

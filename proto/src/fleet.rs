@@ -200,3 +200,29 @@ pub struct FleetError {
     /// What went wrong, naming the cause.
     pub error: String,
 }
+
+/// `POST /v1/nodes/{id}/expose`: forward a gateway port to this port on the node (customer
+/// ingress; the node's `tunnel.expose_ports` must list it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeRequest {
+    /// The port on the node (its loopback).
+    pub port: u16,
+}
+
+/// An exposure: a gateway listener forwarding each connection to a port on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposeView {
+    /// The port the gateway listens on (from the fleet's `expose_ports` range).
+    pub gateway_port: u16,
+    /// Where customers connect: the fleet's `expose_bind` address and `gateway_port`.
+    pub address: String,
+    /// The node.
+    pub node_id: String,
+    /// The port on the node.
+    pub node_port: u16,
+    /// The operator who created it.
+    pub created_by: String,
+    /// When, ms since the Unix epoch.
+    pub created_ms: u64,
+}

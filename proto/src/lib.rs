@@ -10,6 +10,7 @@
 //!   scheduling; see `docs/0006-tunnel.md`); [`shell`]: keystrokes and window sizes on a shell
 //!   stream.
 //! - [`fleet`]: the JSON bodies of the fleet's HTTPS API (enrollment, `hearthctl`).
+//! - [`rollout`]: staged rollouts of OS releases (`docs/0009-updates.md`).
 //! - [`exposition`]: metric expositions (OpenMetrics and the Prometheus text format) shared by
 //!   the node's and the fleet's `/metrics` (`docs/0007-telemetry.md`).
 //!
@@ -23,6 +24,7 @@ pub mod fleet;
 pub mod frame;
 pub mod gpu;
 pub mod mux;
+pub mod rollout;
 pub mod shell;
 
 /// Version of the local API and of the data types in this crate. Bumped on any incompatible change.

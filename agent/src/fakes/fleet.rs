@@ -1,4 +1,5 @@
-//! Fakes of the fleet subsystem's touchpoints: a seed source and a rebooter.
+//! Fakes of the fleet subsystem's touchpoints: a seed source, a rebooter and a network change
+//! watch.
 
 use std::sync::Mutex;
 use std::sync::PoisonError;
@@ -44,5 +45,28 @@ impl Rebooter for Rebooted {
     fn reboot(&self) -> Result<(), RebootError> {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
         Ok(())
+    }
+}
+
+/// A network change watch driven by the test: [`Netlink::change`] announces a change.
+#[derive(Debug)]
+pub struct Netlink(tokio::sync::watch::Sender<u64>);
+
+impl Default for Netlink {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(0).0)
+    }
+}
+
+impl Netlink {
+    /// Announce a network change.
+    pub fn change(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl crate::fleet::netwatch::NetWatch for Netlink {
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
     }
 }

@@ -6,11 +6,15 @@
 //! holds one outbound mTLS session (ALPN `hearth/1`, the CA pinned by SHA-256, the fleet name from
 //! the seed): a heartbeat every 10 s, desired state published on the agent's `desired` watch
 //! channel, commands acked (reboot through [`reboot::Rebooter`]; drain and diagnostics are acked
-//! "not supported yet"). It renews the certificate at half-life; revoked, it stops and says so.
-//! READY never waits for it. Design: `docs/0005-fleet.md`.
+//! "not supported yet"); a desired state naming `update_version` (a staged rollout) starts the
+//! update client in-process (`docs/0009-updates.md`). It renews the certificate at half-life;
+//! revoked, it stops and says so. READY never waits for it. The seed may name several gateways:
+//! after a failure the next one is tried, and a network change ([`netwatch`]) cuts the retry wait
+//! short (`docs/0006-tunnel.md`). Design: `docs/0005-fleet.md`.
 
 pub mod commands;
 pub mod hardware;
+pub mod netwatch;
 pub mod reboot;
 pub mod seed;
 pub mod state;
@@ -18,6 +22,8 @@ pub mod tunnel;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use hearth_fleet_client::https::Endpoint;
 use hearth_fleet_client::seed::Seed;
@@ -42,6 +48,9 @@ pub const BACKOFF_CAP_MS: u64 = 300_000;
 /// How long enrollment waits for the GPU layer's first inventory.
 pub const INVENTORY_WAIT: Duration = Duration::from_secs(30);
 
+/// How often the session looks for update progress to report (one small file read).
+pub const UPDATE_REPORT_POLL: Duration = Duration::from_secs(1);
+
 /// How often to look for a seed when there is none.
 pub const SEED_POLL: Duration = Duration::from_secs(30);
 
@@ -52,6 +61,8 @@ pub struct Fleet {
     sources: Vec<Box<dyn seed::SeedSource>>,
     dmi: Box<dyn hardware::Dmi>,
     rebooter: Arc<dyn reboot::Rebooter>,
+    /// Network changes cut a reconnect wait short ([`netwatch`]).
+    netwatch: Arc<dyn netwatch::NetWatch>,
     /// What has been reported to the fleet: the last verdict-change `seq` and the last reboot
     /// request (advanced only after the fleet's connection took the message).
     reported: std::sync::Mutex<(u64, Option<String>)>,
@@ -59,6 +70,10 @@ pub struct Fleet {
     commands: std::sync::Mutex<(u64, commands::CommandLog)>,
     /// The update phase and progress last reported (`crate::update::report`).
     update_reported: std::sync::Mutex<Option<crate::update::report::Marker>>,
+    /// The updater that installs the release a rollout names in the desired state (None when
+    /// `[update]` is off), and whether an install it started is running.
+    updater: Option<Arc<crate::update::Updater>>,
+    updating: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fleet {
@@ -75,7 +90,30 @@ impl Fleet {
                     (Box::new(hardware::SysfsDmi::default()), Arc::new(reboot::SystemctlReboot))
                 }
             };
-        Self::with(agent, sources, dmi, rebooter)
+        let updater = match crate::update::system::updater(cfg) {
+            Ok(u) => Some(Arc::new(u)),
+            Err(e) => {
+                tracing::info!(reason = %format!("{:#}", anyhow::Error::new(e)), "fleet-driven updates off");
+                None
+            }
+        };
+        let mut fleet = Self::with(agent, sources, dmi, rebooter)
+            .with_netwatch(Arc::new(netwatch::Netlink::default()));
+        fleet.updater = updater;
+        fleet
+    }
+
+    /// Install releases named by the fleet's desired state with `updater` (tests give one on
+    /// fake disks, ESP and boot loader).
+    pub fn with_updater(mut self, updater: Arc<crate::update::Updater>) -> Self {
+        self.updater = Some(updater);
+        self
+    }
+
+    /// With a network change watch (the default of [`Fleet::with`] never reports a change).
+    pub fn with_netwatch(mut self, netwatch: Arc<dyn netwatch::NetWatch>) -> Self {
+        self.netwatch = netwatch;
+        self
     }
 
     /// With given touchpoints (tests use fakes).
@@ -90,10 +128,44 @@ impl Fleet {
             sources,
             dmi,
             rebooter,
+            netwatch: Arc::new(netwatch::Never::default()),
             reported: std::sync::Mutex::new((0, None)),
             commands: std::sync::Mutex::new((0, commands::CommandLog::default())),
             update_reported: std::sync::Mutex::new(None),
+            updater: None,
+            updating: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
+    }
+
+    /// Start installing `version` (named by the desired state) in the background, unless an
+    /// install is running or the node already tried it ([`crate::update::fleet_wants`]). The
+    /// outcome is persisted in the update state and reported like any update.
+    fn start_update(&self, version: &str) {
+        let Some(updater) = self.updater.clone() else {
+            tracing::warn!(
+                version,
+                "the fleet asks for an update but updates are off here ([update] metadata_url)"
+            );
+            return;
+        };
+        if self.updating.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let flag = self.updating.clone();
+        let health = crate::update::system::snapshot(&self.agent.status());
+        let version = version.to_string();
+        tokio::spawn(async move {
+            match updater.apply_for_fleet(&version, health).await {
+                Ok(Some(state)) => {
+                    tracing::info!(%version, phase = state.phase.as_str(), "fleet-requested update")
+                }
+                Ok(None) => tracing::debug!(%version, "fleet-requested update already handled"),
+                Err(e) => {
+                    tracing::warn!(%version, error = %format!("{:#}", anyhow::Error::new(e)), "fleet-requested update failed")
+                }
+            }
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     /// The update report due, if the update moved since the last one.
@@ -248,6 +320,9 @@ impl Fleet {
         let store = Store::new(self.agent.config.state.dir.join("fleet.json"));
         persist::ensure_dir(&self.agent.config.state.dir)?;
         let mut attempt = 0u32;
+        // Which of the seed's gateways is in use: the next one after a failure.
+        let mut gateway = 0usize;
+        let mut net = self.netwatch.subscribe();
         let backoff = |attempt: u32| {
             Duration::from_millis(state::backoff_ms(
                 attempt,
@@ -286,9 +361,12 @@ impl Fleet {
                     continue;
                 }
             };
-            let ep = seed.endpoint()?;
+            let endpoints = seed.endpoints()?;
+            let pick = gateway % endpoints.len();
+            let ep = endpoints.get(pick).cloned().context("the seed names no gateway")?;
+            let url = std::iter::once(&seed.fleet.url).chain(&seed.fleet.fallback_urls).nth(pick);
             let pin = seed.fleet.ca_sha256.clone();
-            self.publish(|s| s.fleet_url = Some(seed.fleet.url.clone()));
+            self.publish(|s| s.fleet_url = url.cloned());
             let key = self.key_pem()?;
             match membership {
                 Membership::Revoked { node_id, reason } => {
@@ -322,10 +400,13 @@ impl Fleet {
                             let msg = format!("{:#}", anyhow::Error::new(e));
                             let wait = backoff(attempt);
                             attempt = attempt.saturating_add(1);
+                            gateway = gateway.wrapping_add(1);
                             tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, "enrollment failed");
                             self.publish(|s| s.last_error = Some(format!("enrollment: {msg}")));
-                            if Self::sleep_or_cancel(&ctx, wait).await {
-                                return Ok(());
+                            match netwatch::wait_retry(&ctx.cancel, wait, &mut net).await {
+                                netwatch::Retry::Cancelled => return Ok(()),
+                                netwatch::Retry::NetworkChanged => attempt = 0,
+                                netwatch::Retry::Waited => {}
                             }
                         }
                     }
@@ -377,13 +458,17 @@ impl Fleet {
                             let msg = format!("{:#}", anyhow::Error::new(err));
                             let wait = backoff(attempt);
                             attempt = attempt.saturating_add(1);
-                            tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, "fleet session ended");
+                            // The next try goes to the seed's next gateway (docs/0006-tunnel.md).
+                            gateway = gateway.wrapping_add(1);
+                            tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, gateways = endpoints.len(), "fleet session ended");
                             self.publish(|s| {
                                 s.state = "disconnected".into();
                                 s.last_error = Some(msg);
                             });
-                            if Self::sleep_or_cancel(&ctx, wait).await {
-                                return Ok(());
+                            match netwatch::wait_retry(&ctx.cancel, wait, &mut net).await {
+                                netwatch::Retry::Cancelled => return Ok(()),
+                                netwatch::Retry::NetworkChanged => attempt = 0,
+                                netwatch::Retry::Waited => {}
                             }
                         }
                     }
@@ -423,6 +508,7 @@ impl Fleet {
                 targets,
                 stop.clone(),
                 self.agent.link_stats.clone(),
+                self.netwatch.subscribe(),
             ));
             (stop, task)
         });
@@ -446,6 +532,8 @@ impl Fleet {
         });
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_s.max(1)));
         let mut tick = tokio::time::interval(interval);
+        // Update progress goes out within a second of a phase change (a rollout waits on it).
+        let mut update_tick = tokio::time::interval(UPDATE_REPORT_POLL);
         let silence = interval * hearth_proto::control::MISSED_HEARTBEATS_OFFLINE + interval / 2;
         let mut heard = tokio::time::Instant::now();
         let mut seq = 0u64;
@@ -472,8 +560,10 @@ impl Fleet {
                     if let Err(e) = self.send(&mut writer, &self.heartbeat(seq, gen_)).await {
                         break Err(e);
                     }
+                }
+                _ = update_tick.tick() => {
                     if let Some((report, marker)) = self.update_due() {
-                        if let Err(e) = hearth_fleet_client::session::write_message(&mut writer, &ControlMessage::Update(report)).await {
+                        if let Err(e) = self.send(&mut writer, &ControlMessage::Update(report)).await {
                             break Err(e);
                         }
                         *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(marker);
@@ -600,6 +690,9 @@ impl Fleet {
                     self.apply_desired(prev.as_ref(), &d);
                     tracing::info!(generation = d.generation, drain = d.drain, power_budget_w = ?d.power_budget_w, "desired state");
                     self.publish(|s| s.desired_generation = Some(d.generation));
+                    if let Some(v) = &d.update_version {
+                        self.start_update(v);
+                    }
                     self.agent.desired().send_replace(Some(d));
                 }
                 None

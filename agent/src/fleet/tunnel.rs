@@ -36,7 +36,8 @@ pub struct Targets {
     pub policy: Policy,
 }
 
-/// Keep a tunnel to the fleet until `cancel`: connect, serve, and on loss retry with backoff.
+/// Keep a tunnel to the fleet until `cancel`: connect, serve, and on loss retry with backoff, at
+/// once when `net` reports a network change.
 pub async fn run(
     ep: Endpoint,
     pin: String,
@@ -44,6 +45,7 @@ pub async fn run(
     targets: Arc<Targets>,
     cancel: CancellationToken,
     stats: Arc<LinkStats>,
+    mut net: tokio::sync::watch::Receiver<u64>,
 ) {
     let mut backoff = Backoff::default();
     loop {
@@ -83,9 +85,10 @@ pub async fn run(
         }
         let wait = backoff.next_delay(os_random());
         tracing::info!(retry_in_ms = wait.as_millis() as u64, "tunnel reconnect scheduled");
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+        match super::netwatch::wait_retry(&cancel, wait, &mut net).await {
+            super::netwatch::Retry::Cancelled => return,
+            super::netwatch::Retry::NetworkChanged => backoff.network_changed(),
+            super::netwatch::Retry::Waited => {}
         }
     }
 }

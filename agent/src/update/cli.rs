@@ -23,6 +23,9 @@ pub enum UpdateCmd {
         json: bool,
     },
     /// Verify the signed metadata, download the release and write it to the inactive slot.
+    // `--version V` is the release to install: not the version flag the top-level command
+    // propagates (clap's debug build asserts on the clash).
+    #[command(disable_version_flag = true)]
     Apply {
         /// Install this version (default: the channel's newest).
         #[arg(long)]
@@ -30,6 +33,9 @@ pub enum UpdateCmd {
         /// Reboot into the new slot when it is installed.
         #[arg(long)]
         reboot: bool,
+        /// Boot tries of the new entry before systemd-boot falls back to the old slot (1..=9).
+        #[arg(long, default_value_t = super::BOOT_TRIES, value_parser = clap::value_parser!(u32).range(1..=9))]
+        tries: u32,
     },
     /// The boot check (`hearth-boot-check.service`): on a trial boot, wait up to
     /// `update.check_timeout_s` for the agent, the fleet session and GPU health; on failure mark
@@ -74,6 +80,15 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
     };
     match cmd {
         UpdateCmd::Status { json } => {
+            // With updates on, reconcile with this boot first: a blessed entry raises the
+            // anti-rollback version, a fallback is recorded as a rollback. Nothing else did it
+            // between the boot check and the next apply (hearth-update-reconcile.service runs
+            // this after systemd-bless-boot). A failure leaves the state as it was and is shown.
+            if config.update.urls().is_some()
+                && let Err(e) = system::updater(&config).and_then(|u| u.boot_reconcile())
+            {
+                tracing::warn!(error = %e, "update status: not reconciled with this boot");
+            }
             let store = crate::persist::Store::new(config.state.dir.join("update.json"));
             let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
             if json {
@@ -83,8 +98,8 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
             }
             Ok(0)
         }
-        UpdateCmd::Apply { version, reboot } => {
-            let updater = system::updater(&config)?;
+        UpdateCmd::Apply { version, reboot, tries } => {
+            let updater = system::updater(&config)?.with_boot_tries(tries);
             let health = match crate::api::client::Client::new(&socket)
                 .get::<hearth_proto::api::NodeStatus>("/v1/status")
                 .await

@@ -37,7 +37,7 @@ use fetch::{FetchError, Fetcher, UpdateTransport};
 use platform::{BootControl, EMPTY_LABEL, Esp, PlatformError, Slot, SlotDisk};
 use state::{HealthSnapshot, Phase, UpdateState};
 
-/// Boot tries the new entry gets (`+3`).
+/// Boot tries the new entry gets by default (`+3`; `update apply --tries N`).
 pub const BOOT_TRIES: u32 = 3;
 
 /// Why an update step failed or was refused. A refusal changes nothing on the disk.
@@ -180,6 +180,7 @@ pub struct Updater {
     platform: Platform,
     store: Store,
     download_dir: PathBuf,
+    boot_tries: u32,
 }
 
 /// What `update apply` asks for.
@@ -209,7 +210,14 @@ impl Updater {
             platform,
             store: Store::new(state_dir.join("update.json")),
             download_dir: state_dir.join("update/download"),
+            boot_tries: BOOT_TRIES,
         }
+    }
+
+    /// Boot tries the new entry gets (`hearth_<V>+N.efi`), 1..=9; default [`BOOT_TRIES`].
+    pub fn with_boot_tries(mut self, tries: u32) -> Self {
+        self.boot_tries = tries.clamp(1, 9);
+        self
     }
 
     /// The persisted state (default when none).
@@ -464,7 +472,9 @@ impl Updater {
         )?;
         // 3. The counted boot entry, last: until it exists the old slot is the only choice.
         let uki = self.download_dir.join(&rel.parts[&Part::Uki].name);
-        self.platform.esp.install(&format!("hearth_{}+{BOOT_TRIES}.efi", rel.version), &uki)?;
+        self.platform
+            .esp
+            .install(&format!("hearth_{}+{}.efi", rel.version, self.boot_tries), &uki)?;
         state.installed()?;
         self.save(generation, state)?;
         for part in Part::ALL {
@@ -525,6 +535,27 @@ impl Updater {
         Ok(Some(verdict))
     }
 
+    /// Install `want` because the fleet's desired state names it (a staged rollout opened this
+    /// node's wave, `docs/0009-updates.md`): the same path as `update apply --version V
+    /// --reboot`, run only when [`fleet_wants`] says the request is new. Ok(None): nothing to do.
+    pub async fn apply_for_fleet(
+        &self,
+        want: &str,
+        health: HealthSnapshot,
+    ) -> Result<Option<UpdateState>, UpdateError> {
+        let version: ReleaseVersion = want.parse().map_err(|e: release::ReleaseError| {
+            UpdateError::Release { reason: format!("the fleet asks for {want:?}: {e}") }
+        })?;
+        let state = self.boot_reconcile()?;
+        let booted = self.booted()?;
+        if !fleet_wants(&state, booted.version.as_ref(), &version) {
+            return Ok(None);
+        }
+        tracing::info!(version = %version, "installing the release the fleet asks for");
+        let req = ApplyRequest { version: Some(version), reboot: true, health };
+        self.apply(req).await.map(Some)
+    }
+
     /// Record that the fleet was told about the last rollback.
     pub fn rollback_reported(&self) -> Result<(), UpdateError> {
         let (mut generation, mut state) = self.load()?;
@@ -533,6 +564,25 @@ impl Updater {
             self.save(&mut generation, &state)?;
         }
         Ok(())
+    }
+}
+
+/// Whether the fleet's request to install `want` should start an apply now. Not when the node
+/// already runs it, nor when this node already tried it (installed, on trial, blessed, rolled
+/// back or failed: the fleet counted the outcome, and the desired state is sent again at every
+/// session, so retrying here would loop); an interrupted download or write of it resumes.
+pub fn fleet_wants(
+    state: &UpdateState,
+    booted: Option<&ReleaseVersion>,
+    want: &ReleaseVersion,
+) -> bool {
+    if booted == Some(want) {
+        return false;
+    }
+    let resumable = matches!(state.phase, Phase::Idle | Phase::Downloading | Phase::Writing);
+    match &state.target {
+        Some(t) if &t.version == want => resumable,
+        _ => resumable || !state.phase.busy(),
     }
 }
 
@@ -567,6 +617,39 @@ pub fn judge(before: &HealthSnapshot, now: &Observed) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fleet_request_runs_once_per_version() {
+        let v = |s: &str| s.parse::<ReleaseVersion>().expect("version");
+        let info = |s: &str| ReleaseInfo {
+            version: v(s),
+            channel: "stable".into(),
+            parts: Default::default(),
+            roothash: None,
+        };
+        let idle = UpdateState::default();
+        assert!(fleet_wants(&idle, Some(&v("1.0")), &v("2.0")));
+        assert!(!fleet_wants(&idle, Some(&v("2.0")), &v("2.0")), "already running it");
+        let mut s = UpdateState { target: Some(info("2.0")), ..Default::default() };
+        for (phase, want) in [
+            (Phase::Downloading, true),
+            (Phase::Writing, true),
+            (Phase::Installed, false),
+            (Phase::Rebooting, false),
+            (Phase::Trial, false),
+            (Phase::RolledBack, false),
+            (Phase::Failed, false),
+            (Phase::Blessed, false),
+        ] {
+            s.phase = phase;
+            assert_eq!(fleet_wants(&s, Some(&v("1.0")), &v("2.0")), want, "{phase:?}");
+        }
+        // A newer release after a rolled-back one is a new request.
+        s.phase = Phase::RolledBack;
+        assert!(fleet_wants(&s, Some(&v("1.0")), &v("2.1")));
+        s.phase = Phase::Trial;
+        assert!(!fleet_wants(&s, Some(&v("1.0")), &v("2.1")), "not while another is on trial");
+    }
 
     #[test]
     fn judge_names_what_is_worse() {

@@ -391,6 +391,9 @@ impl Esp for DirEsp {
     }
 }
 
+/// systemd's boot-assessment helper (Debian and every distribution with systemd >= 240).
+pub const BLESS_BOOT: &str = "/usr/lib/systemd/systemd-bless-boot";
+
 /// The systemd-boot loader interface: `/proc/cmdline`, the `LoaderEntrySelected` EFI variable,
 /// `systemd-bless-boot bad`.
 #[derive(Debug, Clone)]
@@ -411,6 +414,11 @@ impl SystemdBoot {
             efivars: PathBuf::from("/sys/firmware/efi/efivars"),
             runner,
         }
+    }
+
+    /// Other paths for `/proc/cmdline` and the efivars directory (tests).
+    pub fn at(cmdline: PathBuf, efivars: PathBuf, runner: Arc<dyn CommandRunner>) -> Self {
+        Self { cmdline, efivars, runner }
     }
 }
 
@@ -440,16 +448,36 @@ impl BootControl for SystemdBoot {
     }
 
     fn booted_entry(&self) -> Result<Option<String>, PlatformError> {
-        let p = self.efivars.join(format!("LoaderEntrySelected-{LOADER_GUID}"));
-        match std::fs::read(&p) {
-            Ok(raw) => Ok(decode_efi_string(&raw)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(PlatformError::Io { op: "read", path: p, source: e }),
+        let read = |name: &str| {
+            let p = self.efivars.join(format!("{name}-{LOADER_GUID}"));
+            match std::fs::read(&p) {
+                Ok(raw) => Ok(decode_efi_string(&raw)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(PlatformError::Io { op: "read", path: p, source: e }),
+            }
+        };
+        // A counted boot: systemd-boot names the entry file it counted in LoaderBootCountPath
+        // (LoaderEntrySelected is the entry's id, which carries no counter). The variable keeps
+        // the boot-time name after systemd-bless-boot renamed the file, so whether this boot was
+        // blessed since is what `systemd-bless-boot status` says (`good`).
+        let Some(counted) = read("LoaderBootCountPath")? else {
+            return read("LoaderEntrySelected");
+        };
+        let name = counted.rsplit(['\\', '/']).next().unwrap_or(&counted).to_string();
+        let argv = vec![BLESS_BOOT.to_string(), "status".to_string()];
+        let out = self.runner.run(&argv, Duration::from_secs(30)).map_err(|e| {
+            PlatformError::Command { program: "systemd-bless-boot".into(), detail: e.to_string() }
+        })?;
+        if out.success() && out.stdout.trim() == "good" {
+            Ok(Some(strip_counter(&name)))
+        } else {
+            Ok(Some(name))
         }
     }
 
     fn mark_bad(&self) -> Result<(), PlatformError> {
-        let argv = vec!["systemd-bless-boot".to_string(), "bad".to_string()];
+        // Not on PATH: systemd installs it with its other helpers.
+        let argv = vec![BLESS_BOOT.to_string(), "bad".to_string()];
         let out = self.runner.run(&argv, Duration::from_secs(30)).map_err(|e| {
             PlatformError::Command { program: "systemd-bless-boot".into(), detail: e.to_string() }
         })?;
@@ -478,6 +506,19 @@ pub fn entry_has_counter(entry: &str) -> bool {
     }
 }
 
+/// The entry's name without its boot counter (`hearth_2.0+2-1.efi` -> `hearth_2.0.efi`).
+pub fn strip_counter(entry: &str) -> String {
+    if !entry_has_counter(entry) {
+        return entry.to_string();
+    }
+    let (stem, ext) = match entry.rsplit_once('.') {
+        Some((s, e)) if e == "efi" || e == "conf" => (s, format!(".{e}")),
+        _ => (entry, String::new()),
+    };
+    let base = stem.rsplit_once('+').map_or(stem, |(b, _)| b);
+    format!("{base}{ext}")
+}
+
 /// The version an ESP entry boots (`hearth_<V>[+N[-M]].efi`).
 pub fn entry_version(entry: &str) -> Option<hearth_fleet_client::release::ReleaseVersion> {
     let stem = entry.strip_suffix(".efi")?;
@@ -489,6 +530,52 @@ pub fn entry_version(entry: &str) -> Option<hearth_fleet_client::release::Releas
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn efi_string(s: &str) -> Vec<u8> {
+        let mut v = vec![6, 0, 0, 0];
+        v.extend(s.encode_utf16().chain([0]).flat_map(u16::to_le_bytes));
+        v
+    }
+
+    #[test]
+    fn a_counted_boot_is_blessed_only_when_bless_boot_says_good() {
+        let dir = std::env::temp_dir().join(format!("hearth-efivars-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let var = |name: &str, value: &str| {
+            std::fs::write(dir.join(format!("{name}-{LOADER_GUID}")), efi_string(value))
+                .expect("var")
+        };
+        let runner = Arc::new(crate::fakes::command::SystemRunner::default());
+        let boot = SystemdBoot::at(dir.join("cmdline"), dir.clone(), runner.clone());
+        // Not counted: the selected entry as it is.
+        var("LoaderEntrySelected", "hearth_1.0.efi");
+        assert_eq!(boot.booted_entry().expect("entry").as_deref(), Some("hearth_1.0.efi"));
+        assert!(runner.calls().is_empty(), "no bless-boot call for an uncounted boot");
+        // Counted (the id carries no counter; the count path does): on trial until `good`.
+        var("LoaderEntrySelected", "hearth_2.0.efi");
+        var("LoaderBootCountPath", "\\EFI\\Linux\\hearth_2.0+2-1.efi");
+        let out = |s: &str| crate::command::CommandOutput {
+            status: Some(0),
+            stdout: format!("{s}\n"),
+            stderr: String::new(),
+        };
+        runner.answer(out("indeterminate"));
+        assert_eq!(boot.booted_entry().expect("entry").as_deref(), Some("hearth_2.0+2-1.efi"));
+        runner.answer(out("good"));
+        assert_eq!(boot.booted_entry().expect("entry").as_deref(), Some("hearth_2.0.efi"));
+        runner.answer(out("bad"));
+        assert_eq!(boot.booted_entry().expect("entry").as_deref(), Some("hearth_2.0+2-1.efi"));
+        assert_eq!(runner.calls()[0], [BLESS_BOOT, "status"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn counters_are_stripped_from_entry_names() {
+        assert_eq!(strip_counter("hearth_2.0+2-1.efi"), "hearth_2.0.efi");
+        assert_eq!(strip_counter("hearth_2.0+3.efi"), "hearth_2.0.efi");
+        assert_eq!(strip_counter("hearth_2.0.efi"), "hearth_2.0.efi");
+        assert_eq!(strip_counter("hearth-6.12+deb13-cloud.efi"), "hearth-6.12+deb13-cloud.efi");
+    }
 
     #[test]
     fn counters_and_versions_of_entries() {

@@ -1,17 +1,26 @@
-//! The secure tunnel on loopback, side by side in one run: direct TCP; direct TLS 1.3 (rustls, the
-//! fleet's own certificate, no relay: the floor any TLS relay sits on); and the Hearth tunnel
-//! through a real `hearth-fleet` gateway (operator tunnel → gateway relay → node tunnel → the
-//! agent's target code → a loopback TCP sink) with 1, 8 and 64 parallel streams.
+//! The secure tunnel on loopback, side by side in one run, against its peers: direct TCP; direct
+//! TLS 1.3 (rustls, the fleet's own certificate, no relay: the floor any TLS relay sits on); a
+//! same-hop TLS relay built from stunnel4 (a client-mode stunnel turns the visitor's TCP into TLS,
+//! a server-mode stunnel turns it back: plain → TLS → plain, the topology of every relay here);
+//! rathole with its TLS transport; bore (plain TCP); and the Hearth tunnel through a real
+//! `hearth-fleet` gateway with 1, 8 and 64 parallel streams, two ways: customer ingress
+//! (`hearthctl expose`: plain TCP to a gateway port → the node's tunnel → the agent's target code
+//! → the service; the peers' own topology, so the goals are judged on it) and an operator's
+//! tunnel (TLS to the gateway → gateway relay → node tunnel → the service: two TLS legs).
 //!
 //! Figures: bulk throughput; 64-byte round trips p50/p99, idle and while a bulk stream runs on the
-//! same path; memory per idle stream (1,000 streams); CPU-seconds per GB. Everything runs in this
-//! process (both ends), so CPU per GB counts sender, relay and receiver together.
+//! same path; the memory of 1,000 idle streams; CPU-seconds per GB. CPU and memory count this
+//! process (both ends, and for Hearth the gateway too) plus the peer's own processes. One table
+//! with ratios against stunnel and rathole-TLS, then the goals of issue 6.
 //!
-//! Run: `cargo run --release -p hearth-bench --bin tunnel -- --mib 1024` (docs/benchmarks.md).
+//! Run: `bench/tunnel` (builds this in release, installs rathole and bore into a cache outside
+//! the repository when missing, raises the open-files limit; docs/benchmarks.md).
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a benchmark prints its table
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +28,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use hearth_agent::config::TunnelConfig as Policy;
 use hearth_agent::fleet::tunnel::{Targets, serve};
+use hearth_bench::Guarded;
 use hearth_fleet::ca::Role;
 use hearth_fleet::config::FleetConfig;
 use hearth_fleet_client::enroll::enroll;
@@ -26,7 +36,9 @@ use hearth_fleet_client::https::{Endpoint, json};
 use hearth_fleet_client::identity::{csr_pem, generate_key_pem};
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
 use hearth_fleet_client::tunnel::{Tunnel, TunnelConfig, TunnelHandle, connect};
-use hearth_proto::fleet::{EnrollRequest, HardwareIdentity, TokenCreateRequest, TokenCreated};
+use hearth_proto::fleet::{
+    EnrollRequest, ExposeRequest, ExposeView, HardwareIdentity, TokenCreateRequest, TokenCreated,
+};
 use hearth_proto::mux::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,14 +55,28 @@ struct Opts {
     /// Idle streams for the memory figure.
     #[arg(long, default_value_t = 1000)]
     idle_streams: usize,
+    /// Where `rathole` and `bore` are looked for first (`bench/tunnel` installs them there under
+    /// `bin/`); then `PATH`.
+    #[arg(long, default_value = "/var/cache/hearth-bench-tools")]
+    tools: PathBuf,
 }
 
-fn cpu_now() -> Duration {
-    hearth_bench::proc_sample(std::process::id()).map(|s| s.cpu).unwrap_or_default()
+/// CPU time of this process and of `pids` (a peer's processes).
+fn cpu_of(pids: &[u32]) -> Duration {
+    std::iter::once(std::process::id())
+        .chain(pids.iter().copied())
+        .filter_map(|p| hearth_bench::proc_sample(p).ok())
+        .map(|s| s.cpu)
+        .sum()
 }
 
-fn rss_now() -> u64 {
-    hearth_bench::proc_sample(std::process::id()).map(|s| s.rss).unwrap_or_default()
+/// Resident memory of this process and of `pids`.
+fn rss_of(pids: &[u32]) -> u64 {
+    std::iter::once(std::process::id())
+        .chain(pids.iter().copied())
+        .filter_map(|p| hearth_bench::proc_sample(p).ok())
+        .map(|s| s.rss)
+        .sum()
 }
 
 /// A TCP server: `sink` connections read to the end and answer one byte; `echo` connections
@@ -121,16 +147,26 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((at(0.50), at(0.99)))
 }
 
+/// One path's figures; `failed` when it could not be measured.
 #[derive(Debug, Default)]
 struct Row {
+    name: String,
     gbit_s: Option<f64>,
     cpu_s_per_gb: Option<f64>,
     idle: Option<(f64, f64)>,
     loaded: Option<(f64, f64)>,
+    idle_rss: Option<u64>,
+    failed: Option<String>,
 }
 
-/// Throughput over `streams` parallel connections made by `open`.
-async fn bulk<S, F, Fut>(open: F, streams: usize, bytes: u64) -> anyhow::Result<(f64, f64)>
+/// Throughput over `streams` parallel connections made by `open`: (Gbit/s, CPU-s per GB), CPU
+/// counted in this process and `pids`.
+async fn bulk<S, F, Fut>(
+    open: F,
+    streams: usize,
+    bytes: u64,
+    pids: &[u32],
+) -> anyhow::Result<(f64, f64)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn() -> Fut,
@@ -140,14 +176,14 @@ where
     for _ in 0..streams {
         conns.push(open().await?);
     }
-    let (cpu0, t0) = (cpu_now(), Instant::now());
+    let (cpu0, t0) = (cpu_of(pids), Instant::now());
     let each = bytes / streams as u64;
     let tasks: Vec<_> = conns.into_iter().map(|c| tokio::spawn(push(c, each))).collect();
     for t in tasks {
         t.await??;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = (cpu_now() - cpu0).as_secs_f64();
+    let cpu = (cpu_of(pids) - cpu0).as_secs_f64();
     let moved = (each * streams as u64) as f64;
     Ok((moved * 8.0 / secs / 1e9, cpu / (moved / 1e9)))
 }
@@ -180,9 +216,262 @@ where
     Ok((idle, loaded?))
 }
 
+/// Memory growth (this process and `pids`) while `n` echo streams made by `open` are held open,
+/// each after one round trip.
+async fn idle_rss<S, F, Fut>(open: F, n: usize, pids: &[u32]) -> anyhow::Result<u64>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<S>>,
+{
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_of(pids);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = open().await?;
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_of(pids);
+    drop(held);
+    Ok(after.saturating_sub(before))
+}
+
+async fn tcp_connect(port: u16) -> anyhow::Result<TcpStream> {
+    let c = TcpStream::connect(("127.0.0.1", port)).await?;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
+/// A relay the visitor reaches over plain TCP: the ports forwarding to the sink and the echo
+/// server, and the relay's processes (none for direct TCP).
+struct Relay {
+    sink: u16,
+    echo: u16,
+    procs: Vec<Guarded>,
+}
+
+impl Relay {
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|g| g.0.id()).collect()
+    }
+}
+
+/// Bulk, round trips and idle memory through a relay.
+async fn measure_relay(name: &str, relay: &Relay, o: &Opts) -> anyhow::Result<Row> {
+    let pids = relay.pids();
+    let mut r = Row { name: name.into(), ..Row::default() };
+    let (g, c) = bulk(|| tcp_connect(relay.sink), 1, o.mib * 1024 * 1024, &pids).await?;
+    (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
+    let (i, l) =
+        latency(|e| tcp_connect(if e { relay.echo } else { relay.sink }), o.round_trips).await?;
+    (r.idle, r.loaded) = (Some(i), Some(l));
+    r.idle_rss = Some(idle_rss(|| tcp_connect(relay.echo), o.idle_streams, &pids).await?);
+    Ok(r)
+}
+
+/// A free loopback port (bound and released; the peer binds it right after).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Start `bin` with its output in `log`.
+fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Guarded> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    Ok(Guarded(child))
+}
+
+/// `name` in `tools/bin`, else on `PATH`.
+fn find_bin(tools: &Path, names: &[&str]) -> anyhow::Result<PathBuf> {
+    for name in names {
+        let cached = tools.join("bin").join(name);
+        if cached.is_file() {
+            return Ok(cached);
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        for dir in std::env::split_paths(&path) {
+            if dir.join(name).is_file() {
+                return Ok(dir.join(name));
+            }
+        }
+    }
+    anyhow::bail!(
+        "{} not found in {}/bin or on PATH (bench/tunnel installs it)",
+        names.join(" or "),
+        tools.display()
+    )
+}
+
+/// Wait until a relay's ports answer: an echo round trip on `echo`, a connection on `sink`.
+async fn wait_ready(relay: &Relay, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = async {
+            let mut c = tcp_connect(relay.echo).await?;
+            c.write_all(b"?").await?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await?;
+            tcp_connect(relay.sink).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), probe).await {
+            Ok(Ok(())) => return Ok(()),
+            _ if Instant::now() > deadline => anyhow::bail!("{what} did not come up within 20 s"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The server certificate (chain and key, PEM and PKCS#12) and the CA, issued by the fleet's CA,
+/// written for the peers.
+struct Pki {
+    chain: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+/// stunnel4 pair: client mode (TCP in, TLS 1.3 out) → server mode (TLS in, TCP out).
+async fn stunnel(
+    tools: &Path,
+    pki: &Pki,
+    dir: &Path,
+    sink: u16,
+    echo: u16,
+) -> anyhow::Result<Relay> {
+    let bin = find_bin(tools, &["stunnel4", "stunnel"])?;
+    let (ss, se, cs, ce) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let global =
+        "foreground = yes\npid =\ndebug = 4\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
+    let server = format!(
+        "{global}cert = {chain}\nkey = {key}\nsslVersionMin = TLSv1.3\n\
+         [sink]\naccept = 127.0.0.1:{ss}\nconnect = 127.0.0.1:{sink}\n\
+         [echo]\naccept = 127.0.0.1:{se}\nconnect = 127.0.0.1:{echo}\n",
+        chain = pki.chain.display(),
+        key = pki.key.display(),
+    );
+    let client = format!(
+        "{global}client = yes\nsslVersionMin = TLSv1.3\nverifyChain = yes\nCAfile = {ca}\n\
+         checkHost = hearth-fleet\n\
+         [sink]\naccept = 127.0.0.1:{cs}\nconnect = 127.0.0.1:{ss}\n\
+         [echo]\naccept = 127.0.0.1:{ce}\nconnect = 127.0.0.1:{se}\n",
+        ca = pki.ca.display(),
+    );
+    let (sconf, cconf) = (dir.join("stunnel-server.conf"), dir.join("stunnel-client.conf"));
+    std::fs::write(&sconf, server)?;
+    std::fs::write(&cconf, client)?;
+    let procs = vec![
+        spawn(&bin, &[sconf.display().to_string()], &dir.join("stunnel-server.log"))?,
+        spawn(&bin, &[cconf.display().to_string()], &dir.join("stunnel-client.log"))?,
+    ];
+    let relay = Relay { sink: cs, echo: ce, procs };
+    wait_ready(&relay, "stunnel").await?;
+    Ok(relay)
+}
+
+/// rathole with its TLS transport (native-tls, OpenSSL): a server holding the visitor ports and
+/// a client next to the services, one TLS data channel per visitor.
+async fn rathole(
+    tools: &Path,
+    pki: &Pki,
+    dir: &Path,
+    sink: u16,
+    echo: u16,
+) -> anyhow::Result<Relay> {
+    let bin = find_bin(tools, &["rathole"])?;
+    let pfx = dir.join("rathole.pfx");
+    let status = Command::new("openssl")
+        .args(["pkcs12", "-export", "-passout", "pass:hearth", "-out"])
+        .arg(&pfx)
+        .arg("-inkey")
+        .arg(&pki.key)
+        .arg("-in")
+        .arg(&pki.chain)
+        .status()
+        .context("cannot run openssl (for rathole's PKCS#12 identity)")?;
+    anyhow::ensure!(status.success(), "openssl pkcs12 failed: {status}");
+    let (ctl, ps, pe) = (free_port()?, free_port()?, free_port()?);
+    let server = format!(
+        "[server]\nbind_addr = \"127.0.0.1:{ctl}\"\n\
+         [server.transport]\ntype = \"tls\"\n\
+         [server.transport.tls]\npkcs12 = \"{pfx}\"\npkcs12_password = \"hearth\"\n\
+         [server.services.sink]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{ps}\"\n\
+         [server.services.echo]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{pe}\"\n",
+        pfx = pfx.display(),
+    );
+    let client = format!(
+        "[client]\nremote_addr = \"127.0.0.1:{ctl}\"\n\
+         [client.transport]\ntype = \"tls\"\n\
+         [client.transport.tls]\ntrusted_root = \"{ca}\"\nhostname = \"hearth-fleet\"\n\
+         [client.services.sink]\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{sink}\"\n\
+         [client.services.echo]\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{echo}\"\n",
+        ca = pki.ca.display(),
+    );
+    let (sconf, cconf) = (dir.join("rathole-server.toml"), dir.join("rathole-client.toml"));
+    std::fs::write(&sconf, server)?;
+    std::fs::write(&cconf, client)?;
+    let server = spawn(
+        &bin,
+        &["--server".into(), sconf.display().to_string()],
+        &dir.join("rathole-server.log"),
+    )?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = spawn(
+        &bin,
+        &["--client".into(), cconf.display().to_string()],
+        &dir.join("rathole-client.log"),
+    )?;
+    let relay = Relay { sink: ps, echo: pe, procs: vec![server, client] };
+    wait_ready(&relay, "rathole").await?;
+    Ok(relay)
+}
+
+/// bore (plain TCP, no encryption): a server and one `bore local` per service; its control port
+/// is bore's fixed 7835.
+async fn bore(tools: &Path, dir: &Path, sink: u16, echo: u16) -> anyhow::Result<Relay> {
+    let bin = find_bin(tools, &["bore"])?;
+    let (ps, pe) = (free_port()?, free_port()?);
+    let server = spawn(&bin, &["server".into()], &dir.join("bore-server.log"))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let local = |port: u16, remote: u16, log: &str| {
+        spawn(
+            &bin,
+            &[
+                "local".into(),
+                port.to_string(),
+                "--local-host".into(),
+                "127.0.0.1".into(),
+                "--to".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                remote.to_string(),
+            ],
+            &dir.join(log),
+        )
+    };
+    let procs = vec![server, local(sink, ps, "bore-sink.log")?, local(echo, pe, "bore-echo.log")?];
+    let relay = Relay { sink: ps, echo: pe, procs };
+    wait_ready(&relay, "bore").await?;
+    Ok(relay)
+}
+
 struct Hearth {
     op: TunnelHandle,
     node: String,
+    /// Customer ingress through the gateway (`hearthctl expose`): TCP → gateway → node.
+    exposed: Relay,
     _node_tunnel: TunnelHandle,
     _running: hearth_fleet::server::RunningFleet,
     _dir: tempfile::TempDir,
@@ -204,7 +493,7 @@ async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::Ser
     let admin = ClientIdentity { cert_pem: c.cert_pem, key_pem: k };
     let req = TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1 };
     let http = client_config(&pin, Some(&admin), b"http/1.1")?;
-    let token: TokenCreated = json(&ep, http, "POST", "/v1/tokens", Some(&req)).await?;
+    let token: TokenCreated = json(&ep, http.clone(), "POST", "/v1/tokens", Some(&req)).await?;
     let key = generate_key_pem()?;
     let resp = enroll(
         &ep,
@@ -239,6 +528,16 @@ async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::Ser
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let op = connect(&ep, &pin, &admin, TunnelConfig::default()).await?;
+    let expose = |port: u16| {
+        let (ep, http, node) = (ep.clone(), http.clone(), resp.node_id.clone());
+        async move {
+            let path = format!("/v1/nodes/{node}/expose");
+            let v: ExposeView =
+                json(&ep, http, "POST", &path, Some(&ExposeRequest { port })).await?;
+            Ok::<_, anyhow::Error>(v.gateway_port)
+        }
+    };
+    let exposed = Relay { sink: expose(sink).await?, echo: expose(echo).await?, procs: Vec::new() };
     // A TLS server with the fleet's certificate, for the direct-TLS row.
     let (issued, key_pem) = fleet.ca.server_cert("hearth-fleet")?;
     let mut chain = hearth_fleet_client::tls::certs_from_pem(&issued.cert_pem, "server")?;
@@ -251,6 +550,7 @@ async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::Ser
     let h = Hearth {
         op: op.handle.clone(),
         node: resp.node_id,
+        exposed,
         _node_tunnel: node_handle,
         _running: running,
         _dir: dir,
@@ -277,52 +577,117 @@ async fn tls_server(config: Arc<rustls::ServerConfig>, echo: bool) -> anyhow::Re
     Ok(port)
 }
 
+/// Raise this process's open-files limit to its hard limit (1,000 idle streams through a relay
+/// hold several descriptors each; the peers inherit it).
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own; setrlimit reads it; both only fail with an
+    // error code, which leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Run a peer's measurement; a peer that cannot start becomes a row saying why.
+async fn peer_row<Fut>(name: &str, start: Fut, o: &Opts) -> Row
+where
+    Fut: std::future::Future<Output = anyhow::Result<Relay>>,
+{
+    eprintln!("{name}…");
+    let result = async {
+        let relay = start.await?;
+        measure_relay(name, &relay, o).await
+    }
+    .await;
+    result.unwrap_or_else(|e| {
+        eprintln!("{name}: {e:#}");
+        Row { name: name.into(), failed: Some(format!("{e:#}")), ..Row::default() }
+    })
+}
+
 async fn run(o: Opts) -> anyhow::Result<()> {
+    raise_nofile();
+    let load_before = loadavg();
     let bytes = o.mib * 1024 * 1024;
     let (sink, echo) = (tcp_server(false).await?, tcp_server(true).await?);
     let (h, tls_config) = hearth(sink, echo).await?;
-    let pin = h._running.fleet.ca.pin();
+    let ca = &h._running.fleet.ca;
+    let pin = ca.pin();
+    let work = tempfile::tempdir()?;
+    let pki = {
+        let (issued, key_pem) = ca.server_cert("hearth-fleet")?;
+        let p = Pki {
+            chain: work.path().join("server-chain.pem"),
+            key: work.path().join("server-key.pem"),
+            ca: work.path().join("ca.pem"),
+        };
+        std::fs::write(&p.chain, format!("{}\n{}", issued.cert_pem, ca.cert_pem()))?;
+        std::fs::write(&p.key, key_pem)?;
+        std::fs::write(&p.ca, ca.cert_pem())?;
+        p
+    };
     let (tls_sink, tls_echo) =
         (tls_server(tls_config.clone(), false).await?, tls_server(tls_config, true).await?);
     let client_tls = client_config(&pin, None, b"bench")?;
     let tls_connect = |port: u16| {
         let cfg = client_tls.clone();
         async move {
-            let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-            tcp.set_nodelay(true)?;
+            let tcp = tcp_connect(port).await?;
             let name = rustls::pki_types::ServerName::try_from("hearth-fleet")?;
             Ok::<_, anyhow::Error>(tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?)
         }
     };
-    let tcp_connect = |port: u16| async move {
-        let c = TcpStream::connect(("127.0.0.1", port)).await?;
-        c.set_nodelay(true)?;
-        Ok::<_, anyhow::Error>(c)
-    };
     let via =
         |port: u16| Target::Via { node: h.node.clone(), target: Box::new(Target::Port(port)) };
-    let mut rows: Vec<(String, Row)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
 
-    eprintln!("direct TCP…");
-    let mut r = Row::default();
-    let (g, c) = bulk(|| tcp_connect(sink), 1, bytes).await?;
-    (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
-    let (i, l) = latency(|e| tcp_connect(if e { echo } else { sink }), o.round_trips).await?;
-    (r.idle, r.loaded) = (Some(i), Some(l));
-    rows.push(("direct TCP".into(), r));
+    let direct = Relay { sink, echo, procs: Vec::new() };
+    rows.push(peer_row("direct TCP", async { Ok::<_, anyhow::Error>(direct) }, &o).await);
 
     eprintln!("direct TLS…");
-    let mut r = Row::default();
-    let (g, c) = bulk(|| tls_connect(tls_sink), 1, bytes).await?;
+    let mut r = Row { name: "direct TLS 1.3 (rustls, no relay)".into(), ..Row::default() };
+    let (g, c) = bulk(|| tls_connect(tls_sink), 1, bytes, &[]).await?;
     (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
     let (i, l) =
         latency(|e| tls_connect(if e { tls_echo } else { tls_sink }), o.round_trips).await?;
     (r.idle, r.loaded) = (Some(i), Some(l));
-    rows.push(("direct TLS 1.3 (rustls, no relay)".into(), r));
+    rows.push(r);
+
+    let dir = work.path();
+    rows.push(peer_row(STUNNEL, stunnel(&o.tools, &pki, dir, sink, echo), &o).await);
+    rows.push(peer_row(RATHOLE, rathole(&o.tools, &pki, dir, sink, echo), &o).await);
+    rows.push(peer_row("bore (plain TCP)", bore(&o.tools, dir, sink, echo), &o).await);
+
+    // Customer ingress, the peers' topology: TCP → gateway → the node's tunnel → the service.
+    eprintln!("{EXPOSE}…");
+    rows.push(
+        measure_relay(&format!("{EXPOSE}, 1 stream(s)"), &h.exposed, &o).await.unwrap_or_else(
+            |e| Row {
+                name: format!("{EXPOSE}, 1 stream(s)"),
+                failed: Some(format!("{e:#}")),
+                ..Row::default()
+            },
+        ),
+    );
+    for streams in [8usize, 64] {
+        let mut r = Row { name: format!("{EXPOSE}, {streams} stream(s)"), ..Row::default() };
+        let (g, c) = bulk(|| tcp_connect(h.exposed.sink), streams, bytes, &[]).await?;
+        (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
+        rows.push(r);
+    }
 
     for streams in [1usize, 8, 64] {
         eprintln!("hearth, {streams} streams…");
-        let mut r = Row::default();
+        let mut r = Row { name: format!("{HEARTH}, {streams} stream(s)"), ..Row::default() };
         let op = h.op.clone();
         let t = via(sink);
         let (g, c) = bulk(
@@ -332,6 +697,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             },
             streams,
             bytes,
+            &[],
         )
         .await?;
         (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
@@ -346,64 +712,131 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             )
             .await?;
             (r.idle, r.loaded) = (Some(i), Some(l));
+            eprintln!("{} idle streams…", o.idle_streams);
+            let echo_target = Target::Via { node: h.node.clone(), target: Box::new(Target::Echo) };
+            r.idle_rss = Some(
+                idle_rss(
+                    || {
+                        let s = h.op.open(&echo_target);
+                        async move { Ok(s?) }
+                    },
+                    o.idle_streams,
+                    &[],
+                )
+                .await?,
+            );
         }
-        rows.push((format!("hearth tunnel via gateway, {streams} stream(s)"), r));
+        rows.push(r);
     }
+    let load_after = loadavg();
+    print_table(&rows, &o, &load_before, &load_after);
+    Ok(())
+}
 
-    eprintln!("{} idle streams…", o.idle_streams);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_now();
-    let mut idle = Vec::new();
-    let echo_target = Target::Via { node: h.node.clone(), target: Box::new(Target::Echo) };
-    for _ in 0..o.idle_streams {
-        let mut s = h.op.open(&echo_target)?;
-        s.write_all(b"x").await?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await?;
-        idle.push(s);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_now();
-    let per_stream = after.saturating_sub(before) as f64 / o.idle_streams as f64;
+const STUNNEL: &str = "stunnel4 pair (TCP → TLS 1.3 → TCP)";
+const RATHOLE: &str = "rathole, TLS transport";
+const HEARTH: &str = "hearth operator tunnel via gateway";
+const EXPOSE: &str = "hearth expose (TCP → gateway → node tunnel)";
 
-    let base = rows.iter().find(|(n, _)| n.starts_with("direct TLS")).and_then(|(_, r)| r.gbit_s);
+fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
+    let gbit = |name: &str| rows.iter().find(|r| r.name == name).and_then(|r| r.gbit_s);
+    let (stunnel, rathole) = (gbit(STUNNEL), gbit(RATHOLE));
     println!(
-        "\nTunnel on loopback, {} MiB per throughput run, {} round trips of 64 B ({})\n",
+        "\nTunnel on loopback, {} MiB per throughput run, {} round trips of 64 B, {} idle streams \
+         ({}; load average {load_before} before, {load_after} after; {} CPUs)\n",
         o.mib,
         o.round_trips,
-        hearth_bench::today()
+        o.idle_streams,
+        hearth_bench::today(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     println!(
-        "| path | Gbit/s | vs direct TLS | CPU-s/GB | RTT p50 idle | RTT p99 idle | RTT p50 bulk | RTT p99 bulk |"
+        "| path | Gbit/s | vs stunnel | vs rathole-TLS | CPU-s/GB | RTT p50 idle | RTT p99 idle \
+         | RTT p50 bulk | RTT p99 bulk | RSS, {} idle streams |",
+        o.idle_streams
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let us = |v: Option<(f64, f64)>, p99: bool| {
         v.map_or("-".into(), |(a, b)| format!("{:.0} µs", if p99 { b } else { a }))
     };
-    for (name, r) in &rows {
+    let ratio = |g: Option<f64>, base: Option<f64>| match (g, base) {
+        (Some(g), Some(b)) if b > 0.0 => format!("{:.2}x", g / b),
+        _ => "-".into(),
+    };
+    for r in rows {
+        if let Some(why) = &r.failed {
+            println!("| {} | not measured: {why} | | | | | | | | |", r.name);
+            continue;
+        }
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
             r.gbit_s.map_or("-".into(), |g| format!("{g:.2}")),
-            match (r.gbit_s, base) {
-                (Some(g), Some(b)) if b > 0.0 => format!("{:.2}x", g / b),
-                _ => "-".into(),
-            },
+            ratio(r.gbit_s, stunnel),
+            ratio(r.gbit_s, rathole),
             r.cpu_s_per_gb.map_or("-".into(), |c| format!("{c:.2}")),
             us(r.idle, false),
             us(r.idle, true),
             us(r.loaded, false),
             us(r.loaded, true),
+            r.idle_rss.map_or("-".into(), hearth_bench::mib),
         );
     }
+    let find = |name: String| rows.iter().find(|r| r.name == name);
+    let ex = find(format!("{EXPOSE}, 1 stream(s)"));
+    let op = find(format!("{HEARTH}, 1 stream(s)"));
+    let direct_rss = find("direct TCP".into()).and_then(|r| r.idle_rss);
+    let best = rows
+        .iter()
+        .filter(|r| r.name.starts_with("hearth"))
+        .filter_map(|r| r.gbit_s)
+        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "not measured",
+    };
+    let gbit = |r: Option<&Row>| r.and_then(|r| r.gbit_s);
+    let p99 = |r: Option<&Row>| r.and_then(|r| r.loaded).map(|(_, p)| p);
+    let us = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.0} µs"));
+    // Memory per 1,000 streams: the operator rows hold no service sockets (the node's built-in
+    // echo); the ingress row's service and client sockets are the direct-TCP row's, subtracted.
+    let per_1000 = |m: u64| (m as f64) * 1000.0 / (o.idle_streams.max(1) as f64);
+    let mem_op = op.and_then(|r| r.idle_rss).map(per_1000);
+    let mem_ex =
+        ex.and_then(|r| r.idle_rss).zip(direct_rss).map(|(m, d)| per_1000(m.saturating_sub(d)));
+    let mib = |m: Option<f64>| m.map_or("-".into(), |m| format!("{:.1} MiB", m / 1048576.0));
     println!(
-        "\n{} idle streams through the gateway (operator, gateway and node ends in this process): \
-         RSS +{} ({:.0} B per stream, all three ends)",
-        o.idle_streams,
-        hearth_bench::mib(after.saturating_sub(before)),
-        per_stream
+        "\n| goal (issue 6) | hearth expose, 1 stream (the peers' topology) | hearth operator \
+         tunnel, 1 stream | best hearth row | verdict (expose, 1 stream) |"
     );
-    drop(idle);
-    Ok(())
+    println!("|---|---|---|---|---|");
+    println!(
+        "| >= 90 % of the stunnel pair | {} | {} | {} | {} |",
+        ratio(gbit(ex), stunnel),
+        ratio(gbit(op), stunnel),
+        ratio(best, stunnel),
+        verdict(gbit(ex).zip(stunnel).map(|(g, s)| g >= 0.9 * s)),
+    );
+    println!(
+        "| >= 2x rathole-TLS | {} | {} | {} | {} |",
+        ratio(gbit(ex), rathole),
+        ratio(gbit(op), rathole),
+        ratio(best, rathole),
+        verdict(gbit(ex).zip(rathole).map(|(g, s)| g >= 2.0 * s)),
+    );
+    println!(
+        "| round trip p99 < 1 ms under bulk | {} | {} | | {} |",
+        us(p99(ex)),
+        us(p99(op)),
+        verdict(p99(ex).map(|p| p < 1000.0)),
+    );
+    println!(
+        "| <= 32 MiB for 1,000 idle streams | {} (over direct TCP) | {} | | {} |",
+        mib(mem_ex),
+        mib(mem_op),
+        verdict(mem_ex.map(|m| m <= 32.0 * 1048576.0)),
+    );
 }
 
 fn main() -> anyhow::Result<()> {

@@ -4,8 +4,9 @@
 //! every packet but loopback and established/related ones.
 //!
 //! 1. An inbound connection to the node fails (and succeeded before the firewall, so the check can
-//!    fail), yet `hearthctl exec`, `hearthctl api` and the ingress path (`hearthctl forward` to a
-//!    TCP echo server on the node) work through the tunnel the node opened.
+//!    fail), yet `hearthctl exec`, `hearthctl api` and the ingress paths (`hearthctl forward` and
+//!    a gateway port made by `hearthctl expose`, both to a TCP echo server on the node) work
+//!    through the tunnel the node opened.
 //! 2. The link goes down for 30 s while 1,000 numbered commands are queued through the fleet's
 //!    API; after it returns the tunnel is back within the backoff bound (the agent's largest
 //!    scheduled retry plus the connect timeout), every command is acknowledged exactly once
@@ -113,13 +114,16 @@ fn tunnel_through_a_firewall_and_a_link_outage() -> anyhow::Result<()> {
 
     // The fleet on the root end of the veth.
     let port = std::net::TcpListener::bind((ns.outer_addr.as_str(), 0))?.local_addr()?.port();
+    let expose = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let fleet_toml = d.join("fleet.toml");
     std::fs::write(
         &fleet_toml,
         format!(
-            "listen = \"{}:{port}\"\nstate_dir = \"{}\"\nflush_interval_ms = 500\n",
+            "listen = \"{}:{port}\"\nstate_dir = \"{}\"\nflush_interval_ms = 500\n\
+             expose_ports = [{expose}, {}]\n",
             ns.outer_addr,
-            d.join("fleet").display()
+            d.join("fleet").display(),
+            expose.saturating_add(20),
         ),
     )?;
     run(Command::new(bin.join("hearth-fleet"))
@@ -186,6 +190,12 @@ fn tunnel_through_a_firewall_and_a_link_outage() -> anyhow::Result<()> {
     let _fwd = Proc::spawn(fwd_cmd, &d.join("forward.log"))?;
     wait_for("the workload through hearthctl forward", Duration::from_secs(10), || {
         Ok(echo_roundtrip(&format!("127.0.0.1:{fwd_port}"), Duration::from_secs(2)).ok())
+    })?;
+    // Ingress on the gateway: `hearthctl expose` makes a fleet port forward to the workload.
+    let exposed: hearth_proto::fleet::ExposeView =
+        serde_json::from_str(&ctl.out(&["--json", "expose", &node, &ECHO_PORT.to_string()])?)?;
+    wait_for("the workload through hearthctl expose", Duration::from_secs(10), || {
+        Ok(echo_roundtrip(&exposed.address, Duration::from_secs(2)).ok())
     })?;
     ensure!(
         echo_roundtrip(&inbound, Duration::from_secs(2)).is_err(),

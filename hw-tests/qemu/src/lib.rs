@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
+mod files;
+pub use files::{FileServer, ServedStats};
+
 /// The host's loopback as the guest sees it under user-mode networking.
 pub const HOST_FROM_GUEST: &str = "10.0.2.2";
 
@@ -225,6 +228,11 @@ pub struct VmConfig {
     /// `io.systemd.stub.kernel-cmdline-extra`; honoured without Secure Boot), e.g. a longer
     /// device timeout for a generic kernel probing every module under TCG.
     pub cmdline_extra: Vec<String>,
+    /// A root shell on a second serial port (`ttyS1`, systemd's `debug-shell.service` through
+    /// `systemd.debug_shell=ttyS1` on the command line extra) reached through the Unix socket
+    /// `work_dir/shell.sock` ([`Vm::shell`]): how the update tests run `hearth-agent update`
+    /// commands in the guest. On every boot of this VM, whichever slot boots.
+    pub debug_shell: bool,
     /// Directory for the QMP socket, the firmware variables and the console log.
     pub work_dir: PathBuf,
 }
@@ -244,6 +252,7 @@ impl VmConfig {
             // A starved TCG guest can fail the kernel's IO-APIC timer check and panic ("IO-APIC +
             // timer doesn't work!", seen at load 13 on 2 cores); virtual machines skip it.
             cmdline_extra: vec!["no_timer_check".into()],
+            debug_shell: false,
             work_dir: work_dir.to_path_buf(),
         })
     }
@@ -306,10 +315,18 @@ impl VmConfig {
             ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"].map(String::from),
         );
         a.extend(["-device", "virtio-rng-pci"].map(String::from));
-        if !self.cmdline_extra.is_empty() {
+        let mut extra = self.cmdline_extra.clone();
+        if self.debug_shell {
+            let sock = self.work_dir.join("shell.sock");
+            a.push("-chardev".into());
+            a.push(format!("socket,id=shell0,path={},server=on,wait=off", sock.display()));
+            a.extend(["-device", "isa-serial,chardev=shell0"].map(String::from));
+            extra.push("systemd.debug_shell=ttyS1".into());
+        }
+        if !extra.is_empty() {
             a.push("-smbios".into());
             // QEMU's -smbios value: commas are doubled.
-            let extra = self.cmdline_extra.join(" ").replace(',', ",,");
+            let extra = extra.join(" ").replace(',', ",,");
             a.push(format!("type=11,value=io.systemd.stub.kernel-cmdline-extra={extra}"));
         }
         for (name, value) in &self.credentials {
@@ -400,6 +417,8 @@ pub struct Vm {
     started: Instant,
     console: Arc<(Mutex<Console>, Condvar)>,
     qmp_path: PathBuf,
+    shell_path: PathBuf,
+    shell: Mutex<Option<UnixStream>>,
     log_path: PathBuf,
 }
 
@@ -484,7 +503,15 @@ impl Vm {
                 }
             }
         });
-        Ok(Vm { child, started, console, qmp_path: config.work_dir.join("qmp.sock"), log_path })
+        Ok(Vm {
+            child,
+            started,
+            console,
+            qmp_path: config.work_dir.join("qmp.sock"),
+            shell_path: config.work_dir.join("shell.sock"),
+            shell: Mutex::new(None),
+            log_path,
+        })
     }
 
     /// Time since QEMU started.
@@ -599,6 +626,42 @@ impl Vm {
             return Err(err(reply.trim().to_string()));
         }
         Ok(reply)
+    }
+
+    /// Type one command line into the guest's root shell ([`VmConfig::debug_shell`]). Its output
+    /// goes to the shell's port, not the console: redirect to `/dev/ttyS0` to see it in
+    /// [`Vm::lines`], and echo a marker line to wait for.
+    pub fn shell(&self, command: &str) -> Result<(), QemuError> {
+        let err = |detail: String| QemuError::Qmp { command: format!("shell: {command}"), detail };
+        let mut guard = self.shell.lock().map_err(|_| err("shell lock poisoned".into()))?;
+        if guard.is_none() {
+            // One connection for the VM's life (the guest's reboots do not touch it); what the
+            // shell prints (its prompt, the echo) joins the console lines as `ttyS1: ...`.
+            let stream = UnixStream::connect(&self.shell_path)
+                .map_err(|e| err(format!("{}: {e}", self.shell_path.display())))?;
+            let reader = stream.try_clone().map_err(|e| err(e.to_string()))?;
+            let shared = self.console.clone();
+            let started = self.started;
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(reader);
+                let mut buf = Vec::new();
+                while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+                    let text = strip_escapes(String::from_utf8_lossy(&buf).trim_end_matches('\n'));
+                    let (lock, cvar) = &*shared;
+                    if let Ok(mut c) = lock.lock() {
+                        c.lines
+                            .push(Line { at: started.elapsed(), text: format!("ttyS1: {text}") });
+                    }
+                    cvar.notify_all();
+                    buf.clear();
+                }
+            });
+            *guard = Some(stream);
+        }
+        let stream = guard.as_mut().ok_or_else(|| err("no shell connection".into()))?;
+        stream.write_all(format!("{command}\n").as_bytes()).map_err(|e| err(e.to_string()))?;
+        stream.flush().map_err(|e| err(e.to_string()))?;
+        Ok(())
     }
 
     /// ACPI power button (QMP `system_powerdown`), then wait for QEMU to exit.

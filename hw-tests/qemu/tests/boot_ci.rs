@@ -25,17 +25,13 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // the boot time and the console log path are the output
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_fleet::ca::Role;
-use hearth_fleet::config::FleetConfig;
-use hearth_fleet_client::https::{Endpoint, json};
-use hearth_fleet_client::tls::{ClientIdentity, client_config};
-use hearth_proto::fleet::{NodeView, TokenCreateRequest, TokenCreated};
-
+use common::fleet::TestFleet;
 use hearth_qemu::{Accel, HOST_FROM_GUEST, Vm, VmConfig, field, overlay};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -66,64 +62,6 @@ gateway = "{HOST_FROM_GUEST}"
 dns = ["10.0.2.3"]
 "#
     )
-}
-
-/// A real fleet on the host's loopback, seen by the guest at `https://10.0.2.2:PORT`.
-struct TestFleet {
-    runtime: tokio::runtime::Runtime,
-    running: Option<hearth_fleet::server::RunningFleet>,
-    ep: Endpoint,
-    admin: Arc<rustls::ClientConfig>,
-    _dir: PathBuf,
-}
-
-impl TestFleet {
-    fn start(dir: &Path) -> Result<(Self, String), Box<dyn std::error::Error>> {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        // A free port, then the fleet on it, with the URL the guest uses in its seeds.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let _ = std::fs::remove_dir_all(dir);
-        let config = FleetConfig {
-            listen: format!("127.0.0.1:{port}").parse()?,
-            public_url: Some(format!("https://{HOST_FROM_GUEST}:{port}")),
-            state_dir: dir.to_path_buf(),
-            ..FleetConfig::default()
-        };
-        let running = runtime.block_on(hearth_fleet::server::start(config))?;
-        let (op, key) =
-            running.fleet.ca.operator_cert("boot-test", Role::Admin, Duration::from_secs(3600))?;
-        let admin = client_config(
-            &running.fleet.ca.pin(),
-            Some(&ClientIdentity { cert_pem: op.cert_pem, key_pem: key }),
-            b"http/1.1",
-        )?;
-        let ep =
-            Endpoint::from_url(&format!("https://{}", running.addr), &running.fleet.config.name)?;
-        let req = TokenCreateRequest { labels: Default::default(), ttl_s: 3600, max_uses: 1 };
-        let token: TokenCreated =
-            runtime.block_on(json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)))?;
-        let fleet = Self { runtime, running: Some(running), ep, admin, _dir: dir.to_path_buf() };
-        Ok((fleet, token.seed))
-    }
-
-    fn nodes(&self) -> Result<Vec<NodeView>, Box<dyn std::error::Error>> {
-        Ok(self.runtime.block_on(json::<(), _>(
-            &self.ep,
-            self.admin.clone(),
-            "GET",
-            "/v1/nodes",
-            None,
-        ))?)
-    }
-}
-
-impl Drop for TestFleet {
-    fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            self.runtime.block_on(r.stop());
-        }
-    }
 }
 
 fn sha256_hex(bytes: &[u8], dir: &Path) -> Result<String, Box<dyn std::error::Error>> {

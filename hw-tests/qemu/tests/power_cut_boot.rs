@@ -19,11 +19,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{ROOT_X86_64, TestResult, gpt, workspace};
+use common::{ROOT_X86_64, TestResult, fresh_disk, gpt, slot_digest, workspace};
 use hearth_nbd::{NbdServer, PowerCutDisk};
 use hearth_qemu::{Accel, Vm, VmConfig, field};
 use rand::{Rng, SeedableRng};
@@ -46,41 +45,6 @@ const MILESTONES: &[(&str, &str)] = &[
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
-
-/// The disk for one point: a sparse copy of the image, grown to 8 GiB (first boot grows `/var`
-/// into it).
-fn fresh_disk(image: &Path, disk: &Path) -> TestResult {
-    let st = Command::new("cp").arg("--sparse=always").arg(image).arg(disk).status()?;
-    if !st.success() {
-        return Err(format!("cp {} {}: {st}", image.display(), disk.display()).into());
-    }
-    std::fs::OpenOptions::new().write(true).open(disk)?.set_len(8 << 30)?;
-    Ok(())
-}
-
-/// SHA-256 of a byte range of a file (`sha256sum` over `dd`'s output would need a pipe).
-fn slot_digest(file: &Path, offset: u64, len: u64) -> Result<String, Box<dyn std::error::Error>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(file)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut child = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    {
-        let mut stdin = child.stdin.take().ok_or("sha256sum stdin")?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(1 << 20) as usize;
-            f.read_exact(&mut buf[..n])?;
-            std::io::Write::write_all(&mut stdin, &buf[..n])?;
-            left -= n as u64;
-        }
-    }
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8(out.stdout)?.split_whitespace().next().unwrap_or_default().to_string())
 }
 
 #[test]

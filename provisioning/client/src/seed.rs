@@ -63,6 +63,10 @@ pub struct SeedFleet {
     /// HTTPS proxy (`http://HOST:PORT`) to reach the fleet through, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_proxy: Option<String>,
+    /// More gateway URLs of the same fleet (same name and CA), tried in order after `url` when
+    /// the one in use fails (`docs/0006-tunnel.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_urls: Vec<String>,
 }
 
 impl Seed {
@@ -77,6 +81,11 @@ impl Seed {
         };
         crate::https::Endpoint::from_url(&seed.fleet.url, &seed.fleet.name)
             .map_err(|_| invalid("fleet.url", "not https://HOST[:PORT]"))?;
+        for url in &seed.fleet.fallback_urls {
+            crate::https::Endpoint::from_url(url, &seed.fleet.name).map_err(|_| {
+                invalid("fleet.fallback_urls", "an entry is not https://HOST[:PORT]")
+            })?;
+        }
         crate::tls::server_name(&seed.fleet.name)
             .map_err(|_| invalid("fleet.name", "not a DNS name"))?;
         crate::tls::PinnedCaVerifier::new(&seed.fleet.ca_sha256)
@@ -96,6 +105,17 @@ impl Seed {
     pub fn endpoint(&self) -> Result<crate::https::Endpoint, crate::https::ClientError> {
         crate::https::Endpoint::from_url(&self.fleet.url, &self.fleet.name)?
             .with_proxy(self.fleet.https_proxy.as_deref())
+    }
+
+    /// Every gateway endpoint in the order to try them: `url`, then `fallback_urls`.
+    pub fn endpoints(&self) -> Result<Vec<crate::https::Endpoint>, crate::https::ClientError> {
+        std::iter::once(&self.fleet.url)
+            .chain(&self.fleet.fallback_urls)
+            .map(|url| {
+                crate::https::Endpoint::from_url(url, &self.fleet.name)?
+                    .with_proxy(self.fleet.https_proxy.as_deref())
+            })
+            .collect()
     }
 }
 
@@ -118,6 +138,26 @@ mod tests {
         let extra = format!("{}surprise = 1\n", text(&"ab".repeat(32)));
         let e = Seed::parse(&extra, "x").err().map(|e| format!("{:?}", e));
         assert!(e.is_some_and(|e| e.contains("surprise")));
+        Ok(())
+    }
+
+    #[test]
+    fn fallback_gateways_come_after_the_url_in_order() -> Result<(), Box<dyn std::error::Error>> {
+        // Fallback gateways: tried after `url`, in order; each is checked.
+        let two = text(&"ab".repeat(32)).replace(
+            "token = \"t\"\n",
+            "token = \"t\"\nfallback_urls = [\"https://10.0.2.3:7443\", \"https://[fd00::1]:8443\"]\n",
+        );
+        let seed = Seed::parse(&two, "two")?;
+        assert_eq!(Seed::parse(&seed.to_toml(), "again")?, seed);
+        let addrs: Vec<String> = seed.endpoints()?.iter().map(|e| e.addr()).collect();
+        assert_eq!(addrs, ["10.0.2.2:7443", "10.0.2.3:7443", "[fd00::1]:8443"]);
+        let bad = two.replace("https://10.0.2.3:7443", "ftp://x");
+        let e = Seed::parse(&bad, "bad").err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("seed from bad: fleet.fallback_urls: an entry is not https://HOST[:PORT]")
+        );
         Ok(())
     }
 }

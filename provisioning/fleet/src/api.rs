@@ -64,6 +64,7 @@ impl From<RegistryError> for ApiError {
                         StatusCode::NOT_FOUND
                     }
                     Refusal::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                    Refusal::Rollout(ref e) => crate::rollout::status_of(e),
                 };
                 ApiError::new(status, r.to_string())
             }
@@ -83,7 +84,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// Build the router.
 pub fn router(fleet: Arc<Fleet>) -> Router {
     let limit = fleet.config.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/v1/enroll", post(enroll))
         .route("/v1/renew", post(renew))
         .route("/v1/tokens", get(list_tokens).post(create_token))
@@ -95,15 +96,19 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/nodes/{id}/commands", get(list_commands).post(command))
         .route("/v1/nodes/{id}/revoke", post(revoke_node))
         .route("/v1/events", get(events))
+        .route("/v1/nodes/{id}/expose", post(crate::expose::create))
+        .route("/v1/exposures", get(crate::expose::list))
+        .route("/v1/exposures/{port}/remove", post(crate::expose::remove))
         .route("/metrics", get(crate::metrics::fleet_metrics))
         .route("/v1/sd", get(crate::metrics::sd))
-        .route("/v1/nodes/{id}/metrics", get(crate::metrics::node_metrics))
+        .route("/v1/nodes/{id}/metrics", get(crate::metrics::node_metrics));
+    crate::rollout_api::routes(router)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(fleet)
 }
 
-fn parse<T: DeserializeOwned>(
+pub(crate) fn parse<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<T, ApiError> {
@@ -303,6 +308,7 @@ async fn create_token(
             ca_sha256: fleet.ca.pin(),
             token: secret.clone(),
             https_proxy: None,
+            fallback_urls: Vec::new(),
         },
         network: None,
     };

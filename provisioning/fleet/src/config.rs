@@ -82,6 +82,14 @@ pub struct FleetConfig {
     /// and the kernel spreads connections over them. Default false.
     #[serde(default)]
     pub reuse_port: bool,
+    /// Address the listeners of `hearthctl expose` bind (customer ingress to node ports).
+    /// Default `127.0.0.1`; `0.0.0.0` takes customers on every interface.
+    #[serde(default = "default_expose_bind")]
+    pub expose_bind: std::net::IpAddr,
+    /// The gateway ports `hearthctl expose` hands out, `[FIRST, LAST]` (1..=65535, FIRST <=
+    /// LAST); the lowest free one is taken. Default `[20000, 20999]`.
+    #[serde(default = "default_expose_ports")]
+    pub expose_ports: [u16; 2],
 }
 
 fn default_listen() -> SocketAddr {
@@ -102,6 +110,12 @@ fn default_max_body() -> usize {
 fn default_flush_ms() -> u64 {
     5000
 }
+fn default_expose_bind() -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, 1])
+}
+fn default_expose_ports() -> [u16; 2] {
+    [20000, 20999]
+}
 
 impl Default for FleetConfig {
     fn default() -> Self {
@@ -116,6 +130,8 @@ impl Default for FleetConfig {
             flush_interval_ms: default_flush_ms(),
             gateway_id: None,
             reuse_port: false,
+            expose_bind: default_expose_bind(),
+            expose_ports: default_expose_ports(),
         }
     }
 }
@@ -177,6 +193,14 @@ impl FleetConfig {
                 format!("{g:?} is not 1-64 letters, digits, '-' or '_'"),
             ));
         }
+        if let [first, last] = self.expose_ports
+            && (first == 0 || first > last)
+        {
+            return Err(invalid(
+                "expose_ports",
+                format!("[{first}, {last}] is not [FIRST, LAST] with 1 <= FIRST <= LAST"),
+            ));
+        }
         if hearth_fleet_client::tls::server_name(&self.name).is_err() {
             return Err(invalid("name", format!("{:?} is not a DNS name", self.name)));
         }
@@ -223,5 +247,18 @@ mod tests {
         let c = FleetConfig::parse("gateway_id = \"g-1\"\nreuse_port = true", p).ok();
         assert_eq!(c.as_ref().and_then(|c| c.gateway_id.as_deref()), Some("g-1"));
         assert!(c.is_some_and(|c| c.reuse_port));
+        let e = FleetConfig::parse("expose_ports = [3000, 2000]", p).err().map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some(
+                "fleet.toml: expose_ports: [3000, 2000] is not [FIRST, LAST] with 1 <= FIRST <= LAST"
+            )
+        );
+        let c =
+            FleetConfig::parse("expose_bind = \"0.0.0.0\"\nexpose_ports = [9000, 9001]", p).ok();
+        assert_eq!(
+            c.map(|c| (c.expose_bind.to_string(), c.expose_ports)),
+            Some(("0.0.0.0".into(), [9000, 9001]))
+        );
     }
 }

@@ -8,8 +8,12 @@
 //! when the fleet runs as several gateway processes, delivers changes made through the others),
 //! plus one thread committing enrollments in groups ([`enroll`]).
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
+//! Customer ingress ([`expose`]): gateway ports forwarding to node ports over the node's tunnel,
+//! bound again at every start (`docs/0006-tunnel.md`).
 //! Telemetry ([`metrics`]): the fleet's `/metrics`, Prometheus HTTP SD at `/v1/sd` and the scrape
 //! proxy `/v1/nodes/{id}/metrics` through each node's tunnel (`docs/0007-telemetry.md`).
+//! Staged rollouts of OS releases ([`rollout`], driven by the sweep and by node update reports;
+//! endpoints in [`rollout_api`]): `docs/0009-updates.md`.
 //! Design: `docs/0005-fleet.md`; wire format: `docs/protocol.md`.
 
 pub mod api;
@@ -17,8 +21,11 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod expose;
 pub mod metrics;
 pub mod registry;
+pub mod rollout;
+pub mod rollout_api;
 pub mod server;
 pub mod session;
 pub mod tunnel;

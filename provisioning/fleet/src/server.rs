@@ -59,11 +59,15 @@ pub struct Fleet {
     pub live: Mutex<HashMap<String, Live>>,
     /// Node tunnels ([`crate::tunnel`]).
     pub gateway: crate::tunnel::Gateway,
+    /// Customer ingress listeners ([`crate::expose`]).
+    pub exposer: crate::expose::Exposer,
     /// Enrollments, committed in groups ([`crate::enroll`]).
     pub enroller: crate::enroll::EnrollQueue,
     /// Session events (`online`, `offline`) waiting for the sweep's next write.
     pub pending_events: Mutex<Vec<NewEvent>>,
     sessions: std::sync::atomic::AtomicU64,
+    /// The clock of rollouts and maintenance windows ([`crate::rollout::Clock`]).
+    clock: std::sync::RwLock<Arc<dyn crate::rollout::Clock>>,
 }
 
 /// Why the fleet could not start.
@@ -129,7 +133,9 @@ impl Fleet {
             registry,
             live: Mutex::new(HashMap::new()),
             gateway: crate::tunnel::Gateway::default(),
+            exposer: crate::expose::Exposer::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
+            clock: std::sync::RwLock::new(Arc::new(crate::rollout::SystemClock)),
         }))
     }
 
@@ -147,6 +153,16 @@ impl Fleet {
                 source: Box::new(e),
             })),
         }
+    }
+
+    /// The clock of rollouts and maintenance windows.
+    pub fn clock(&self) -> Arc<dyn crate::rollout::Clock> {
+        self.clock.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replace the clock of rollouts (tests move through maintenance windows with it).
+    pub fn set_clock(&self, clock: Arc<dyn crate::rollout::Clock>) {
+        *self.clock.write().unwrap_or_else(PoisonError::into_inner) = clock;
     }
 
     /// The live-node table.
@@ -273,6 +289,7 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
         cancel.clone(),
     ));
     let sweep = tokio::spawn(sweep_loop(fleet.clone(), cancel.clone()));
+    crate::expose::restore(&fleet, &cancel).await;
     tracing::info!(%addr, name = %fleet.config.name, registry = fleet.registry.kind(), "fleet listening");
     Ok(RunningFleet { addr, fleet, cancel, tasks: vec![accept, sweep] })
 }
@@ -418,6 +435,9 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
             && !stopping
         {
             deliver_notifications(&fleet, gw).await;
+        }
+        if !stopping {
+            crate::rollout::drive(&fleet).await;
         }
         if stopping {
             return;

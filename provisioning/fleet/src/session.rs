@@ -242,11 +242,11 @@ where
             ControlMessage::Update(u) => {
                 let id = node.clone();
                 let (kind, message) = crate::updates::event_of(&u);
-                if let Err(e) =
-                    fleet.db(move |r| r.event(Some(&id), &kind, &message, u.at_ms)).await
-                {
+                let at = u.at_ms;
+                if let Err(e) = fleet.db(move |r| r.event(Some(&id), &kind, &message, at)).await {
                     tracing::warn!(%node, error = %format!("{e:#}"), "cannot record an update report");
                 }
+                crate::rollout::on_report(&fleet, &node, &u).await;
             }
             other => {
                 tracing::info!(%node, message = kind(&other), "unexpected message from a node: closing");

@@ -3,7 +3,9 @@
 //! Entry point: [`main`]. It reads `hearthctl.toml` ([`CtlConfig`]: fleet URL and name, CA pin,
 //! operator certificate and key, as written by `hearth-fleet operator-cert`), sends one HTTPS
 //! request with the operator certificate ([`hearth_fleet_client::https`]) and prints a table or
-//! JSON. Errors name the cause and exit non-zero. `exec`, `shell`, `api` and `forward` open streams to a
+//! JSON. Errors name the cause and exit non-zero. `rollout` drives staged rollouts ([`rollout`]).
+//! `expose` / `unexpose` manage customer ingress through the gateway ([`expose`]). `exec`,
+//! `shell`, `api` and `forward` open streams to a
 //! node through the fleet's tunnel gateway instead ([`stream`], `docs/0006-tunnel.md`).
 
 use std::collections::BTreeMap;
@@ -22,7 +24,9 @@ use hearth_proto::fleet::{
 };
 use serde::Deserialize;
 
+pub mod expose;
 pub mod release;
+pub mod rollout;
 pub mod stream;
 
 /// `hearthctl.toml`.
@@ -121,6 +125,12 @@ pub enum Command {
         #[arg(default_value = "/v1/status")]
         path: String,
     },
+    /// Staged rollouts of a signed release to a channel's nodes.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        action: rollout::RolloutAction,
+    },
     /// Signing keys and signed releases (offline; nothing is sent to the fleet).
     Release {
         /// What to do.
@@ -137,6 +147,25 @@ pub enum Command {
         /// Local address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+    },
+    /// Customer ingress: make a port of the fleet's gateway forward to PORT on NODE (admin; the
+    /// node's `tunnel.expose_ports` must list it); kept across fleet restarts. `--list` shows
+    /// every exposure (viewer or admin).
+    Expose {
+        /// Node id.
+        #[arg(required_unless_present = "list")]
+        node: Option<String>,
+        /// Port on the node.
+        #[arg(required_unless_present = "list")]
+        port: Option<u16>,
+        /// List the exposures instead.
+        #[arg(long, conflicts_with_all = ["node", "port"])]
+        list: bool,
+    },
+    /// Remove an exposure, named by its gateway port (admin).
+    Unexpose {
+        /// The gateway port (`hearthctl expose --list`).
+        gateway_port: u16,
     },
 }
 
@@ -414,6 +443,45 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             )
         }
         Command::Release { action } => release::run(action, cli.json).await,
+        Command::Rollout { action } => {
+            use hearth_proto::rollout::Rollout;
+            use rollout::RolloutAction as A;
+            match action {
+                A::Create { channel, version, waves, max_failure_pct, windows } => {
+                    let req = rollout::create_request(
+                        &channel,
+                        &version,
+                        &waves,
+                        &max_failure_pct,
+                        &windows,
+                    )?;
+                    let r: Rollout = ctl.post("/v1/rollouts", &req).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+                A::Status { id: None } => {
+                    let rs: Vec<Rollout> = ctl.get("/v1/rollouts").await?;
+                    out(&rs, rollout::list_text(&rs))
+                }
+                A::Status { id: Some(id) } => {
+                    let r: Rollout = ctl.get(&format!("/v1/rollouts/{id}")).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+                A::Pause { id } => {
+                    let r: Rollout = ctl.post(&format!("/v1/rollouts/{id}/pause"), &()).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+                A::Resume { id } => {
+                    let r: Rollout = ctl.post(&format!("/v1/rollouts/{id}/resume"), &()).await?;
+                    out(&r, rollout::status_text(&r))
+                }
+            }
+        }
+        Command::Expose { list: true, .. } => expose::list(&ctl, as_json).await,
+        Command::Expose { node: Some(node), port: Some(port), .. } => {
+            expose::expose(&ctl, &node, port, as_json).await
+        }
+        Command::Expose { .. } => bail!("expose needs NODE and PORT, or --list"),
+        Command::Unexpose { gateway_port } => expose::unexpose(&ctl, gateway_port, as_json).await,
         Command::Exec { .. }
         | Command::Shell { .. }
         | Command::Api { .. }

@@ -2,6 +2,10 @@
 //! slot in place, and the release-artifact scripts of `image/`.
 
 #![allow(dead_code)] // each test binary uses a part
+#![allow(clippy::print_stdout)] // the update rig prints its steps (the tests' output)
+
+pub mod fleet;
+pub mod update;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -169,4 +173,61 @@ pub fn uki_roothash(uki: &Path) -> Result<String, Box<dyn std::error::Error>> {
         .find_map(|w| w.strip_prefix("roothash="))
         .map(String::from)
         .ok_or_else(|| format!("no roothash= in {}: {cmdline}", uki.display()).into())
+}
+
+/// The disk for one point: a sparse copy of the image, grown to 8 GiB (first boot grows `/var`
+/// into it).
+pub fn fresh_disk(image: &Path, disk: &Path) -> TestResult {
+    let st = Command::new("cp").arg("--sparse=always").arg(image).arg(disk).status()?;
+    if !st.success() {
+        return Err(format!("cp {} {}: {st}", image.display(), disk.display()).into());
+    }
+    std::fs::OpenOptions::new().write(true).open(disk)?.set_len(8 << 30)?;
+    Ok(())
+}
+
+/// SHA-256 of a byte range of a file (`sha256sum` over `dd`'s output would need a pipe).
+pub fn slot_digest(
+    file: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<String, Box<dyn std::error::Error>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        let mut stdin = child.stdin.take().ok_or("sha256sum stdin")?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(1 << 20) as usize;
+            f.read_exact(&mut buf[..n])?;
+            std::io::Write::write_all(&mut stdin, &buf[..n])?;
+            left -= n as u64;
+        }
+    }
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8(out.stdout)?.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// The ci image under test: `HEARTH_IMAGE`, or the workspace version's build.
+pub fn ci_image() -> PathBuf {
+    std::env::var_os("HEARTH_IMAGE").map(PathBuf::from).unwrap_or_else(|| {
+        workspace().join(format!("target/image/ci/hearth_{}.raw", env!("CARGO_PKG_VERSION")))
+    })
+}
+
+/// A `u64` from the environment, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// SHA-256 of a whole file.
+pub fn file_digest(path: &Path) -> Result<String, Box<dyn std::error::Error>> {
+    let len = std::fs::metadata(path)?.len();
+    slot_digest(path, 0, len)
 }

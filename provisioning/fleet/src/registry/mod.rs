@@ -7,7 +7,9 @@
 //! token with a conditional `UPDATE … WHERE uses < max_uses`, so two enrollments racing on a
 //! single-use token cannot both win on either backend. Design: `docs/0005-fleet.md`.
 
+pub mod expose;
 pub mod postgres;
+pub mod rollouts;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -103,6 +105,9 @@ pub enum Refusal {
     /// Signing failed.
     #[error("cannot issue the certificate: {0}")]
     Signing(String),
+    /// A rollout request or change is refused (`crate::rollout`).
+    #[error(transparent)]
+    Rollout(#[from] crate::rollout::RolloutError),
 }
 
 /// Why a registry call failed.
@@ -176,11 +181,28 @@ pub const MIGRATIONS: &[&str] = &[
     // a re-sent batch (an ack lost with the connection) is stored once.
     "CREATE TABLE node_summaries (node_id TEXT NOT NULL, seq BIGINT NOT NULL,
         start_ms BIGINT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (node_id, seq))",
+    // Staged rollouts (docs/0009-updates.md): one JSON document per rollout with a generation.
+    "CREATE TABLE rollouts (id {serial}, channel TEXT NOT NULL, version TEXT NOT NULL,
+        state TEXT NOT NULL, generation BIGINT NOT NULL, body TEXT NOT NULL,
+        created_ms BIGINT NOT NULL)",
+    // Gateway ports forwarding to a port on a node (`hearthctl expose`, registry/expose.rs).
+    "CREATE TABLE exposures (gateway_port BIGINT PRIMARY KEY, node_id TEXT NOT NULL,
+        node_port BIGINT NOT NULL, created_by TEXT NOT NULL, created_ms BIGINT NOT NULL,
+        UNIQUE (node_id, node_port))",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
-pub const TABLES: &[&str] =
-    &["schema_migrations", "tokens", "nodes", "commands", "events", "outbox", "node_summaries"];
+pub const TABLES: &[&str] = &[
+    "schema_migrations",
+    "tokens",
+    "nodes",
+    "commands",
+    "events",
+    "outbox",
+    "node_summaries",
+    "rollouts",
+    "exposures",
+];
 
 /// A token to store.
 #[derive(Debug, Clone)]
@@ -615,27 +637,7 @@ impl Registry {
         what: &str,
         change: &dyn Fn(&mut DesiredState),
     ) -> Result<DesiredState, RegistryError> {
-        self.tx(|tx| {
-            let rows = tx.query("SELECT desired, revoked FROM nodes WHERE id = $1", &[text(id)])?;
-            let Some(r) = rows.first() else {
-                return Err(Refusal::UnknownNode { node: id.to_string() }.into());
-            };
-            let mut desired: DesiredState = json(col(r, 0), "desired", id)?;
-            change(&mut desired);
-            desired.generation += 1;
-            tx.exec(
-                "UPDATE nodes SET desired = $2 WHERE id = $1",
-                &[text(id), text(to_json(&desired))],
-            )?;
-            add_event(
-                tx,
-                now_ms,
-                Some(id),
-                "desired",
-                &format!("{what} (generation {})", desired.generation),
-            )?;
-            Ok(desired)
-        })
+        self.tx(|tx| desired_in(tx, id, now_ms, what, change))
     }
 
     /// Revoke a node: its certificate is refused from now on.
@@ -940,6 +942,32 @@ impl Registry {
     }
 }
 
+/// Change a node's desired state inside `tx` (raising its generation, with an event).
+fn desired_in(
+    tx: &mut dyn Tx,
+    id: &str,
+    now_ms: u64,
+    what: &str,
+    change: &dyn Fn(&mut DesiredState),
+) -> Result<DesiredState, RegistryError> {
+    let rows = tx.query("SELECT desired, revoked FROM nodes WHERE id = $1", &[text(id)])?;
+    let Some(r) = rows.first() else {
+        return Err(Refusal::UnknownNode { node: id.to_string() }.into());
+    };
+    let mut desired: DesiredState = json(col(r, 0), "desired", id)?;
+    change(&mut desired);
+    desired.generation += 1;
+    tx.exec("UPDATE nodes SET desired = $2 WHERE id = $1", &[text(id), text(to_json(&desired))])?;
+    add_event(
+        tx,
+        now_ms,
+        Some(id),
+        "desired",
+        &format!("{what} (generation {})", desired.generation),
+    )?;
+    Ok(desired)
+}
+
 /// Why the token with this hash cannot be used now (read after the consuming update matched
 /// nothing).
 fn token_refusal(tx: &mut dyn Tx, hash: &str, now_ms: u64) -> Result<Refusal, DbError> {
@@ -1035,6 +1063,7 @@ fn enroll_in(
         power_budget_w: None,
         labels: labels.clone(),
         update_channel: "stable".into(),
+        update_version: None,
     };
     tx.exec(
             "INSERT INTO nodes (id, token_id, dmi_uuid, board_serial, hardware, hostname, gpus, agent_version,

@@ -1,0 +1,402 @@
+//! Staged rollouts end to end: several agents (the real agent code: the fleet subsystem and the
+//! update client, on fake slot disks, ESPs and boot loaders from `hearth_agent::fakes::update`)
+//! enrolled in a real fleet over TLS, one signed TUF repository. The test plays each machine's
+//! firmware: when the update client reboots, the machine "boots" the new entry, runs the boot
+//! check (`Updater::check`, with the agent's real fleet session state, or a faked failure) and
+//! either blesses it or falls back to the old slot; the agent reports every phase to the fleet.
+//! A failing second wave halts the rollout and the third wave is never told (its slots never
+//! written); a clean rollout completes, a maintenance window holding its group back until the
+//! fleet's (injected) clock opens it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_agent::agent::Agent;
+use hearth_agent::config::{BackendKind, Config};
+use hearth_agent::fakes::fleet::{FakeSeedSource, Rebooted};
+use hearth_agent::fakes::update::{DirEsp, GptSlotDisk, SystemctlReboot, SystemdBoot};
+use hearth_agent::fleet::Fleet;
+use hearth_agent::fleet::hardware::SimDmi;
+use hearth_agent::supervisor::{BACKOFF_START, Supervisor};
+use hearth_agent::update::fetch::Fetcher;
+use hearth_agent::update::platform::SlotDisk;
+use hearth_agent::update::state::{HealthSnapshot, Phase};
+use hearth_agent::update::{Observed, Platform, RepoSource, Updater};
+use hearth_fleet::ca::Role;
+use hearth_fleet::config::FleetConfig;
+use hearth_fleet::rollout::ManualClock;
+use hearth_fleet::server::RunningFleet;
+use hearth_fleet_client::https::{Endpoint, json};
+use hearth_fleet_client::release::{self, KeysSpec, Part, ReleaseVersion, SignSpec};
+use hearth_fleet_client::seed::Seed;
+use hearth_fleet_client::tls::{ClientIdentity, client_config};
+use hearth_proto::fleet::{TokenCreateRequest, TokenCreated};
+use hearth_proto::rollout::{Rollout, RolloutCreate, RolloutState, WaveSpec, Window};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const SLOT_SIZE: u64 = 1 << 20;
+
+fn roothash_for(version: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(version.as_bytes()))
+}
+
+/// A release's files as `image/build` leaves them.
+fn artifacts(dir: &Path, version: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let vv: ReleaseVersion = version.parse().expect("version");
+    let seed = version.bytes().fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    let root: Vec<u8> = (0..200_000u32).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    let verity: Vec<u8> = (0..8192u32).map(|i| (i as u8) ^ seed).collect();
+    let mut uki = b"MZ fake UKI .cmdline console=ttyS0 roothash=".to_vec();
+    uki.extend(roothash_for(version).as_bytes());
+    uki.extend(b" ro\0");
+    for (part, bytes) in [(Part::Root, root), (Part::Verity, verity), (Part::Uki, uki)] {
+        std::fs::write(dir.join(part.file_name(&vv)), &bytes).expect("write artifact");
+    }
+}
+
+/// Keys and a repository with release 2.0 on `stable`.
+async fn repository(dir: &Path) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    release::init_keys(&keys, &KeysSpec::simple(1, 1, 30)).await.expect("keys");
+    let repo = dir.join("repo");
+    let art = dir.join("build-2.0");
+    artifacts(&art, "2.0");
+    release::sign_release(&SignSpec {
+        artifacts: art,
+        version: "2.0".parse().expect("version"),
+        channel: "stable".into(),
+        keys: keys.clone(),
+        out: repo.clone(),
+        expires: release::days_from_now(30),
+    })
+    .await
+    .expect("sign");
+    (keys, repo)
+}
+
+/// One simulated machine: its agent (fleet subsystem with an updater) and its fake hardware.
+struct Machine {
+    agent: Arc<Agent>,
+    sup: Supervisor,
+    updater: Arc<Updater>,
+    disk: Arc<GptSlotDisk>,
+    boot: Arc<SystemdBoot>,
+    reboots: Arc<SystemctlReboot>,
+    /// The new system fails its boot check (its agent cannot reach the fleet).
+    bad: bool,
+}
+
+const H1_VERSION: &str = "1.0";
+
+async fn machine(dir: &Path, n: u64, seed: &Seed, keys: &Path, repo: &Path, bad: bool) -> Machine {
+    let state = dir.join(format!("node{n}"));
+    let h1 = roothash_for(H1_VERSION);
+    let disk = Arc::new(GptSlotDisk::new(H1_VERSION, &h1, SLOT_SIZE));
+    let esp = Arc::new(DirEsp::with_entries(&["hearth_1.0.efi"]));
+    let boot = Arc::new(SystemdBoot::new(&h1, "hearth_1.0.efi"));
+    let reboots = Arc::new(SystemctlReboot::default());
+    let metadata = url::Url::from_directory_path(repo).expect("url");
+    let source = RepoSource {
+        root: keys.join("root.json"),
+        targets_url: metadata.join("targets/").expect("url"),
+        metadata_url: metadata,
+        datastore: state.join("update/tuf"),
+        limits: tough::Limits {
+            max_root_size: 1 << 16,
+            max_targets_size: 1 << 20,
+            max_timestamp_size: 1 << 16,
+            max_snapshot_size: 1 << 16,
+            max_root_updates: 16,
+        },
+    };
+    let platform =
+        Platform { disk: disk.clone(), esp, boot: boot.clone(), rebooter: reboots.clone() };
+    let fetcher = Fetcher::new(None, Duration::from_secs(30)).expect("fetcher");
+    let updater = Arc::new(Updater::new(source, "stable".into(), fetcher, platform, &state));
+
+    let mut config = Config::default();
+    config.state.dir = state;
+    config.metrics.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.gpu.backend = BackendKind::Sim;
+    let agent = Agent::new(config, None, format!("node{n}"));
+    let sub = Arc::new(
+        Fleet::with(
+            agent.clone(),
+            vec![Box::new(FakeSeedSource::new("test seed", Some(seed.to_toml())))],
+            Box::new(SimDmi { seed: 1000 + n }),
+            Arc::new(Rebooted::default()),
+        )
+        .with_updater(updater.clone()),
+    );
+    agent.gpus().send_modify(|s| s.rounds = 1);
+    let sup = Supervisor::start(vec![sub], BACKOFF_START);
+    Machine { agent, sup, updater, disk, boot, reboots, bad }
+}
+
+impl Machine {
+    /// Play the firmware and systemd once: after the update client's reboot, boot the new
+    /// entry, run the boot check and bless it, or fall back to the old slot after the check
+    /// marked it bad. Returns whether it did anything.
+    async fn firmware_step(&self) -> bool {
+        let (_, st) = self.updater.load().expect("state");
+        if st.phase != Phase::Rebooting || self.reboots.count() == 0 {
+            return false;
+        }
+        let h2 = roothash_for("2.0");
+        self.boot.boot(&h2, "hearth_2.0+2-1.efi");
+        let agent = self.agent.clone();
+        let bad = self.bad;
+        let observe = move || {
+            let fleet_state = if bad {
+                "disconnected".to_string()
+            } else {
+                agent.fleet_status().borrow().state.clone()
+            };
+            async move {
+                Observed {
+                    agent_up: None,
+                    fleet_state,
+                    health: HealthSnapshot { gpus: 0, healthy_gpus: 0, enrolled: true },
+                }
+            }
+        };
+        let verdict =
+            self.updater.check(Duration::from_millis(1500), true, observe).await.expect("check");
+        match verdict {
+            Some(Ok(())) => self.boot.boot(&h2, "hearth_2.0.efi"),
+            _ => self.boot.boot(&roothash_for(H1_VERSION), "hearth_1.0.efi"),
+        }
+        self.updater.boot_reconcile().expect("reconcile");
+        true
+    }
+}
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    fleet: RunningFleet,
+    ep: Endpoint,
+    pin: String,
+    admin: ClientIdentity,
+    machines: Vec<Machine>,
+}
+
+/// A fleet, a signed repository and machines enrolled with tokens carrying `sites` labels;
+/// `bad(k)` says whether machine k's new system fails its check.
+async fn lab(
+    sites: &[&str],
+    bad: impl Fn(usize) -> bool,
+) -> Result<Lab, Box<dyn std::error::Error + Send + Sync>> {
+    let dir = tempfile::tempdir()?;
+    let fleet = hearth_fleet::server::start(FleetConfig {
+        listen: "127.0.0.1:0".parse()?,
+        state_dir: dir.path().join("fleet"),
+        flush_interval_ms: 200,
+        ..FleetConfig::default()
+    })
+    .await?;
+    let (op, key) = fleet.fleet.ca.operator_cert("t", Role::Admin, Duration::from_secs(600))?;
+    let admin_id = ClientIdentity { cert_pem: op.cert_pem, key_pem: key };
+    let pin = fleet.fleet.ca.pin();
+    let admin = client_config(&pin, Some(&admin_id), b"http/1.1")?;
+    let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
+    let (keys, repo) = repository(dir.path()).await;
+    let mut machines = Vec::new();
+    for (k, site) in sites.iter().enumerate() {
+        let req = TokenCreateRequest {
+            labels: BTreeMap::from([("site".to_string(), site.to_string())]),
+            ttl_s: 600,
+            max_uses: 1,
+        };
+        let token: TokenCreated =
+            json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
+        let mut seed = Seed::parse(&token.seed, "token")?;
+        seed.fleet.url = format!("https://{}", fleet.addr);
+        machines.push(machine(dir.path(), k as u64, &seed, &keys, &repo, bad(k)).await);
+    }
+    let l = Lab { _dir: dir, fleet, ep, pin, admin: admin_id, machines };
+    for m in &l.machines {
+        wait_for("sessions", || m.agent.fleet_status().borrow().state == "connected").await;
+    }
+    // Every node in the registry before the rollout is planned.
+    for _ in 0..100 {
+        let nodes: Vec<hearth_proto::fleet::NodeView> = l.get("/v1/nodes").await?;
+        if nodes.len() == sites.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(l)
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+impl Lab {
+    fn node_of(&self, k: usize) -> String {
+        self.machines[k].agent.fleet_status().borrow().node_id.clone().unwrap_or_default()
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = client_config(&self.pin, Some(&self.admin), b"http/1.1")?;
+        Ok(json::<(), T>(&self.ep, tls, "GET", path, None).await?)
+    }
+
+    async fn create(
+        &self,
+        req: &RolloutCreate,
+    ) -> Result<Rollout, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = client_config(&self.pin, Some(&self.admin), b"http/1.1")?;
+        Ok(json(&self.ep, tls, "POST", "/v1/rollouts", Some(req)).await?)
+    }
+
+    async fn rollout(&self, id: u64) -> Rollout {
+        self.get(&format!("/v1/rollouts/{id}"))
+            .await
+            .unwrap_or_else(|e| panic!("rollout {id}: {e}"))
+    }
+
+    /// Run the machines' firmware until the rollout satisfies `done`.
+    async fn run_until(&self, id: u64, what: &str, done: impl Fn(&Rollout) -> bool) -> Rollout {
+        for _ in 0..300 {
+            for m in &self.machines {
+                m.firmware_step().await;
+            }
+            let r = self.rollout(id).await;
+            if done(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for {what}: {:#?}", self.rollout(id).await);
+    }
+
+    async fn stop(self) {
+        for m in self.machines {
+            m.sup.shutdown(Duration::from_secs(2)).await;
+        }
+        self.fleet.stop().await;
+    }
+}
+
+fn waves(w: &[(u8, u8)]) -> Vec<WaveSpec> {
+    w.iter().map(|&(until_pct, max_failure_pct)| WaveSpec { until_pct, max_failure_pct }).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_wave_halts_the_rollout_and_the_rest_is_never_told() -> TestResult {
+    // Which machine lands in which wave depends on node ids (sorted): decide "bad" after
+    // enrollment through the order, so machine order does not matter.
+    let l = lab(&["lab"; 5], |_| false).await?;
+    let mut order: Vec<(String, usize)> = (0..5).map(|k| (l.node_of(k), k)).collect();
+    order.sort();
+    // Waves: 1 canary, then 2, then 2. One of the second wave's two fails: 50 % > 0 %.
+    let bad_k = order[2].1;
+    let mut l = l;
+    l.machines[bad_k].bad = true;
+    let req = RolloutCreate {
+        channel: "stable".into(),
+        version: "2.0".into(),
+        waves: waves(&[(20, 0), (60, 0), (100, 0)]),
+        windows: vec![],
+    };
+    let r = l.create(&req).await?;
+    assert_eq!((0..3).map(|w| r.counts(w).nodes).collect::<Vec<_>>(), [1, 2, 2]);
+    let halted = l.run_until(r.id, "the halt", |r| r.state == RolloutState::Halted).await;
+    let why = halted.reason.clone().unwrap_or_default();
+    assert!(why.contains("wave 2 of 3: 1 of 2"), "{why}");
+    assert!(
+        why.contains("fleet session not established"),
+        "the check's reason reaches the fleet: {why}"
+    );
+    // The canary runs 2.0, blessed, its anti-rollback floor raised.
+    let canary = &l.machines[order[0].1];
+    let (_, st) = canary.updater.load()?;
+    assert_eq!(st.phase, Phase::Blessed);
+    assert_eq!(st.anti_rollback, Some("2.0".parse()?));
+    // The bad machine is back on 1.0 and said why.
+    let bad = &l.machines[bad_k];
+    let (_, st) = bad.updater.load()?;
+    assert_eq!(st.phase, Phase::RolledBack);
+    assert_eq!(bad.updater.booted()?.version, Some("1.0".parse()?));
+    assert_eq!(bad.boot.bad_marks(), 1);
+    // Let the other second-wave node finish; the third wave is never told: nothing written.
+    l.run_until(r.id, "wave 2 settled", |r| r.counts(1).blessed + r.counts(1).failed == 2).await;
+    for _ in 0..20 {
+        for m in &l.machines {
+            m.firmware_step().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (_, k) in &order[3..] {
+        let m = &l.machines[*k];
+        assert_eq!(m.disk.writes(), 0, "a third-wave slot was written");
+        assert_eq!(m.updater.load()?.1.phase, Phase::Idle);
+        let d = m.agent.desired().borrow().clone();
+        assert_eq!(d.and_then(|d| d.update_version), None, "a third-wave node was told");
+    }
+    assert_eq!(l.rollout(r.id).await.state, RolloutState::Halted);
+    l.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_rollout_completes_and_a_window_holds_its_group_until_it_opens() -> TestResult {
+    let l = lab(&["ams1", "fra1", "ams1", "fra1"], |_| false).await?;
+    let clock = Arc::new(ManualClock::at(20_000 * 86_400_000 + 3_600_000)); // 01:00 UTC
+    l.fleet.fleet.set_clock(clock.clone());
+    let req = RolloutCreate {
+        channel: "stable".into(),
+        version: "2.0".into(),
+        waves: waves(&[(50, 0), (100, 0)]),
+        windows: vec![Window {
+            label: "site=ams1".into(),
+            start: "02:00".into(),
+            end: "04:00".into(),
+        }],
+    };
+    let r = l.create(&req).await?;
+    // The fra1 nodes of the first wave update; the ams1 ones are held: the wave cannot finish.
+    let fra_first: Vec<String> = r
+        .nodes
+        .iter()
+        .filter(|n| n.wave == 0 && n.labels.get("site").map(String::as_str) == Some("fra1"))
+        .map(|n| n.node.clone())
+        .collect();
+    let held = l
+        .run_until(r.id, "fra1 of wave 1", |r| {
+            r.nodes.iter().filter(|n| fra_first.contains(&n.node)).all(|n| n.phase == "blessed")
+        })
+        .await;
+    assert_eq!(held.wave, 0, "{held:#?}");
+    for k in [0, 2] {
+        assert_eq!(l.machines[k].disk.writes(), 0, "an ams1 slot was written outside its window");
+    }
+    // 02:00: the window opens; everything completes.
+    clock.set(20_000 * 86_400_000 + 2 * 3_600_000);
+    let done = l.run_until(r.id, "completion", |r| r.state == RolloutState::Completed).await;
+    assert_eq!(done.counts(0).blessed + done.counts(1).blessed, 4);
+    for m in &l.machines {
+        let (_, st) = m.updater.load()?;
+        assert_eq!(st.phase, Phase::Blessed);
+        assert_eq!(m.updater.booted()?.version, Some("2.0".parse()?));
+        let slots = m.disk.slots()?;
+        assert_eq!(slots[1].root.label, "hearth_2.0");
+    }
+    l.stop().await;
+    Ok(())
+}
