@@ -240,6 +240,9 @@ pub struct Figures {
     pub rss_after: u64,
     /// Fleet CPU over the window, share of one core.
     pub fleet_cpu: f64,
+    /// PostgreSQL server CPU over the window (postmaster and all its backends), share of one
+    /// core; 0 on SQLite (there the registry runs inside the fleet process).
+    pub db_cpu: f64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
     /// Fleet gateway processes.
@@ -249,6 +252,13 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// CPU-µs spent per heartbeat acked: (fleet, database server). Everything the fleet does
+    /// in the window (sessions, sweep, liveness writes) divided by the heartbeats it acked.
+    pub fn cpu_us_per_heartbeat(&self) -> Option<(f64, f64)> {
+        (self.acked_rate > 0.0)
+            .then(|| (self.fleet_cpu / self.acked_rate * 1e6, self.db_cpu / self.acked_rate * 1e6))
+    }
+
     /// Fleet memory per held session, bytes.
     pub fn bytes_per_session(&self) -> f64 {
         if self.held == 0 {
@@ -572,6 +582,38 @@ impl RegistryReader {
     }
 }
 
+/// The PostgreSQL server's processes (postmaster and its children, backends and background
+/// workers) behind `url`: the postmaster is the parent of this connection's backend.
+fn postgres_server(url: &str) -> anyhow::Result<u32> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).context("connect for the pid")?;
+    let backend: i32 = c.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat"))
+        .context("PostgreSQL is not on this machine (no /proc entry for its backend)")?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
+    let ppid: u32 = after.split_whitespace().nth(1).context("no ppid")?.parse()?;
+    Ok(ppid)
+}
+
+/// CPU time so far of `root` and its direct children (a postmaster's backends and workers).
+fn tree_cpu(root: u32) -> Duration {
+    let mut total = proc_sample(root).map(|s| s.cpu).unwrap_or_default();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return total };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(root) {
+            total += proc_sample(pid).map(|s| s.cpu).unwrap_or_default();
+        }
+    }
+    total
+}
+
 /// Read the registry every `every` until `stop`, sending one [`Poll`] per reading.
 fn poll_registry(
     url: String,
@@ -881,6 +923,19 @@ async fn run_on(
     for w in &mut pool {
         w.say("measure")?;
     }
+    let db_server = if backend == "postgres" {
+        let u = url.to_string();
+        match tokio::task::spawn_blocking(move || postgres_server(&u)).await? {
+            Ok(pid) => Some(pid),
+            Err(e) => {
+                println!("  PostgreSQL CPU not measured: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let db0 = db_server.map(tree_cpu);
     let (cpu0, _) = fleet.sample()?;
     let log0 = fleet.log_lens();
     let window_start = Instant::now();
@@ -894,6 +949,9 @@ async fn run_on(
     let log1 = fleet.log_lens();
     f.rss_after = rss1;
     f.fleet_cpu = cpu1.saturating_sub(cpu0).as_secs_f64() / secs;
+    if let (Some(pid), Some(db0)) = (db_server, db0) {
+        f.db_cpu = tree_cpu(pid).saturating_sub(db0).as_secs_f64() / secs;
+    }
     let latency = Histogram::new();
     let mut reports = 0;
     let (mut held, mut acked) = (0u64, 0u64);
@@ -1254,6 +1312,32 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
         cols.iter().map(|f| format!("{:.0}%", f.fleet_cpu * 100.0)).collect(),
         "",
     );
+    row(
+        "CPU-µs per heartbeat acked (fleet + PostgreSQL server)",
+        cols.iter()
+            .map(|f| match f.cpu_us_per_heartbeat() {
+                Some((fleet, db)) if f.db_cpu > 0.0 => {
+                    format!("{fleet:.1} + {db:.1} = {:.1}", fleet + db)
+                }
+                Some((fleet, _)) => format!("{fleet:.1}"),
+                None => "-".into(),
+            })
+            .collect(),
+        "",
+    );
+    row(
+        "PostgreSQL server CPU (share of the fleet's core)",
+        cols.iter()
+            .map(|f| {
+                if f.backend == "postgres" {
+                    format!("{:.0}%", f.db_cpu * 100.0)
+                } else {
+                    "-".into()
+                }
+            })
+            .collect(),
+        "",
+    );
     println!();
     println!(
         "Extrapolation to {EXTRAPOLATE_NODES} nodes (heartbeat every {} s):",
@@ -1278,10 +1362,11 @@ pub fn extrapolate(f: &Figures, flush_ms: u64) -> Vec<String> {
     let mem = f.rss_before as f64 + n * f.bytes_per_session();
     let rows_needed = n * 1000.0 / flush_ms as f64;
     let flush_s = if f.write_capacity > 0.0 { n / f.write_capacity } else { f64::INFINITY };
-    let cpu_per_hb = if f.acked_rate > 0.0 { f.fleet_cpu / f.acked_rate } else { f64::INFINITY };
+    let cpu_per_hb =
+        if f.acked_rate > 0.0 { (f.fleet_cpu + f.db_cpu) / f.acked_rate } else { f64::INFINITY };
     vec![
         format!(
-            "heartbeats {hb_needed:.0}/s needed, {:.0}/s measured ({:.0}% of one core at that rate)",
+            "heartbeats {hb_needed:.0}/s needed, {:.0}/s measured ({:.0}% of one core at that rate, database server included)",
             f.acked_rate,
             cpu_per_hb * hb_needed * 100.0
         ),
@@ -1392,6 +1477,11 @@ mod tests {
         let lines = extrapolate(&f, 5000);
         assert!(lines[0].contains("20000/s needed"), "{lines:?}");
         assert!(lines[0].contains("(50% of one core"), "{lines:?}");
+        let (fleet, db) = f.cpu_us_per_heartbeat().unwrap_or_default();
+        assert!((fleet - 25.0).abs() < 1e-9 && db == 0.0, "{fleet} {db}");
+        let pg = Figures { db_cpu: 0.25, backend: "postgres".into(), ..f.clone() };
+        assert!(extrapolate(&pg, 5000)[0].contains("(75% of one core"));
+        assert_eq!(pg.cpu_us_per_heartbeat(), Some((25.0, 12.5)));
         // 100 MiB + 200,000 × 20 KiB = 3.91 GiB.
         assert!(lines[1].starts_with("memory 3.91 GiB"), "{lines:?}");
         assert!(lines[2].contains("40000 rows/s") && lines[2].contains("takes 2.0 s"), "{lines:?}");

@@ -13,7 +13,7 @@ use hearth_fleet_client::session::{read_message, write_message};
 use hearth_proto::control::{
     self, Command, ControlMessage, HEARTBEAT_INTERVAL_S, Refusal, Welcome,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -129,14 +129,33 @@ where
         if commands.send_unacked(&mut writer).await.is_err() {
             return;
         }
-        while let Some(msg) = rx.recv().await {
-            let sent = match msg {
-                ControlMessage::Command(c) if c.id <= commands.last_sent => Ok(()),
-                ControlMessage::Command(_) => commands.send_unacked(&mut writer).await,
-                other => write_message(&mut writer, &other).await.map_err(|_| ()),
-            };
-            if sent.is_err() {
-                break;
+        // Whatever is queued when the writer wakes goes out as one write (one TLS record, one
+        // syscall): acks and desired states are encoded into `out`, which is flushed before a
+        // command is sent from the registry and when the queue is empty.
+        let mut out = Vec::with_capacity(256);
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    ControlMessage::Command(c) if c.id <= commands.last_sent => {}
+                    ControlMessage::Command(_) => {
+                        if flush_out(&mut writer, &mut out).await.is_err()
+                            || commands.send_unacked(&mut writer).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    other => match other.to_frame() {
+                        Ok(frame) => out.extend_from_slice(&frame),
+                        Err(e) => {
+                            tracing::warn!(node = %commands.node, error = %e, "cannot encode a message");
+                        }
+                    },
+                }
+                next = rx.try_recv().ok();
+            }
+            if flush_out(&mut writer, &mut out).await.is_err() {
+                return;
             }
         }
     });
@@ -245,6 +264,17 @@ where
     }
     writer_task.abort();
     tracing::info!(%node, "session closed");
+}
+
+/// Write and flush the encoded messages in `out` (if any) and empty it.
+async fn flush_out<W: AsyncWrite + Unpin>(w: &mut W, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    w.write_all(out).await?;
+    w.flush().await?;
+    out.clear();
+    Ok(())
 }
 
 /// The command stream of one session: sends the node's unacknowledged commands above

@@ -1,6 +1,6 @@
-//! Liveness batches (`Registry::record_seen`): one multi-row statement per chunk of nodes, across
-//! chunk boundaries, unknown ids ignored, nodes outside the batch untouched; on SQLite and on
-//! PostgreSQL.
+//! Liveness batches (`Registry::record_seen`): one statement per node on SQLite, one per chunk
+//! of nodes on PostgreSQL; across chunk boundaries, unknown ids ignored, nodes outside the batch
+//! untouched; on SQLite and on PostgreSQL.
 
 mod common;
 

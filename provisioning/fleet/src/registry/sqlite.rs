@@ -27,6 +27,7 @@ impl Sqlite {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         let conn =
             Connection::open(path).map_err(err(format!("cannot open {}", path.display())))?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err("busy_timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err("journal_mode = WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err("synchronous"))?;
@@ -70,11 +71,10 @@ fn sql(s: &str) -> String {
 
 impl Tx for SqliteTx<'_> {
     fn exec(&mut self, s: &str, p: &[Value]) -> Result<u64, DbError> {
-        let n = self.0.execute(&sql(s), rusqlite::params_from_iter(params(p))).map_err(err(s
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()))?;
+        let what = s.lines().next().unwrap_or_default().trim();
+        // Cached: a liveness batch runs one statement per node (`Registry::record_seen`).
+        let mut stmt = self.0.prepare_cached(&sql(s)).map_err(err(what))?;
+        let n = stmt.execute(rusqlite::params_from_iter(params(p))).map_err(err(what))?;
         Ok(n as u64)
     }
 
