@@ -40,10 +40,6 @@ use crate::ca::{Peer, Role};
 use crate::registry::expose::Exposure;
 use crate::server::Fleet;
 
-/// Copy buffer per direction of a forwarded connection (tokio's default, 8 KiB, costs a wakeup
-/// per 8 KiB).
-const RELAY_BUF: usize = 64 * 1024;
-
 /// The gateway's exposure listeners.
 #[derive(Debug, Default)]
 pub struct Exposer {
@@ -194,9 +190,8 @@ async fn forward(fleet: &Fleet, mut tcp: TcpStream, from: SocketAddr, e: &Exposu
         }
     };
     let started = Instant::now();
-    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, RELAY_BUF, RELAY_BUF)
-        .await
-    {
+    // 64 KiB buffers while data flows, none while the connection is idle (`relay`).
+    match hearth_fleet_client::tunnel::relay(&mut tcp, &mut stream).await {
         Ok((up, down)) => tracing::debug!(
             node = %e.node_id, port = e.gateway_port, %from, up, down,
             secs = started.elapsed().as_secs_f64(), "exposure connection closed"

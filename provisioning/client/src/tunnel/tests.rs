@@ -195,3 +195,65 @@ async fn bytes_written_before_shutdown_and_drop_still_arrive() -> io::Result<()>
     assert!(got == expect, "{} bytes of {}", got.len(), expect.len());
     Ok(())
 }
+
+/// `relay` copies both ways, intact and in order, through several quiet periods (each gives the
+/// big buffer back), and an end of stream on one side reaches the other as an end of stream
+/// while the other direction keeps flowing.
+#[tokio::test]
+async fn relay_copies_both_ways_across_quiet_periods_and_half_closes() {
+    let (client, a) = tokio::io::duplex(4096);
+    let (b, server) = tokio::io::duplex(4096);
+    let relayed = tokio::spawn(relay(a, b));
+    let (mut c_rd, mut c_wr) = tokio::io::split(client);
+    let (mut s_rd, mut s_wr) = tokio::io::split(server);
+
+    let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let down: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    let up2 = up.clone();
+    let writer_up = tokio::spawn(async move {
+        for (k, chunk) in up2.chunks(70_000).enumerate() {
+            c_wr.write_all(chunk).await.expect("client write");
+            if k % 2 == 0 {
+                // Longer than RELAY_QUIET: the direction goes idle and comes back.
+                tokio::time::sleep(RELAY_QUIET + Duration::from_millis(100)).await;
+            }
+        }
+        c_wr.shutdown().await.expect("client shutdown");
+    });
+    // The client reads all along (the pipes hold 4 KiB: a writer nobody reads would stall).
+    let reader_down = tokio::spawn(async move {
+        let mut got = Vec::new();
+        c_rd.read_to_end(&mut got).await.expect("client read");
+        got
+    });
+    let mut got_up = Vec::new();
+    s_rd.read_to_end(&mut got_up).await.expect("server read");
+    writer_up.await.expect("writer task");
+    assert_eq!(got_up, up, "client → server intact, then end of stream");
+
+    // The other direction still flows after the first one ended.
+    s_wr.write_all(&down).await.expect("server write");
+    tokio::time::sleep(RELAY_QUIET + Duration::from_millis(100)).await;
+    s_wr.write_all(b"tail").await.expect("server write after a quiet period");
+    s_wr.shutdown().await.expect("server shutdown");
+    let got_down = reader_down.await.expect("reader task");
+    assert_eq!(got_down.len(), down.len() + 4);
+    assert_eq!(&got_down[..down.len()], &down[..]);
+    assert_eq!(&got_down[down.len()..], b"tail");
+
+    let (n_up, n_down) = relayed.await.expect("relay task").expect("relay result");
+    assert_eq!((n_up, n_down), (up.len() as u64, down.len() as u64 + 4));
+}
+
+/// An error on either side ends the relay with that error.
+#[tokio::test]
+async fn relay_reports_a_broken_side() {
+    let (client, a) = tokio::io::duplex(1024);
+    let (b, server) = tokio::io::duplex(1024);
+    let relayed = tokio::spawn(relay(a, b));
+    drop(server); // the far side vanishes: writing to it fails
+    let mut client = client;
+    client.write_all(b"hello").await.expect("client write");
+    let r = relayed.await.expect("relay task");
+    assert!(r.is_err(), "a relay whose far side is gone must fail, got {r:?}");
+}
