@@ -743,8 +743,9 @@ const RELAY_IDLE_BUF: usize = 512;
 
 /// Relays `a` and `b` both ways until both directions end (an end of stream on one side shuts
 /// down the other side's writing half), like `tokio::io::copy_bidirectional`, except that a quiet
-/// direction holds no copy buffer: it waits on [`RELAY_IDLE_BUF`] bytes and takes a
-/// [`RELAY_BUF`] buffer only while data flows, giving it back after [`RELAY_QUIET`]. So 1,000 idle
+/// direction holds no copy buffer: it reads into [`RELAY_IDLE_BUF`] bytes, takes a [`RELAY_BUF`]
+/// buffer only when such a read comes back full (bulk data), and gives it back after
+/// [`RELAY_QUIET`]. So 1,000 idle
 /// forwarded connections cost about 1 MiB of buffers instead of 128 MiB. Returns the bytes
 /// copied a→b and b→a. Used by the gateway's `expose` relay and the node's port targets.
 pub async fn relay<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
@@ -774,6 +775,10 @@ where
         to.write_all(&small[..n]).await?;
         to.flush().await?;
         total += n as u64;
+        if n < RELAY_IDLE_BUF {
+            // A short message (a keystroke, a request, a 64-byte round trip): no buffer taken.
+            continue;
+        }
         // Data is flowing: a full-size buffer until the direction goes quiet (`read` is
         // cancel-safe: a timed-out read has taken nothing).
         let mut big = vec![0u8; RELAY_BUF];
