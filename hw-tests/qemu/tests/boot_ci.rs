@@ -160,21 +160,7 @@ fn boot() -> TestResult {
     assert!(failed.is_empty(), "units failed to start during boot: {failed:#?}");
 
     // From the fleet: the node enrolled and heartbeats over its session with its two GPUs.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let node = loop {
-        let nodes = fleet.nodes()?;
-        if let Some(n) = nodes.iter().find(|n| n.online && n.heartbeat.is_some()) {
-            break n.clone();
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the node never came online in the fleet: {nodes:?}\n{}",
-                vm.tail(60)
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let node = fleet.wait_online(&vm, Duration::from_secs(180))?;
     let enrolled_at = booted.elapsed();
     assert_eq!(node.gpus.len(), 2, "inventory in the registry: {node:?}");
     assert!(node.gpus.iter().all(|g| g.name.contains("H100")), "{:?}", node.gpus);

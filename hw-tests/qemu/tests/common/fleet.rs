@@ -63,6 +63,30 @@ impl TestFleet {
         ))?)
     }
 
+    /// Wait until the fleet lists a node online with a heartbeat (at most `timeout`); the error
+    /// carries the nodes seen and the guest's last console lines.
+    pub fn wait_online(
+        &self,
+        vm: &hearth_qemu::Vm,
+        timeout: Duration,
+    ) -> Result<NodeView, Box<dyn std::error::Error>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let nodes = self.nodes()?;
+            if let Some(n) = nodes.iter().find(|n| n.online && n.heartbeat.is_some()) {
+                return Ok(n.clone());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the node never came online in the fleet: {nodes:?}\n{}",
+                    vm.tail(60)
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// `GET /v1/events?limit=1000`, oldest first.
     pub fn events(&self) -> Result<Vec<EventView>, Box<dyn std::error::Error>> {
         let mut events: Vec<EventView> = self.runtime.block_on(json::<(), _>(

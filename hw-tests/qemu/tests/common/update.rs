@@ -212,21 +212,7 @@ impl Rig {
 
     /// Wait until the fleet lists the node online with a heartbeat; its id.
     pub fn online(&self, vm: &Vm) -> Result<String, Error> {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let nodes = self.fleet.nodes()?;
-            if let Some(n) = nodes.iter().find(|n| n.online && n.heartbeat.is_some()) {
-                return Ok(n.id.clone());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the node never came online in the fleet: {nodes:?}\n{}",
-                    vm.tail(60)
-                )
-                .into());
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        Ok(self.fleet.wait_online(vm, Duration::from_secs(300))?.id)
     }
 
     /// Run `hearth-agent update apply --reboot ARGS` in the guest's root shell and wait until it
