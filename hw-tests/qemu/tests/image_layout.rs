@@ -203,19 +203,7 @@ fn bad_release_variants_differ_from_the_good_one_only_in_the_command_line() -> T
         ("no-fleet", "systemd.mask=systemd-networkd.service"),
     ] {
         let out = work.join(kind);
-        common::script(
-            "release-variant",
-            &[
-                "--from".as_ref(),
-                good.as_os_str(),
-                "--version".as_ref(),
-                version.as_ref(),
-                "--kind".as_ref(),
-                kind.as_ref(),
-                "--out".as_ref(),
-                out.as_os_str(),
-            ],
-        )?;
+        common::release_variant(&good, version, kind, &out)?;
         for suffix in ["root.raw", "root-verity.raw"] {
             let v = out.join(format!("hearth_{version}.{suffix}"));
             let len = std::fs::metadata(artifact(suffix))?.len();

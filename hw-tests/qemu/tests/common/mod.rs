@@ -165,6 +165,29 @@ pub fn script(name: &str, args: &[&std::ffi::OsStr]) -> Result<String, Box<dyn s
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// `image/release-variant`: the bad release `kind` of release `version` in `from`, into `out`.
+pub fn release_variant(
+    from: &Path,
+    version: &str,
+    kind: &str,
+    out: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    script(
+        "release-variant",
+        &[
+            "--from".as_ref(),
+            from.as_os_str(),
+            "--version".as_ref(),
+            version.as_ref(),
+            "--kind".as_ref(),
+            kind.as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ],
+    )?;
+    Ok(())
+}
+
 /// The `roothash=` on a UKI's command line.
 pub fn uki_roothash(uki: &Path) -> Result<String, Box<dyn std::error::Error>> {
     let cmdline = script("uki-cmdline", &[uki.as_os_str()])?;

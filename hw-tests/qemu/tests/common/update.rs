@@ -165,19 +165,7 @@ impl Rig {
     /// `image/release-variant --kind KIND` of the release `version` in `dir`.
     pub fn variant(&self, dir: &Path, version: &str, kind: &str) -> Result<PathBuf, Error> {
         let out = self.work.join("releases").join(format!("{version}-{kind}"));
-        script(
-            "release-variant",
-            &[
-                "--from".as_ref(),
-                dir.as_os_str(),
-                "--version".as_ref(),
-                version.as_ref(),
-                "--kind".as_ref(),
-                kind.as_ref(),
-                "--out".as_ref(),
-                out.as_os_str(),
-            ],
-        )?;
+        super::release_variant(dir, version, kind, &out)?;
         Ok(out)
     }
 
