@@ -567,7 +567,7 @@ impl RegistryReader {
     }
 
     fn last_seen(&mut self) -> anyhow::Result<Vec<(String, Option<i64>)>> {
-        const Q: &str = "SELECT id, last_seen_ms FROM nodes";
+        const Q: &str = "SELECT node_id, last_seen_ms FROM node_liveness";
         match self {
             Self::Sqlite(c) => {
                 let mut st = c.prepare_cached(Q)?;

@@ -240,15 +240,19 @@ fn enroll_batch(db: Db) -> TestResult {
     assert!(matches!(&out[3], Ok((id, true)) if id == "n-batch4"), "{:?}", out[3]);
     let after = r.dump()?;
     assert_eq!(after["nodes"].len(), before["nodes"].len() + 2, "only the two winners");
+    assert_eq!(after["node_liveness"].len(), 2, "a liveness row per new node: {after:?}");
+    let enrolled = after["events"].iter().filter(|e| e.contains("\"enrolled\"")).count();
+    assert_eq!(enrolled, 2, "an enrolled event per new node: {:?}", after["events"]);
     let ids: Vec<_> = r.nodes()?.into_iter().map(|n| n.id).collect();
     assert_eq!(ids, ["n-batch1", "n-batch4"]);
     let uses: BTreeMap<_, _> = r.tokens()?.into_iter().map(|t| (t.id, t.uses)).collect();
     assert_eq!(uses["t-single"], 1);
     assert_eq!(uses["t-multi"], 1);
 
-    // Revoked hardware is refused after its token use was taken: the use is given back.
+    // Revoked hardware is refused after its token use was taken: the use is given back; known
+    // hardware re-enrolls under its node id.
     r.revoke_node("n-batch1", now)?;
-    let es = [enrollment("multi", 1), enrollment("multi", 5)];
+    let es = [enrollment("multi", 1), enrollment("multi", 5), enrollment("multi", 4)];
     let mut signs: Vec<Box<SignFn<'static>>> = (0..es.len())
         .map(|_| {
             Box::new(|_: &str| Ok(CertRecord { serial: "ff".into(), not_after_ms: 9 }))
@@ -264,8 +268,11 @@ fn enroll_batch(db: Db) -> TestResult {
         out[0]
     );
     assert!(matches!(&out[1], Ok((id, true)) if id == "n-batch5"), "{:?}", out[1]);
+    assert!(matches!(&out[2], Ok((id, false)) if id == "n-batch4"), "{:?}", out[2]);
     let uses: BTreeMap<_, _> = r.tokens()?.into_iter().map(|t| (t.id, t.uses)).collect();
-    assert_eq!(uses["t-multi"], 2, "the refused enrollment's use was given back");
+    assert_eq!(uses["t-multi"], 3, "the refused enrollment's use was given back");
+    let after = r.dump()?;
+    assert_eq!((after["nodes"].len(), after["node_liveness"].len()), (3, 3));
     Ok(())
 }
 
