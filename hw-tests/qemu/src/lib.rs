@@ -752,6 +752,27 @@ impl Vm {
         Ok(())
     }
 
+    /// Wait until the guest runs (QMP `query-status`): after a start with
+    /// [`VmConfig::incoming`], once the saved state is loaded.
+    pub fn wait_running(&self, timeout: Duration) -> Result<(), QemuError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // The QMP socket appears once QEMU is up; until then the command fails.
+            if let Ok(reply) = self.qmp("query-status") {
+                let status = serde_json::from_str::<serde_json::Value>(&reply)
+                    .ok()
+                    .and_then(|v| v["return"]["status"].as_str().map(String::from));
+                if status.as_deref() == Some("running") {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(self.timeout("the guest running", timeout));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Reset the machine (QMP `system_reset`), as a hardware watchdog would.
     pub fn reset(&self) -> Result<(), QemuError> {
         self.qmp("system_reset").map(|_| ())
