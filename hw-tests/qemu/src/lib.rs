@@ -754,7 +754,7 @@ impl Vm {
 
     /// Wait until the guest runs (QMP `query-status`): after a start with
     /// [`VmConfig::incoming`], once the saved state is loaded.
-    pub fn wait_running(&self, timeout: Duration) -> Result<(), QemuError> {
+    pub fn wait_running(&mut self, timeout: Duration) -> Result<(), QemuError> {
         let deadline = Instant::now() + timeout;
         loop {
             // The QMP socket appears once QEMU is up; until then the command fails.

@@ -166,7 +166,7 @@ impl Rig {
         let mut config = self.config.clone();
         config.incoming = Some(snap.state.clone());
         let t = Instant::now();
-        let vm = Vm::start(&config)?;
+        let mut vm = Vm::start(&config)?;
         vm.wait_running(Duration::from_secs(120))?;
         println!("resumed the machine snapshot in {:.1} s", t.elapsed().as_secs_f64());
         Ok(vm)
