@@ -272,17 +272,21 @@ async fn a_stalled_consumer_does_not_hold_up_other_streams() -> io::Result<()> {
             }
         }
     });
-    // Wait until it is stuck: its bytes fill the node's receive window and our send buffer.
+    // Wait until it is stuck on credit: bytes queued, none allowed (the node's receive window and
+    // its echo's send buffer are full, and our receive window too).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let queued: usize = {
+        let stuck = {
             let st = gw.handle.shared.lock();
-            st.mux.stream_ids().filter_map(|id| st.mux.stats(id)).map(|s| s.send_queued).sum()
+            st.mux
+                .stream_ids()
+                .filter_map(|id| st.mux.stats(id))
+                .any(|s| s.send_credit == 0 && s.send_queued > 0 && s.recv_allowed == 0)
         };
-        if queued >= MuxConfig::default().send_buffer {
+        if stuck {
             break;
         }
-        assert!(Instant::now() < deadline, "the stalled stream never filled its buffer");
+        assert!(Instant::now() < deadline, "the stalled stream never ran out of credit");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The reader goes on delivering other streams' frames: round trips still complete.
