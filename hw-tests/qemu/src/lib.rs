@@ -235,6 +235,11 @@ pub struct VmConfig {
     pub debug_shell: bool,
     /// Directory for the QMP socket, the firmware variables and the console log.
     pub work_dir: PathBuf,
+    /// Resume a machine saved by [`Vm::save_state`] instead of powering on (QEMU's
+    /// `-incoming file:PATH`): the guest runs on from where it was saved, without booting. The
+    /// rest of the configuration must be the one it was saved with, and the firmware variables
+    /// (`work_dir/ovmf-vars.fd`) and the disk must be as they were then.
+    pub incoming: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -254,6 +259,7 @@ impl VmConfig {
             cmdline_extra: vec!["no_timer_check".into()],
             debug_shell: false,
             work_dir: work_dir.to_path_buf(),
+            incoming: None,
         })
     }
 
@@ -279,11 +285,14 @@ impl VmConfig {
         match &self.boot {
             Boot::Uefi { code, vars } => {
                 let vars_copy = self.work_dir.join("ovmf-vars.fd");
-                std::fs::copy(vars, &vars_copy).map_err(|source| QemuError::Io {
-                    op: "copy",
-                    path: vars.clone(),
-                    source,
-                })?;
+                // A resumed machine keeps the variables it was saved with.
+                if self.incoming.is_none() || !vars_copy.exists() {
+                    std::fs::copy(vars, &vars_copy).map_err(|source| QemuError::Io {
+                        op: "copy",
+                        path: vars.clone(),
+                        source,
+                    })?;
+                }
                 a.push("-drive".into());
                 a.push(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()));
                 a.push("-drive".into());
@@ -333,6 +342,10 @@ impl VmConfig {
             let b64 = base64::engine::general_purpose::STANDARD.encode(value);
             a.push("-smbios".into());
             a.push(format!("type=11,value=io.systemd.credential.binary:{name}={b64}"));
+        }
+        if let Some(state) = &self.incoming {
+            a.push("-incoming".into());
+            a.push(format!("file:{}", state.display()));
         }
         Ok(a)
     }
@@ -600,6 +613,15 @@ impl Vm {
 
     /// Run one QMP command (after the capabilities handshake) and return the reply line.
     pub fn qmp(&self, command: &str) -> Result<String, QemuError> {
+        self.qmp_with(command, None)
+    }
+
+    /// Run one QMP command with `arguments` (a JSON object) and return the reply line.
+    pub fn qmp_with(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<String, QemuError> {
         let err = |detail: String| QemuError::Qmp { command: command.into(), detail };
         let mut stream = UnixStream::connect(&self.qmp_path).map_err(|e| err(e.to_string()))?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| err(e.to_string()))?;
@@ -621,7 +643,11 @@ impl Vm {
             }
         };
         send("{\"execute\":\"qmp_capabilities\"}\n".into())?;
-        let reply = send(format!("{{\"execute\":\"{command}\"}}\n"))?;
+        let mut request = serde_json::json!({ "execute": command });
+        if let Some(arguments) = arguments {
+            request["arguments"] = arguments;
+        }
+        let reply = send(format!("{request}\n"))?;
         if reply.contains("\"error\"") {
             return Err(err(reply.trim().to_string()));
         }
@@ -685,6 +711,45 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Save the running machine to `path` and stop QEMU: QMP `stop` (which also flushes every
+    /// drive, so an NBD disk's server holds all the guest wrote), then `migrate` to
+    /// `file:PATH`, polled with `query-migrate` until it completes. Resume it with
+    /// [`VmConfig::incoming`] on a copy of the disk as it is now.
+    pub fn save_state(&mut self, path: &Path, timeout: Duration) -> Result<(), QemuError> {
+        self.qmp("stop")?;
+        self.qmp_with(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("file:{}", path.display()) })),
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let reply = self.qmp("query-migrate")?;
+            let status = serde_json::from_str::<serde_json::Value>(&reply)
+                .ok()
+                .and_then(|v| v["return"]["status"].as_str().map(String::from))
+                .unwrap_or_default();
+            match status.as_str() {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(QemuError::Qmp {
+                        command: "migrate".into(),
+                        detail: format!(
+                            "saving the machine to {}: {}",
+                            path.display(),
+                            reply.trim()
+                        ),
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(self.timeout("the machine's state saved", timeout));
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        self.kill();
+        Ok(())
     }
 
     /// Reset the machine (QMP `system_reset`), as a hardware watchdog would.

@@ -29,9 +29,8 @@ mod common;
 
 use std::time::Instant;
 
-use common::update::{Rig, check_passed};
+use common::update::{Rig, check_passed, good_update};
 use common::{TestResult, file_digest, slot_digest};
-use hearth_qemu::field;
 
 #[test]
 #[ignore = "needs the ci image built with --update-root (image/build); run by hand (hw-tests/qemu/README.md)"]
@@ -39,63 +38,6 @@ fn good_updates_a_to_b_to_a_prime() {
     if let Err(e) = run() {
         panic!("{e}");
     }
-}
-
-/// One update from the running version `from` to `to` (signed already): apply, reboot, trial
-/// boot, check, bless; fleet events. Returns the console mark after the new boot's reconcile.
-fn update(rig: &Rig, vm: &mut hearth_qemu::Vm, from: &str, to: &str) -> TestResult {
-    let t = Instant::now();
-    let (rc, mark) = rig.apply(vm, "")?;
-    if rc != 0 {
-        return Err(format!("update apply {from} -> {to} exited {rc}\n{}", vm.tail(40)).into());
-    }
-    println!("apply {from} -> {to}: downloaded and written in {:.1} s", t.elapsed().as_secs_f64());
-    let check = rig.boot_check(vm, mark, &format!("boot check of {to}"))?;
-    if !check_passed(&check.text, to) || field(&check.text, "update") != Some("pass") {
-        return Err(
-            format!("{to}'s trial boot did not pass: {}\n{}", check.text, vm.tail(60)).into()
-        );
-    }
-    println!("{to} booted on trial, boot check passed after {:.1} s", t.elapsed().as_secs_f64());
-    // hearth-update-reconcile.service's line (the console status may share the line's start).
-    let blessed = vm.wait_for_from(mark, "update state blessed", rig.timeout, |l| {
-        !l.starts_with("ttyS1:") && l.contains("update: ")
-    })?;
-    let at = blessed.text.find("update: ").unwrap_or(0);
-    if !blessed.text[at..].starts_with(&format!("update: blessed  target {to}")) {
-        return Err(format!("after the bless: {}\n{}", blessed.text, vm.tail(40)).into());
-    }
-    let floor = vm.wait_for_from(mark, "anti-rollback line", rig.timeout, |l| {
-        l.contains("anti-rollback version")
-    })?;
-    if !floor.text.trim().ends_with(&format!("anti-rollback version {to}")) {
-        return Err(format!("anti-rollback not raised to {to}: {}", floor.text).into());
-    }
-    let events = rig.event(vm, "node.update.blessed", &format!("{from} -> {to}"))?;
-    let ours: Vec<_> =
-        events.iter().filter(|e| e.message.contains(&format!("{from} -> {to}"))).collect();
-    // The session reports the persisted phase at each heartbeat: how many of the steps before
-    // the bless it sees depends on their speed, but at least one, and the bless comes last.
-    let before = ["downloading", "writing", "installed", "rebooting", "trial"];
-    let first_transfer =
-        ours.iter().position(|e| before.iter().any(|p| e.kind == format!("node.update.{p}")));
-    let bless = ours.iter().position(|e| e.kind == "node.update.blessed");
-    match (first_transfer, bless) {
-        (Some(d), Some(b)) if d < b => {}
-        _ => {
-            let seen: Vec<String> =
-                ours.iter().map(|e| format!("{} {}", e.kind, e.message)).collect();
-            return Err(format!("fleet events of {from} -> {to} out of order: {seen:#?}").into());
-        }
-    }
-    let phases: Vec<&str> =
-        ours.iter().map(|e| e.kind.trim_start_matches("node.update.")).collect();
-    println!(
-        "{from} -> {to}: blessed after {:.1} s; fleet saw {}",
-        t.elapsed().as_secs_f64(),
-        phases.join(", ")
-    );
-    Ok(())
 }
 
 fn run() -> TestResult {
@@ -122,9 +64,9 @@ fn run() -> TestResult {
     let node = rig.online(&vm)?;
     println!("A ({a}) up and node {node} online after {:.1} s", total.elapsed().as_secs_f64());
 
-    update(&rig, &mut vm, &a, &b)?;
+    good_update(&rig, &mut vm, &a, &b)?;
     rig.sign(&rel_a2, &a2)?;
-    update(&rig, &mut vm, &b, &a2)?;
+    good_update(&rig, &mut vm, &b, &a2)?;
 
     vm.powerdown(std::time::Duration::from_secs(180))?;
     drop(vm);

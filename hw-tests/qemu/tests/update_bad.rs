@@ -30,7 +30,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::update::{Rig, check_passed};
+use common::update::{Rig, bad_update, check_passed};
 use common::{ROOT_X86_64, TestResult, env_u64, file_digest, gpt, slot_digest};
 
 const KINDS: &[(&str, &str)] = &[
@@ -128,45 +128,7 @@ fn run() -> TestResult {
             return Err(format!("{kind}: A: {}\n{}", check.text, vm.tail(60)).into());
         }
         rig.online(&vm)?;
-        let (rc, mark) = rig.apply(&mut vm, &format!("--version {version} --tries {tries}"))?;
-        if rc != 0 {
-            return Err(format!("{kind}: update apply exited {rc}\n{}", vm.tail(40)).into());
-        }
-        println!(
-            "{kind}: {version} installed with {tries} tries after {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        // Back on A: its boot check passes, and the update check in it records the rollback.
-        let back = vm.wait_for_from(
-            mark,
-            "A's boot check after the fallback",
-            rig.timeout * (tries as u32 + 1),
-            |l| l.contains("HEARTH-BOOT-CHECK ") && check_passed(l, &a),
-        )?;
-        let kernels = vm.lines()[mark..back_index(&vm, mark, &back.text)]
-            .iter()
-            .filter(|l| l.text.contains("Linux version"))
-            .count() as u64;
-        // Boots of the bad entry plus A's: for no-boot every try starts a kernel.
-        if *kind == "no-boot" && kernels != tries + 1 {
-            return Err(format!("{kind}: {kernels} kernel starts before A's check, expected {tries} failed tries + A").into());
-        }
-        let events = rig.event(&vm, "node.update.rolled_back", &format!("{a} -> {version}"))?;
-        let rolled = events
-            .iter()
-            .rev()
-            .find(|e| {
-                e.kind == "node.update.rolled_back"
-                    && e.message.contains(&format!("{a} -> {version}"))
-            })
-            .map(|e| e.message.clone())
-            .unwrap_or_default();
-        if !rolled.contains(reason) || !rolled.contains(": ") {
-            return Err(format!(
-                "{kind}: rollback reported without the expected reason \"{reason}\": {rolled}"
-            )
-            .into());
-        }
+        let (kernels, rolled) = bad_update(&rig, &mut vm, &a, version, kind, reason, tries)?;
         vm.powerdown(Duration::from_secs(180))?;
         drop(vm);
         rig.nbd = None;
@@ -205,10 +167,4 @@ fn run() -> TestResult {
         total.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// The index of the console line with `text` at or after `from`.
-fn back_index(vm: &hearth_qemu::Vm, from: usize, text: &str) -> usize {
-    let lines = vm.lines();
-    (from..lines.len()).find(|&i| lines[i].text == text).unwrap_or(lines.len())
 }

@@ -135,6 +135,39 @@ impl Rig {
         self.serve_disk()
     }
 
+    /// Save the running machine as the snapshot `name` ([`Vm::save_state`]: the guest is stopped,
+    /// its drives flushed, its state written to a file, QEMU ended) with a sparse copy of the
+    /// disk and the firmware variables as they are at that moment. [`Rig::resume`] starts a
+    /// machine from it in seconds instead of a boot of minutes under TCG.
+    pub fn save_machine(&mut self, mut vm: Vm, name: &str) -> Result<MachineSnapshot, Error> {
+        let t = Instant::now();
+        let state = self.work.join(format!("machine-{name}.state"));
+        vm.save_state(&state, Duration::from_secs(300))?;
+        drop(vm);
+        self.nbd = None;
+        let disk = self.save_snapshot(name)?;
+        let vars = self.work.join(format!("machine-{name}.vars"));
+        std::fs::copy(self.work.join("ovmf-vars.fd"), &vars)?;
+        println!(
+            "machine snapshot {name}: {} MiB of state, saved in {:.1} s",
+            std::fs::metadata(&state)?.len() >> 20,
+            t.elapsed().as_secs_f64()
+        );
+        self.serve_disk()?;
+        Ok(MachineSnapshot { disk, state, vars })
+    }
+
+    /// Resume the machine saved in `snap` on a fresh copy of its disk: it runs on from the moment
+    /// it was saved (its console starts empty; its connections to the host are gone, and the
+    /// agent reconnects to the fleet by itself).
+    pub fn resume(&mut self, snap: &MachineSnapshot) -> Result<Vm, Error> {
+        self.restore_snapshot(&snap.disk)?;
+        std::fs::copy(&snap.vars, self.work.join("ovmf-vars.fd"))?;
+        let mut config = self.config.clone();
+        config.incoming = Some(snap.state.clone());
+        Ok(Vm::start(&config)?)
+    }
+
     /// The build's release artifacts (next to the image).
     pub fn artifacts(&self) -> PathBuf {
         self.image.parent().map(Path::to_path_buf).unwrap_or_default()
@@ -273,6 +306,151 @@ impl Rig {
             .map(String::from)
             .collect())
     }
+}
+
+/// One update from the running version `from` to `to` (signed already): apply, reboot, trial
+/// boot, check, bless; the fleet's events of it in order. Prints each step's time.
+pub fn good_update(rig: &Rig, vm: &mut Vm, from: &str, to: &str) -> Result<(), Error> {
+    let t = Instant::now();
+    let (rc, mark) = rig.apply(vm, "")?;
+    if rc != 0 {
+        return Err(format!("update apply {from} -> {to} exited {rc}\n{}", vm.tail(40)).into());
+    }
+    println!("apply {from} -> {to}: downloaded and written in {:.1} s", t.elapsed().as_secs_f64());
+    let check = rig.boot_check(vm, mark, &format!("boot check of {to}"))?;
+    if !check_passed(&check.text, to) || field(&check.text, "update") != Some("pass") {
+        return Err(
+            format!("{to}'s trial boot did not pass: {}\n{}", check.text, vm.tail(60)).into()
+        );
+    }
+    println!("{to} booted on trial, boot check passed after {:.1} s", t.elapsed().as_secs_f64());
+    // hearth-update-reconcile.service's line (the console status may share the line's start).
+    let blessed = vm.wait_for_from(mark, "update state blessed", rig.timeout, |l| {
+        !l.starts_with("ttyS1:") && l.contains("update: ")
+    })?;
+    let at = blessed.text.find("update: ").unwrap_or(0);
+    if !blessed.text[at..].starts_with(&format!("update: blessed  target {to}")) {
+        return Err(format!("after the bless: {}\n{}", blessed.text, vm.tail(40)).into());
+    }
+    let floor = vm.wait_for_from(mark, "anti-rollback line", rig.timeout, |l| {
+        l.contains("anti-rollback version")
+    })?;
+    if !floor.text.trim().ends_with(&format!("anti-rollback version {to}")) {
+        return Err(format!("anti-rollback not raised to {to}: {}", floor.text).into());
+    }
+    let events = rig.event(vm, "node.update.blessed", &format!("{from} -> {to}"))?;
+    let ours: Vec<_> =
+        events.iter().filter(|e| e.message.contains(&format!("{from} -> {to}"))).collect();
+    // The session reports the persisted phase at each heartbeat: how many of the steps before
+    // the bless it sees depends on their speed, but at least one, and the bless comes last.
+    let before = ["downloading", "writing", "installed", "rebooting", "trial"];
+    let first_transfer =
+        ours.iter().position(|e| before.iter().any(|p| e.kind == format!("node.update.{p}")));
+    let bless = ours.iter().position(|e| e.kind == "node.update.blessed");
+    match (first_transfer, bless) {
+        (Some(d), Some(b)) if d < b => {}
+        _ => {
+            let seen: Vec<String> =
+                ours.iter().map(|e| format!("{} {}", e.kind, e.message)).collect();
+            return Err(format!("fleet events of {from} -> {to} out of order: {seen:#?}").into());
+        }
+    }
+    // Consecutive reports of one phase (progress steps) shown once, with their count.
+    let mut phases: Vec<String> = Vec::new();
+    let mut last: Option<(&str, usize)> = None;
+    for p in ours.iter().map(|e| e.kind.trim_start_matches("node.update.")) {
+        match &mut last {
+            Some((q, n)) if *q == p => *n += 1,
+            _ => {
+                if let Some((q, n)) = last.take() {
+                    phases.push(if n > 1 { format!("{q} x{n}") } else { q.to_string() });
+                }
+                last = Some((p, 1));
+            }
+        }
+    }
+    if let Some((q, n)) = last {
+        phases.push(if n > 1 { format!("{q} x{n}") } else { q.to_string() });
+    }
+    println!(
+        "{from} -> {to}: blessed after {:.1} s; fleet saw {}",
+        t.elapsed().as_secs_f64(),
+        phases.join(", ")
+    );
+    Ok(())
+}
+
+/// A bad release `version` (signed already; `kind` as in `image/release-variant`) installed on
+/// the running `a` with `tries` boot tries: `apply` succeeds, the trial fails, and the machine is
+/// back on `a` with a passing boot check; the fleet's `node.update.rolled_back` event for
+/// `a -> version` carries a reason containing `reason`. For `no-boot` every try starts a kernel.
+/// Returns the kernel starts counted before `a`'s check (the tries plus `a`'s) and the event's
+/// message.
+pub fn bad_update(
+    rig: &Rig,
+    vm: &mut Vm,
+    a: &str,
+    version: &str,
+    kind: &str,
+    reason: &str,
+    tries: u64,
+) -> Result<(u64, String), Error> {
+    let t = Instant::now();
+    let (rc, mark) = rig.apply(vm, &format!("--version {version} --tries {tries}"))?;
+    if rc != 0 {
+        return Err(format!("{kind}: update apply exited {rc}\n{}", vm.tail(40)).into());
+    }
+    println!(
+        "{kind}: {version} installed with {tries} tries after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // Back on A: its boot check passes, and the update check in it records the rollback.
+    let back = vm.wait_for_from(
+        mark,
+        "A's boot check after the fallback",
+        rig.timeout * (tries as u32 + 1),
+        |l| l.contains("HEARTH-BOOT-CHECK ") && check_passed(l, a),
+    )?;
+    let lines = vm.lines();
+    let back_at = (mark..lines.len()).find(|&i| lines[i].text == back.text).unwrap_or(lines.len());
+    let kernels =
+        lines[mark..back_at].iter().filter(|l| l.text.contains("Linux version")).count() as u64;
+    if kind == "no-boot" && kernels != tries + 1 {
+        return Err(format!(
+            "{kind}: {kernels} kernel starts before A's check, expected {tries} failed tries + A"
+        )
+        .into());
+    }
+    let events = rig.event(vm, "node.update.rolled_back", &format!("{a} -> {version}"))?;
+    let rolled = events
+        .iter()
+        .rev()
+        .find(|e| {
+            e.kind == "node.update.rolled_back" && e.message.contains(&format!("{a} -> {version}"))
+        })
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    if !rolled.contains(reason) || !rolled.contains(": ") {
+        return Err(format!(
+            "{kind}: rollback reported without the expected reason \"{reason}\": {rolled}"
+        )
+        .into());
+    }
+    println!(
+        "{kind}: back on {a} after {:.1} s; fleet: node.update.rolled_back \"{rolled}\"",
+        t.elapsed().as_secs_f64()
+    );
+    Ok((kernels, rolled))
+}
+
+/// A saved running machine ([`Rig::save_machine`]).
+pub struct MachineSnapshot {
+    /// The disk at the moment of the save.
+    pub disk: PathBuf,
+    /// QEMU's machine state (`migrate` to a file).
+    pub state: PathBuf,
+    /// The firmware variables at the moment of the save.
+    pub vars: PathBuf,
 }
 
 fn copy_sparse(from: &Path, to: &Path) -> Result<(), Error> {
