@@ -753,7 +753,8 @@ impl Vm {
     }
 
     /// Wait until the guest runs (QMP `query-status`): after a start with
-    /// [`VmConfig::incoming`], once the saved state is loaded.
+    /// [`VmConfig::incoming`], once the saved state is loaded; a state saved from a stopped
+    /// machine loads paused (QEMU keeps the source's run state) and is continued (`cont`).
     pub fn wait_running(&mut self, timeout: Duration) -> Result<(), QemuError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -762,8 +763,13 @@ impl Vm {
                 let status = serde_json::from_str::<serde_json::Value>(&reply)
                     .ok()
                     .and_then(|v| v["return"]["status"].as_str().map(String::from));
-                if status.as_deref() == Some("running") {
-                    return Ok(());
+                match status.as_deref() {
+                    Some("running") => return Ok(()),
+                    // A machine saved stopped ([`Vm::save_state`]) loads stopped: continue it.
+                    Some("paused") => {
+                        let _ = self.qmp("cont");
+                    }
+                    _ => {}
                 }
             }
             if Instant::now() > deadline {
