@@ -313,6 +313,7 @@ async fn a_failing_wave_halts_the_rollout_and_the_rest_is_never_told() -> TestRe
         version: "2.0".into(),
         waves: waves(&[(20, 0), (60, 0), (100, 0)]),
         windows: vec![],
+        node_timeout_s: None,
     };
     let r = l.create(&req).await?;
     assert_eq!((0..3).map(|w| r.counts(w).nodes).collect::<Vec<_>>(), [1, 2, 2]);
@@ -368,6 +369,7 @@ async fn a_clean_rollout_completes_and_a_window_holds_its_group_until_it_opens()
             start: "02:00".into(),
             end: "04:00".into(),
         }],
+        node_timeout_s: None,
     };
     let r = l.create(&req).await?;
     // The fra1 nodes of the first wave update; the ams1 ones are held: the wave cannot finish.

@@ -11,7 +11,11 @@
 //!   ([`MuxError::FlowControl`]), so a peer can make this side buffer at most one window per
 //!   stream. Each stream starts at [`INITIAL_WINDOW`]; when the application drains a whole window
 //!   within two round trips the window doubles (up to [`MuxConfig::max_window`]), so it grows to the
-//!   bandwidth-delay product without a memory cost for idle streams.
+//!   bandwidth-delay product without a memory cost for idle streams; a window that takes more than
+//!   [`SHRINK_AFTER_RTTS`] round trips to drain halves again (not below [`INITIAL_WINDOW`]). The
+//!   round trip is the minimum of recent pings ([`Mux::observe_rtt`]), not the latest: a ping that
+//!   waited behind bulk data measures the queue, and windows grown to a queue's delay would let
+//!   that queue grow further, with every other stream's bytes waiting behind it.
 //! - **Fair scheduler.** Session frames (control messages, pings) and stream bookkeeping (opens,
 //!   credit, resets) leave first; stream data leaves by deficit round robin with a
 //!   [`MuxConfig::quantum`] per turn, so a bulk stream cannot starve a shell: the shell's bytes wait
@@ -31,6 +35,17 @@ pub type StreamId = u32;
 
 /// Every stream's receive window when it opens (both sides assume it).
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
+
+/// A round-trip sample holds the minimum ([`Mux::observe_rtt`]) this long; a lower sample
+/// replaces it at once.
+pub const RTT_MIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// A receive window whose half took longer than this many round trips to drain is larger than the
+/// stream needs: it halves (see the module docs).
+pub const SHRINK_AFTER_RTTS: u32 = 16;
+
+/// The smallest round trip window growth assumes.
+const RTT_FLOOR: Duration = Duration::from_micros(50);
 
 /// What a stream connects to on the side that accepts it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,7 +367,10 @@ pub struct Mux {
     /// Streams with data to send, in round-robin order.
     ring: VecDeque<StreamId>,
     events: VecDeque<Event>,
+    /// The minimum recent round trip (window growth).
     rtt: Duration,
+    /// When `rtt` was measured (`None`: the default, before any sample).
+    rtt_at: Option<Instant>,
 }
 
 impl Mux {
@@ -368,12 +386,26 @@ impl Mux {
             ring: VecDeque::new(),
             events: VecDeque::new(),
             rtt: Duration::from_millis(1),
+            rtt_at: None,
         }
     }
 
-    /// The round-trip estimate that window growth uses (from the driver's pings).
-    pub fn set_rtt(&mut self, rtt: Duration) {
-        self.rtt = rtt.max(Duration::from_micros(50));
+    /// A round-trip sample (the driver's pings). Window growth uses the minimum of the samples of
+    /// the last [`RTT_MIN_WINDOW`]: the path's own delay, without the queueing a ping may have
+    /// waited through.
+    pub fn observe_rtt(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.max(RTT_FLOOR);
+        let expired =
+            self.rtt_at.is_none_or(|at| now.saturating_duration_since(at) >= RTT_MIN_WINDOW);
+        if expired || rtt <= self.rtt {
+            self.rtt = rtt;
+            self.rtt_at = Some(now);
+        }
+    }
+
+    /// The round trip window growth uses now.
+    pub fn rtt(&self) -> Duration {
+        self.rtt
     }
 
     /// Open streams.
@@ -482,20 +514,28 @@ impl Mux {
             && !s.remote_fin
             && !s.peer_reset
         {
-            // The whole window went by within two round trips: the window is what limits the
-            // stream, so double it (bandwidth-delay product growth).
-            let fast = s.last_credit.is_some_and(|t| now.saturating_duration_since(t) < rtt * 2);
-            let grow = if fast && s.recv_window < max_window {
-                (s.recv_window * 2).min(max_window) - s.recv_window
+            // Half the window went by within two round trips: the window is what limits the
+            // stream, so double it (bandwidth-delay product growth). Half of it took many round
+            // trips: the window is larger than the stream needs, and only lets a queue build on
+            // the connection (ahead of every other stream's bytes), so halve it.
+            let since = s.last_credit.map(|t| now.saturating_duration_since(t));
+            let fast = since.is_some_and(|d| d < rtt * 2);
+            let slow = since.is_some_and(|d| d > rtt * SHRINK_AFTER_RTTS);
+            let initial = u64::from(INITIAL_WINDOW);
+            let (grow, shrink) = if fast && s.recv_window < max_window {
+                ((s.recv_window * 2).min(max_window) - s.recv_window, 0)
+            } else if slow && s.recv_window > initial {
+                // consumed >= window / 2 >= shrink: the increment stays >= 0.
+                (0, s.recv_window - (s.recv_window / 2).max(initial))
             } else {
-                0
+                (0, 0)
             };
-            s.recv_window += grow;
-            let inc = s.recv_consumed + grow;
+            s.recv_window = s.recv_window + grow - shrink;
+            let inc = s.recv_consumed + grow - shrink;
             s.recv_allowed += inc;
             s.recv_consumed = 0;
             s.last_credit = Some(now);
-            credit = Some(inc);
+            credit = (inc > 0).then_some(inc);
         }
         let closed = s.done();
         if let Some(inc) = credit {

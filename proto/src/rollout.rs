@@ -45,6 +45,19 @@ pub struct RolloutCreate {
     /// Maintenance windows by label; nodes no window names may be told at any time.
     #[serde(default)]
     pub windows: Vec<Window>,
+    /// Seconds a told node has to be blessed or to fail; past it the node counts as failed
+    /// (`timed_out`) in its wave, so an offline node cannot hold a wave open. Default
+    /// [`DEFAULT_NODE_TIMEOUT_S`].
+    #[serde(default)]
+    pub node_timeout_s: Option<u64>,
+}
+
+/// A told node's time to finish its update when the request names none: 6 hours (a slow
+/// download, a maintenance reboot, and a trial boot that falls back).
+pub const DEFAULT_NODE_TIMEOUT_S: u64 = 6 * 3600;
+
+fn default_node_timeout_ms() -> u64 {
+    DEFAULT_NODE_TIMEOUT_S * 1000
 }
 
 /// A rollout's state.
@@ -92,8 +105,12 @@ pub const PENDING: &str = "pending";
 /// See [`PENDING`].
 pub const TOLD: &str = "told";
 
-/// Report phases that count as a failure of the node's update.
-pub const FAILED_PHASES: &[&str] = &["failed", "check_failed", "rolled_back"];
+/// The phase of a told node that was neither blessed nor failed within the rollout's node
+/// timeout (the fleet's, not a report's; a later report replaces it).
+pub const TIMED_OUT: &str = "timed_out";
+
+/// Phases that count as a failure of the node's update.
+pub const FAILED_PHASES: &[&str] = &["failed", "check_failed", "rolled_back", TIMED_OUT];
 
 /// One node in a rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +161,10 @@ pub struct Rollout {
     pub waves: Vec<WaveSpec>,
     /// Maintenance windows.
     pub windows: Vec<WindowRule>,
+    /// A told node's time to be blessed or fail, ms (rollouts persisted before it existed read
+    /// the default).
+    #[serde(default = "default_node_timeout_ms")]
+    pub node_timeout_ms: u64,
     /// State.
     pub state: RolloutState,
     /// Why it halted (or who paused it).

@@ -59,6 +59,21 @@ struct Opts {
     /// `bin/`); then `PATH`.
     #[arg(long, default_value = "/var/cache/hearth-bench-tools")]
     tools: PathBuf,
+    /// Measure only these paths (comma-separated): `tcp`, `tls`, `stunnel`, `rathole`, `bore`,
+    /// `expose`, `operator`; all when empty. A quicker look at one path (its ratios need the
+    /// `stunnel` and `rathole` rows in the same run).
+    #[arg(long, value_delimiter = ',', value_parser = ["tcp", "tls", "stunnel", "rathole", "bore", "expose", "operator"])]
+    only: Vec<String>,
+    /// Parallel stream counts of the Hearth throughput rows.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 64])]
+    streams: Vec<usize>,
+}
+
+impl Opts {
+    /// Whether the path `key` (see [`Opts::only`]) is measured in this run.
+    fn wants(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
 }
 
 /// CPU time of this process and of `pids` (a peer's processes).
@@ -650,42 +665,52 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         |port: u16| Target::Via { node: h.node.clone(), target: Box::new(Target::Port(port)) };
     let mut rows: Vec<Row> = Vec::new();
 
-    let direct = Relay { sink, echo, procs: Vec::new() };
-    rows.push(peer_row("direct TCP", async { Ok::<_, anyhow::Error>(direct) }, &o).await);
+    if o.wants("tcp") {
+        let direct = Relay { sink, echo, procs: Vec::new() };
+        rows.push(peer_row("direct TCP", async { Ok::<_, anyhow::Error>(direct) }, &o).await);
+    }
 
-    eprintln!("direct TLS…");
-    let mut r = Row { name: "direct TLS 1.3 (rustls, no relay)".into(), ..Row::default() };
-    let (g, c) = bulk(|| tls_connect(tls_sink), 1, bytes, &[]).await?;
-    (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
-    let (i, l) =
-        latency(|e| tls_connect(if e { tls_echo } else { tls_sink }), o.round_trips).await?;
-    (r.idle, r.loaded) = (Some(i), Some(l));
-    rows.push(r);
+    if o.wants("tls") {
+        eprintln!("direct TLS…");
+        let mut r = Row { name: "direct TLS 1.3 (rustls, no relay)".into(), ..Row::default() };
+        let (g, c) = bulk(|| tls_connect(tls_sink), 1, bytes, &[]).await?;
+        (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
+        let (i, l) =
+            latency(|e| tls_connect(if e { tls_echo } else { tls_sink }), o.round_trips).await?;
+        (r.idle, r.loaded) = (Some(i), Some(l));
+        rows.push(r);
+    }
 
     let dir = work.path();
-    rows.push(peer_row(STUNNEL, stunnel(&o.tools, &pki, dir, sink, echo), &o).await);
-    rows.push(peer_row(RATHOLE, rathole(&o.tools, &pki, dir, sink, echo), &o).await);
-    rows.push(peer_row("bore (plain TCP)", bore(&o.tools, dir, sink, echo), &o).await);
+    if o.wants("stunnel") {
+        rows.push(peer_row(STUNNEL, stunnel(&o.tools, &pki, dir, sink, echo), &o).await);
+    }
+    if o.wants("rathole") {
+        rows.push(peer_row(RATHOLE, rathole(&o.tools, &pki, dir, sink, echo), &o).await);
+    }
+    if o.wants("bore") {
+        rows.push(peer_row("bore (plain TCP)", bore(&o.tools, dir, sink, echo), &o).await);
+    }
 
     // Customer ingress, the peers' topology: TCP → gateway → the node's tunnel → the service.
-    eprintln!("{EXPOSE}…");
-    rows.push(
-        measure_relay(&format!("{EXPOSE}, 1 stream(s)"), &h.exposed, &o).await.unwrap_or_else(
-            |e| Row {
-                name: format!("{EXPOSE}, 1 stream(s)"),
+    for &streams in o.streams.iter().filter(|_| o.wants("expose")) {
+        eprintln!("{EXPOSE}, {streams} streams…");
+        let name = format!("{EXPOSE}, {streams} stream(s)");
+        if streams == 1 {
+            rows.push(measure_relay(&name, &h.exposed, &o).await.unwrap_or_else(|e| Row {
+                name,
                 failed: Some(format!("{e:#}")),
                 ..Row::default()
-            },
-        ),
-    );
-    for streams in [8usize, 64] {
-        let mut r = Row { name: format!("{EXPOSE}, {streams} stream(s)"), ..Row::default() };
+            }));
+            continue;
+        }
+        let mut r = Row { name, ..Row::default() };
         let (g, c) = bulk(|| tcp_connect(h.exposed.sink), streams, bytes, &[]).await?;
         (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
         rows.push(r);
     }
 
-    for streams in [1usize, 8, 64] {
+    for &streams in o.streams.iter().filter(|_| o.wants("operator")) {
         eprintln!("hearth, {streams} streams…");
         let mut r = Row { name: format!("{HEARTH}, {streams} stream(s)"), ..Row::default() };
         let op = h.op.clone();

@@ -185,8 +185,13 @@ async fn rollout(
     waves: Vec<WaveSpec>,
     times: &Times,
 ) -> anyhow::Result<Run> {
-    let req =
-        RolloutCreate { channel: "stable".into(), version: version.into(), waves, windows: vec![] };
+    let req = RolloutCreate {
+        channel: "stable".into(),
+        version: version.into(),
+        waves,
+        windows: vec![],
+        node_timeout_s: None,
+    };
     let t0 = Instant::now();
     let r: Rollout = json(ep, admin.clone(), "POST", "/v1/rollouts", Some(&req)).await?;
     let done = loop {

@@ -752,6 +752,33 @@ impl Vm {
         Ok(())
     }
 
+    /// Wait until the guest runs (QMP `query-status`): after a start with
+    /// [`VmConfig::incoming`], once the saved state is loaded; a state saved from a stopped
+    /// machine loads paused (QEMU keeps the source's run state) and is continued (`cont`).
+    pub fn wait_running(&mut self, timeout: Duration) -> Result<(), QemuError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // The QMP socket appears once QEMU is up; until then the command fails.
+            if let Ok(reply) = self.qmp("query-status") {
+                let status = serde_json::from_str::<serde_json::Value>(&reply)
+                    .ok()
+                    .and_then(|v| v["return"]["status"].as_str().map(String::from));
+                match status.as_deref() {
+                    Some("running") => return Ok(()),
+                    // A machine saved stopped ([`Vm::save_state`]) loads stopped: continue it.
+                    Some("paused") => {
+                        let _ = self.qmp("cont");
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(self.timeout("the guest running", timeout));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Reset the machine (QMP `system_reset`), as a hardware watchdog would.
     pub fn reset(&self) -> Result<(), QemuError> {
         self.qmp("system_reset").map(|_| ())

@@ -180,7 +180,7 @@ fn equal_streams_get_equal_shares() -> R {
 #[test]
 fn the_window_grows_only_when_it_limits_the_stream() -> R {
     let (mut gw, mut node) = pair();
-    node.set_rtt(Duration::from_millis(10));
+    node.observe_rtt(Duration::from_millis(10), Instant::now());
     let id = gw.open(&Target::Echo)?;
     pump(&mut gw, &mut node)?;
     let t0 = Instant::now();
@@ -219,6 +219,139 @@ fn the_window_grows_only_when_it_limits_the_stream() -> R {
         }
     }
     assert_eq!(node.stats(slow).map(|s| s.recv_window), Some(u64::from(INITIAL_WINDOW)));
+    Ok(())
+}
+
+/// Bytes of `bulk`'s data that leave before `small`'s first data frame, across calls of
+/// `poll_transmit` with `budget` (the driver's loop), the small stream becoming ready after
+/// `ready_after` bytes have left.
+fn bulk_bytes_before_small(budget: usize, ready_after: usize) -> Result<usize, MuxError> {
+    let (mut gw, mut node) = pair();
+    let bulk = gw.open(&Target::Port(8080))?;
+    let small = gw.open(&Target::Echo)?;
+    pump(&mut gw, &mut node)?;
+    // A bulk stream with 16 MiB of credit and a full send buffer.
+    gw.handle(
+        Header { kind: FrameType::Window, flags: 0, stream: bulk, len: 4 },
+        &(16u32 << 20).to_be_bytes(),
+    )?;
+    gw.write(bulk, &vec![7u8; MuxConfig::default().send_buffer])?;
+    let mut sent = 0;
+    while sent < ready_after {
+        let mut out = Vec::new();
+        if !gw.poll_transmit(&mut out, budget) {
+            break;
+        }
+        sent += out.len();
+        // Keep the bulk stream's buffer full, as a writer that is never short of data does.
+        let queued = gw.stats(bulk).map_or(0, |s| s.send_queued);
+        gw.write(bulk, &vec![7u8; MuxConfig::default().send_buffer - queued])?;
+    }
+    gw.write(small, &[1u8; 64])?;
+    let mut before = 0;
+    for _ in 0..64 {
+        let mut out = Vec::new();
+        if !gw.poll_transmit(&mut out, budget) {
+            break;
+        }
+        let mut at = 0;
+        while let Some((h, p, n)) = frame::decode(&out[at..])? {
+            if h.stream == small {
+                assert_eq!(p, &[1u8; 64][..]);
+                return Ok(before);
+            }
+            before += p.len();
+            at += n;
+        }
+        let queued = gw.stats(bulk).map_or(0, |s| s.send_queued);
+        gw.write(bulk, &vec![7u8; MuxConfig::default().send_buffer - queued])?;
+    }
+    Err(MuxError::UnknownStream(small))
+}
+
+#[test]
+fn a_small_stream_that_becomes_ready_waits_at_most_one_quantum_of_bulk() -> R {
+    let quantum = MuxConfig::default().quantum;
+    // Budgets smaller, equal to and larger than a quantum, the small stream ready at the start
+    // of a bulk turn, in its middle, and after many turns.
+    for budget in [4 * 1024, 10 * 1024, quantum, 64 * 1024, 1 << 20] {
+        for ready_after in [0, 1, 5_000, quantum, 3 * quantum + 100, 1 << 20] {
+            let before = bulk_bytes_before_small(budget, ready_after)?;
+            assert!(
+                before <= quantum,
+                "budget {budget}, ready after {ready_after} B: {before} bulk bytes went first"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn window_growth_uses_the_minimum_recent_round_trip() {
+    let mut m = Mux::new(Side::Node, MuxConfig::default());
+    let t0 = Instant::now();
+    m.observe_rtt(Duration::from_micros(200), t0);
+    // A ping that waited behind bulk data measures the queue: it does not raise the estimate.
+    m.observe_rtt(Duration::from_millis(25), t0 + Duration::from_secs(5));
+    assert_eq!(m.rtt(), Duration::from_micros(200));
+    m.observe_rtt(Duration::from_micros(150), t0 + Duration::from_secs(10));
+    assert_eq!(m.rtt(), Duration::from_micros(150));
+    // The minimum expires after RTT_MIN_WINDOW (a path that really got slower).
+    let later = t0 + Duration::from_secs(10) + RTT_MIN_WINDOW;
+    m.observe_rtt(Duration::from_millis(3), later);
+    assert_eq!(m.rtt(), Duration::from_millis(3));
+    m.observe_rtt(Duration::from_millis(4), later + Duration::from_secs(1));
+    assert_eq!(m.rtt(), Duration::from_millis(3));
+}
+
+#[test]
+fn a_window_larger_than_the_stream_needs_shrinks_back() -> R {
+    let (mut gw, mut node) = pair();
+    let t0 = Instant::now();
+    node.observe_rtt(Duration::from_millis(10), t0);
+    let id = gw.open(&Target::Echo)?;
+    pump(&mut gw, &mut node)?;
+    let payload = vec![3u8; 256 * 1024];
+    let mut t = t0;
+    // Fast: grown past the initial window.
+    for _ in 0..6 {
+        let mut sent = 0;
+        while sent < payload.len() {
+            sent += gw.write(id, &payload[sent..])?;
+            pump(&mut gw, &mut node)?;
+            read_all(&mut node, id, t)?;
+            pump(&mut node, &mut gw)?;
+        }
+        t += Duration::from_millis(1);
+    }
+    let grown = node.stats(id).map_or(0, |s| s.recv_window);
+    assert!(grown >= 4 * u64::from(INITIAL_WINDOW), "window {grown}");
+    // Now the reader takes 16 KiB every 100 ms (10 round trips): half a window takes far more
+    // than SHRINK_AFTER_RTTS round trips, so the window halves down to the initial one.
+    let mut windows = vec![grown];
+    let mut buf = vec![0u8; 16 * 1024];
+    for _ in 0..40 {
+        let mut sent = 0;
+        while sent < payload.len() {
+            sent += gw.write(id, &payload[sent..])?;
+            pump(&mut gw, &mut node)?;
+            loop {
+                t += Duration::from_millis(100);
+                if node.read(id, &mut buf, t)? == 0 {
+                    break;
+                }
+            }
+            pump(&mut node, &mut gw)?;
+        }
+        windows.push(node.stats(id).map_or(0, |s| s.recv_window));
+    }
+    assert_eq!(windows.last().copied(), Some(u64::from(INITIAL_WINDOW)), "{windows:?}");
+    assert!(windows.windows(2).all(|w| w[1] <= w[0]), "only shrinks: {windows:?}");
+    // The sender's credit followed: it never has more than the window in flight.
+    let s = node.stats(id).ok_or(MuxError::UnknownStream(id))?;
+    assert!(s.recv_buffered as u64 + s.recv_allowed <= s.recv_window);
+    let credit = gw.stats(id).map_or(0, |s| s.send_credit);
+    assert!(credit <= u64::from(INITIAL_WINDOW), "sender credit {credit}");
     Ok(())
 }
 

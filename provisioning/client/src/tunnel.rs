@@ -647,7 +647,7 @@ fn dispatch(st: &mut State, opened: &mut Vec<(StreamId, Target)>) {
                 {
                     let rtt = sent.elapsed();
                     st.rtt = Some(rtt);
-                    st.mux.set_rtt(rtt);
+                    st.mux.observe_rtt(rtt, Instant::now());
                 }
             }
         }

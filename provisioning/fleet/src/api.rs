@@ -308,7 +308,7 @@ async fn create_token(
             ca_sha256: fleet.ca.pin(),
             token: secret.clone(),
             https_proxy: None,
-            fallback_urls: Vec::new(),
+            fallback_urls: fleet.config.fallback_urls.clone(),
         },
         network: None,
     };

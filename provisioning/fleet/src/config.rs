@@ -40,6 +40,9 @@ pub enum ConfigError {
     },
 }
 
+/// Most entries in `fallback_urls`.
+const MAX_FALLBACK_URLS: usize = 16;
+
 /// The fleet's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +59,11 @@ pub struct FleetConfig {
     /// `https://10.0.2.2:7443` for QEMU guests). Default `https://` + `listen`.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// More gateways of this fleet (same `name` and CA, one registry: `gateway_id`) as
+    /// `https://HOST[:PORT]`, written into seeds after `public_url`: a node fails over to them in
+    /// order (`docs/0006-tunnel.md`). At most 16. Default none.
+    #[serde(default)]
+    pub fallback_urls: Vec<String>,
     /// Directory of the CA, its key (0600) and the SQLite registry. Default `/var/lib/hearth-fleet`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -123,6 +131,7 @@ impl Default for FleetConfig {
             listen: default_listen(),
             name: default_name(),
             public_url: None,
+            fallback_urls: Vec::new(),
             state_dir: default_state_dir(),
             registry: None,
             cert_validity_days: default_cert_days(),
@@ -209,6 +218,17 @@ impl FleetConfig {
                 invalid("public_url", format!("{url:?} is not https://HOST[:PORT]"))
             })?;
         }
+        if self.fallback_urls.len() > MAX_FALLBACK_URLS {
+            return Err(invalid(
+                "fallback_urls",
+                format!("{} entries; at most {MAX_FALLBACK_URLS}", self.fallback_urls.len()),
+            ));
+        }
+        for url in &self.fallback_urls {
+            hearth_fleet_client::https::Endpoint::from_url(url, &self.name).map_err(|_| {
+                invalid("fallback_urls", format!("{url:?} is not https://HOST[:PORT]"))
+            })?;
+        }
         Ok(())
     }
 
@@ -254,6 +274,21 @@ mod tests {
                 "fleet.toml: expose_ports: [3000, 2000] is not [FIRST, LAST] with 1 <= FIRST <= LAST"
             )
         );
+        let e = FleetConfig::parse("fallback_urls = [\"https://b:7443\", \"http://c\"]", p)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("fleet.toml: fallback_urls: \"http://c\" is not https://HOST[:PORT]")
+        );
+        let many = vec!["\"https://b:7443\""; 17].join(", ");
+        let e = FleetConfig::parse(&format!("fallback_urls = [{many}]"), p).err();
+        assert_eq!(
+            e.map(|e| e.to_string()).as_deref(),
+            Some("fleet.toml: fallback_urls: 17 entries; at most 16")
+        );
+        let c = FleetConfig::parse("fallback_urls = [\"https://b:7443\"]", p).ok();
+        assert_eq!(c.map(|c| c.fallback_urls), Some(vec!["https://b:7443".to_string()]));
         let c =
             FleetConfig::parse("expose_bind = \"0.0.0.0\"\nexpose_ports = [9000, 9001]", p).ok();
         assert_eq!(

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use hearth_fleet_client::release::ReleaseVersion;
 use hearth_proto::control::{ControlMessage, UpdateReport};
 use hearth_proto::rollout::{
-    NodeProgress, PENDING, Rollout, RolloutCreate, RolloutState, TOLD, WindowRule,
+    DEFAULT_NODE_TIMEOUT_S, NodeProgress, PENDING, Rollout, RolloutCreate, RolloutState, TIMED_OUT,
+    TOLD, WindowRule,
 };
 
 use crate::server::Fleet;
@@ -25,6 +26,8 @@ use crate::server::Fleet;
 pub const MAX_WAVES: usize = 16;
 /// The most maintenance windows a rollout may have.
 pub const MAX_WINDOWS: usize = 64;
+/// Bounds of a rollout's node timeout, seconds: a minute to a week.
+pub const NODE_TIMEOUT_S: std::ops::RangeInclusive<u64> = 60..=7 * 86_400;
 
 /// Why a rollout request or change is refused. Nothing is written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -218,6 +221,17 @@ pub fn plan(
         }
         windows.push(WindowRule { key: key.into(), value: value.into(), start_min, end_min });
     }
+    let node_timeout_s = req.node_timeout_s.unwrap_or(DEFAULT_NODE_TIMEOUT_S);
+    if !NODE_TIMEOUT_S.contains(&node_timeout_s) {
+        return Err(invalid(
+            "node_timeout_s",
+            format!(
+                "{node_timeout_s} s is outside {}..={} s (a minute to a week)",
+                NODE_TIMEOUT_S.start(),
+                NODE_TIMEOUT_S.end()
+            ),
+        ));
+    }
     if nodes.is_empty() {
         return Err(RolloutError::NoNodes { channel: req.channel.clone() });
     }
@@ -251,6 +265,7 @@ pub fn plan(
         version: req.version.clone(),
         waves: req.waves.clone(),
         windows,
+        node_timeout_ms: node_timeout_s * 1000,
         state: RolloutState::Running,
         reason: None,
         wave: 0,
@@ -278,8 +293,9 @@ impl Step {
     }
 }
 
-/// Advance a running rollout at `now_ms`: tell the open wave's nodes whose window is open, halt
-/// on a crossed threshold, complete the wave when every node is finished and open the next.
+/// Advance a running rollout at `now_ms`: tell the open wave's nodes whose window is open, mark
+/// the told ones that did not finish within the node timeout `timed_out` (a failure), halt on a
+/// crossed threshold, complete the wave when every node is finished and open the next.
 pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
     let mut step = Step::default();
     while r.state == RolloutState::Running {
@@ -293,6 +309,23 @@ pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
                 n.told_ms = Some(now_ms);
                 n.phase = TOLD.into();
                 step.tell.push(n.node.clone());
+            }
+        }
+        let timeout = r.node_timeout_ms;
+        for n in r.nodes.iter_mut().filter(|n| n.wave == w && !n.finished()) {
+            let Some(told) = n.told_ms else { continue };
+            if now_ms.saturating_sub(told) > timeout {
+                let why = format!(
+                    "not blessed or failed within {} s of being told (last phase {})",
+                    timeout / 1000,
+                    n.phase
+                );
+                step.events.push((
+                    "rollout.node_timed_out".into(),
+                    format!("rollout {} ({} {}): {}: {why}", r.id, r.channel, r.version, n.node),
+                ));
+                n.phase = TIMED_OUT.into();
+                n.reason = Some(why);
             }
         }
         let c = r.counts(w);
@@ -506,6 +539,7 @@ mod tests {
                 .map(|&(until_pct, max_failure_pct)| WaveSpec { until_pct, max_failure_pct })
                 .collect(),
             windows: vec![],
+            node_timeout_s: None,
         }
     }
 
@@ -523,6 +557,73 @@ mod tests {
 
     fn wave_nodes(r: &Rollout, w: usize) -> Vec<String> {
         r.nodes.iter().filter(|n| n.wave == w).map(|n| n.node.clone()).collect()
+    }
+
+    #[test]
+    fn a_told_node_that_never_reports_times_out_as_a_failure_and_the_wave_moves_on()
+    -> Result<(), RolloutError> {
+        // 10 nodes: a canary of 1, then 9 allowing 20 % failures; 15 minutes per node.
+        let mut r = plan(
+            &RolloutCreate { node_timeout_s: Some(900), ..req(&[(10, 0), (100, 20)]) },
+            nodes(10),
+            at(1, 0),
+        )?;
+        assert_eq!(r.node_timeout_ms, 900_000);
+        let step = tick(&mut r, at(1, 0));
+        assert_eq!(step.tell, ["n000"]);
+        report(&mut r, "n000", &rep("blessed", "2.0", None), at(1, 1));
+        let step = tick(&mut r, at(1, 1));
+        assert_eq!(step.tell.len(), 9, "wave 2 told");
+        // Eight bless; n005 is offline and never reports.
+        for i in (1..10).filter(|&i| i != 5) {
+            report(&mut r, &format!("n{i:03}"), &rep("blessed", "2.0", None), at(1, 5));
+        }
+        // Within the timeout the wave waits for it.
+        let step = tick(&mut r, at(1, 16));
+        assert!(step.is_empty(), "{step:?}");
+        assert_eq!(r.state, RolloutState::Running);
+        // Past it: timed out, a failure (1 of 9 = 11 % <= 20 %), and the rollout completes.
+        let step = tick(&mut r, at(1, 17));
+        let n5 =
+            r.nodes.iter().find(|n| n.node == "n005").map(|n| (n.phase.clone(), n.reason.clone()));
+        assert_eq!(n5.as_ref().map(|n| n.0.as_str()), Some(TIMED_OUT));
+        let why = n5.and_then(|n| n.1).unwrap_or_default();
+        assert!(why.contains("within 900 s") && why.contains("last phase told"), "{why}");
+        assert!(
+            step.events.iter().any(|(k, m)| k == "rollout.node_timed_out" && m.contains("n005"))
+        );
+        assert_eq!(r.state, RolloutState::Completed);
+        assert_eq!(r.counts(1).failed, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_timed_out_canary_halts_a_zero_tolerance_wave_and_bad_timeouts_are_refused()
+    -> Result<(), RolloutError> {
+        let mut r = plan(
+            &RolloutCreate { node_timeout_s: Some(60), ..req(&[(10, 0), (100, 0)]) },
+            nodes(10),
+            at(1, 0),
+        )?;
+        tick(&mut r, at(1, 0));
+        report(&mut r, "n000", &rep("downloading", "2.0", None), at(1, 0));
+        tick(&mut r, at(1, 2));
+        assert_eq!(r.state, RolloutState::Halted);
+        let why = r.reason.clone().unwrap_or_default();
+        assert!(why.contains("timed_out") && why.contains("last phase downloading"), "{why}");
+        assert!(r.nodes.iter().filter(|n| n.wave == 1).all(|n| n.told_ms.is_none()));
+        for bad in [0, 59, 7 * 86_400 + 1] {
+            let e =
+                plan(&RolloutCreate { node_timeout_s: Some(bad), ..req(&[(100, 0)]) }, nodes(2), 0)
+                    .expect_err("refused");
+            assert!(matches!(e, RolloutError::Invalid { field: "node_timeout_s", .. }), "{e}");
+        }
+        // A rollout persisted before the field existed reads the default.
+        let mut v = serde_json::to_value(&r).map_err(|e| invalid("json", e.to_string()))?;
+        v.as_object_mut().map(|o| o.remove("node_timeout_ms"));
+        let old: Rollout = serde_json::from_value(v).map_err(|e| invalid("json", e.to_string()))?;
+        assert_eq!(old.node_timeout_ms, DEFAULT_NODE_TIMEOUT_S * 1000);
+        Ok(())
     }
 
     #[test]

@@ -240,6 +240,7 @@ async fn halts_on_a_failing_wave_and_survives_a_restart(db: Db) -> TestResult {
         version: "2.0".into(),
         waves: waves(&[(10, 0), (50, 25), (100, 10)]),
         windows: vec![],
+        node_timeout_s: None,
     };
     let r = create(&f, &req).await?;
     assert_eq!(r.state, RolloutState::Running);
@@ -309,6 +310,7 @@ async fn a_window_holds_its_group_across_a_restart_then_completes(db: Db) -> Tes
             start: "02:00".into(),
             end: "04:00".into(),
         }],
+        node_timeout_s: None,
     };
     let r = create(&f, &req).await?;
     let ams_ids: BTreeSet<String> = ams.ids.iter().map(|n| n.0.clone()).collect();
@@ -341,6 +343,7 @@ async fn bad_requests_change_nothing(db: Db) -> TestResult {
         version: "2.0".into(),
         waves: waves(&[(100, 0)]),
         windows: vec![],
+        node_timeout_s: None,
     };
     let cases: Vec<(RolloutCreate, &str)> = vec![
         (RolloutCreate { channel: "beta".into(), ..good.clone() }, "no node is on channel beta"),
@@ -357,6 +360,7 @@ async fn bad_requests_change_nothing(db: Db) -> TestResult {
             },
             "not HH:MM-HH:MM",
         ),
+        (RolloutCreate { node_timeout_s: Some(10), ..good.clone() }, "node_timeout_s"),
     ];
     for (req, want) in cases {
         let e = create(&f, &req).await.expect_err(want);

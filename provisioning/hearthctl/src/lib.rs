@@ -447,13 +447,14 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             use hearth_proto::rollout::Rollout;
             use rollout::RolloutAction as A;
             match action {
-                A::Create { channel, version, waves, max_failure_pct, windows } => {
+                A::Create { channel, version, waves, max_failure_pct, windows, node_timeout } => {
                     let req = rollout::create_request(
                         &channel,
                         &version,
                         &waves,
                         &max_failure_pct,
                         &windows,
+                        node_timeout.as_deref(),
                     )?;
                     let r: Rollout = ctl.post("/v1/rollouts", &req).await?;
                     out(&r, rollout::status_text(&r))

@@ -30,6 +30,10 @@ pub enum RolloutAction {
         /// (repeatable); nodes no window names update at any time.
         #[arg(long = "window")]
         windows: Vec<String>,
+        /// Time a told node has to be blessed or fail before it counts as failed in its wave
+        /// (`timed_out`), e.g. `90m`, `6h`, `2d` (default 6h).
+        #[arg(long)]
+        node_timeout: Option<String>,
     },
     /// Progress: every rollout, or one in detail (nodes per phase per wave, bytes, failures).
     Status {
@@ -85,6 +89,21 @@ pub fn parse_window(s: &str) -> anyhow::Result<Window> {
     Ok(Window { label: label.into(), start: start.into(), end: end.into() })
 }
 
+/// Parse a duration `N[s|m|h|d]` (no unit: seconds) into seconds.
+pub fn parse_duration_s(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86_400),
+        _ => (t, 1),
+    };
+    let n: u64 =
+        num.parse().with_context(|| format!("{s:?} is not a duration like 90m, 6h or 2d"))?;
+    n.checked_mul(mult).with_context(|| format!("{s:?} is too long"))
+}
+
 /// The create request from the arguments.
 pub fn create_request(
     channel: &str,
@@ -92,12 +111,16 @@ pub fn create_request(
     waves: &str,
     failure: &str,
     windows: &[String],
+    node_timeout: Option<&str>,
 ) -> anyhow::Result<RolloutCreate> {
     Ok(RolloutCreate {
         channel: channel.into(),
         version: version.into(),
         waves: parse_waves(waves, failure)?,
         windows: windows.iter().map(|w| parse_window(w)).collect::<anyhow::Result<_>>()?,
+        node_timeout_s: node_timeout
+            .map(|d| parse_duration_s(d).context("--node-timeout"))
+            .transpose()?,
     })
 }
 
@@ -141,6 +164,7 @@ pub fn status_text(r: &Rollout) -> String {
         r.state.as_str(),
         r.reason.as_ref().map_or(String::new(), |why| format!(" ({why})"))
     );
+    let _ = writeln!(t, "node timeout: {} s", r.node_timeout_ms / 1000);
     for w in &r.windows {
         let _ = writeln!(
             t,
@@ -217,6 +241,16 @@ mod tests {
             ("site=ams1", "02:00", "04:00")
         );
         assert!(parse_window("site=ams1").is_err());
+        assert_eq!(
+            ["90m", "6h", "2d", "45s", "120"].map(|d| parse_duration_s(d).ok()),
+            [Some(5400), Some(21_600), Some(172_800), Some(45), Some(120)]
+        );
+        let e = format!(
+            "{:#}",
+            create_request("stable", "2.0", "100", "0", &[], Some("6x")).expect_err("bad")
+        );
+        assert!(e.contains("--node-timeout") && e.contains("\"6x\""), "{e}");
+        assert!(parse_duration_s("99999999999999999d").is_err());
         Ok(())
     }
 
@@ -247,6 +281,7 @@ mod tests {
                 start_min: 120,
                 end_min: 240,
             }],
+            node_timeout_ms: 5_400_000,
             state: RolloutState::Halted,
             reason: Some("wave 2 of 2: 1 of 2".into()),
             wave: 1,
@@ -263,6 +298,7 @@ mod tests {
         let t = status_text(&r);
         assert!(t.starts_with("rollout 3 of stable to 2.0: halted (wave 2 of 2: 1 of 2)"), "{t}");
         assert!(t.contains("window: site=ams1 02:00-04:00 UTC"), "{t}");
+        assert!(t.contains("node timeout: 5400 s"), "{t}");
         assert!(t.contains("downloading 1, rolled_back 1"), "{t}");
         assert!(t.contains("100/200"), "{t}");
         assert!(t.contains("failed: b (wave 2) rolled_back: GPU health worse"), "{t}");

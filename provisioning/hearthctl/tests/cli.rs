@@ -28,9 +28,11 @@ async fn ctl(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hearthctl_against_a_fleet() -> TestResult {
     let dir = tempfile::tempdir()?;
+    let fallback = vec!["https://fleet-b.example:7443".to_string(), "https://10.0.0.9".to_string()];
     let fleet = hearth_fleet::server::start(FleetConfig {
         listen: "127.0.0.1:0".parse()?,
         state_dir: dir.path().join("fleet"),
+        fallback_urls: fallback.clone(),
         ..FleetConfig::default()
     })
     .await?;
@@ -60,6 +62,10 @@ async fn hearthctl_against_a_fleet() -> TestResult {
     let seed_text = String::from_utf8(out.stdout)?;
     let seed = hearth_fleet_client::seed::Seed::parse(&seed_text, "hearthctl output")?;
     assert_eq!(seed.fleet.ca_sha256, fleet.fleet.ca.pin());
+    // The fleet's other gateways follow its own URL, in order: the node's failover list.
+    assert_eq!(seed.fleet.fallback_urls, fallback);
+    let endpoints = seed.endpoints()?;
+    assert_eq!(endpoints.len(), 3);
 
     let out = ctl(viewer.clone(), &["tokens", "list", "--json"]).await?;
     assert!(out.status.success());

@@ -165,7 +165,11 @@ impl Rig {
         std::fs::copy(&snap.vars, self.work.join("ovmf-vars.fd"))?;
         let mut config = self.config.clone();
         config.incoming = Some(snap.state.clone());
-        Ok(Vm::start(&config)?)
+        let t = Instant::now();
+        let mut vm = Vm::start(&config)?;
+        vm.wait_running(Duration::from_secs(120))?;
+        println!("resumed the machine snapshot in {:.1} s", t.elapsed().as_secs_f64());
+        Ok(vm)
     }
 
     /// The build's release artifacts (next to the image).

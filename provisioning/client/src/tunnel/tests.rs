@@ -257,3 +257,62 @@ async fn relay_reports_a_broken_side() {
     let r = relayed.await.expect("relay task");
     assert!(r.is_err(), "a relay whose far side is gone must fail, got {r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_consumer_does_not_hold_up_other_streams() -> io::Result<()> {
+    let (gw, _node) = pair(TunnelConfig::default());
+    // A stream whose echo no one reads: its window fills on both sides and it stalls there.
+    let stalled = gw.handle.open(&Target::Echo)?;
+    let (_stalled_r, mut stalled_w) = tokio::io::split(stalled);
+    let filler = tokio::spawn(async move {
+        let chunk = vec![9u8; 64 * 1024];
+        loop {
+            if stalled_w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Wait until it is stuck on credit: bytes queued, none allowed (the node's receive window and
+    // its echo's send buffer are full, and our receive window too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stuck = {
+            let st = gw.handle.shared.lock();
+            st.mux
+                .stream_ids()
+                .filter_map(|id| st.mux.stats(id))
+                .any(|s| s.send_credit == 0 && s.send_queued > 0 && s.recv_allowed == 0)
+        };
+        if stuck {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stalled stream never ran out of credit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The reader goes on delivering other streams' frames: round trips still complete.
+    for i in 0..20u8 {
+        let data = pattern(i, 64);
+        let back = tokio::time::timeout(Duration::from_secs(5), echo(&gw.handle, data.clone()))
+            .await
+            .map_err(|_| io::Error::other("a round trip waited behind the stalled stream"))??;
+        assert_eq!(back, data);
+    }
+    assert!(!filler.is_finished(), "the stalled stream is still open and blocked");
+    filler.abort();
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn tuned_sockets_keep_a_shallow_send_queue() -> io::Result<()> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let c = tokio::net::TcpStream::connect(l.local_addr()?).await?;
+    let sock = socket2::SockRef::from(&c);
+    let before = sock.tcp_notsent_lowat()?;
+    tune_tcp(&c);
+    assert_eq!(sock.tcp_notsent_lowat()?, NOTSENT_LOWAT, "was {before}");
+    assert!(sock.keepalive()?);
+    assert_eq!(sock.tcp_user_timeout()?, Some(USER_TIMEOUT));
+    assert!(c.nodelay()?);
+    Ok(())
+}
