@@ -31,7 +31,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::update::{Rig, bad_update, check_passed};
-use common::{ROOT_X86_64, TestResult, env_u64, file_digest, gpt, slot_digest};
+use common::{TestResult, env_u64, file_digest, slot_digest};
 
 const KINDS: &[(&str, &str)] = &[
     // (kind, what the rollback reason must say)
@@ -66,12 +66,7 @@ fn run() -> TestResult {
     let mut rig = Rig::new("update_bad")?;
     let a = rig.a.clone();
     // A's slot as built, to compare with after each fallback.
-    let a_slot = gpt(&rig.image)?
-        .into_iter()
-        .find(|p| p.0 == ROOT_X86_64 && p.1 == format!("hearth_{a}"))
-        .ok_or("no slot A in the image")?;
-    let (a_off, a_len) = (a_slot.2 * 512, (a_slot.3 - a_slot.2 + 1) * 512);
-    let a_digest = slot_digest(&rig.image, a_off, a_len)?;
+    let (a_off, a_len, a_digest) = rig.built_slot_a()?;
 
     // Releases: one good derived version per case, then its bad variant, all signed.
     let mut releases = Vec::new();

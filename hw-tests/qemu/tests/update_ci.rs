@@ -21,7 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::update::{Rig, bad_update, check_passed, good_update};
-use common::{ROOT_X86_64, TestResult, file_digest, gpt, slot_digest};
+use common::{TestResult, file_digest, slot_digest};
 
 #[test]
 #[ignore = "needs the ci image built with --update-root (image/build); run by .ci/run"]
@@ -35,12 +35,7 @@ fn run() -> TestResult {
     let total = Instant::now();
     let rig = Rig::new("update_ci")?;
     let a = rig.a.clone();
-    let a_slot = gpt(&rig.image)?
-        .into_iter()
-        .find(|p| p.0 == ROOT_X86_64 && p.1 == format!("hearth_{a}"))
-        .ok_or("no slot A in the image")?;
-    let (a_off, a_len) = (a_slot.2 * 512, (a_slot.3 - a_slot.2 + 1) * 512);
-    let a_digest = slot_digest(&rig.image, a_off, a_len)?;
+    let (a_off, a_len, a_digest) = rig.built_slot_a()?;
     let bad = format!("{a}.11");
     let b = format!("{a}.12");
     let rel_bad = rig.derive(&rig.artifacts(), &a, &bad)?;

@@ -172,6 +172,17 @@ impl Rig {
         Ok(vm)
     }
 
+    /// Slot A of the built image: (first byte, length, SHA-256 of its bytes), to compare a disk's
+    /// slot with after a fallback.
+    pub fn built_slot_a(&self) -> Result<(u64, u64, String), Error> {
+        let slot = gpt(&self.image)?
+            .into_iter()
+            .find(|p| p.0 == ROOT_X86_64 && p.1 == format!("hearth_{}", self.a))
+            .ok_or("no slot A in the image")?;
+        let (off, len) = (slot.2 * 512, (slot.3 - slot.2 + 1) * 512);
+        Ok((off, len, super::slot_digest(&self.image, off, len)?))
+    }
+
     /// The build's release artifacts (next to the image).
     pub fn artifacts(&self) -> PathBuf {
         self.image.parent().map(Path::to_path_buf).unwrap_or_default()
