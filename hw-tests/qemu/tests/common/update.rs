@@ -371,22 +371,14 @@ pub fn good_update(rig: &Rig, vm: &mut Vm, from: &str, to: &str) -> Result<(), E
         }
     }
     // Consecutive reports of one phase (progress steps) shown once, with their count.
-    let mut phases: Vec<String> = Vec::new();
-    let mut last: Option<(&str, usize)> = None;
-    for p in ours.iter().map(|e| e.kind.trim_start_matches("node.update.")) {
-        match &mut last {
-            Some((q, n)) if *q == p => *n += 1,
-            _ => {
-                if let Some((q, n)) = last.take() {
-                    phases.push(if n > 1 { format!("{q} x{n}") } else { q.to_string() });
-                }
-                last = Some((p, 1));
-            }
-        }
-    }
-    if let Some((q, n)) = last {
-        phases.push(if n > 1 { format!("{q} x{n}") } else { q.to_string() });
-    }
+    let kinds: Vec<&str> = ours.iter().map(|e| e.kind.trim_start_matches("node.update.")).collect();
+    let phases: Vec<String> = kinds
+        .chunk_by(|x, y| x == y)
+        .map(|run| match run {
+            [one] => one.to_string(),
+            _ => format!("{} x{}", run[0], run.len()),
+        })
+        .collect();
     println!(
         "{from} -> {to}: blessed after {:.1} s; fleet saw {}",
         t.elapsed().as_secs_f64(),
