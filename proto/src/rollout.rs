@@ -109,6 +109,15 @@ pub const TOLD: &str = "told";
 /// timeout (the fleet's, not a report's; a later report replaces it).
 pub const TIMED_OUT: &str = "timed_out";
 
+/// The phase of a node whose heartbeats say it already runs the rollout's version when its turn
+/// comes (or when the rollout is created): it is not told, and counts as a success of its wave.
+pub const CURRENT: &str = "current";
+
+/// The phase of a node that left the channel (moved to another one, revoked or deleted) before
+/// it finished: it is not told any more and counts neither as a success nor as a failure of its
+/// wave (`docs/0009-updates.md`, "Nodes joining and leaving").
+pub const LEFT: &str = "left";
+
 /// Phases that count as a failure of the node's update.
 pub const FAILED_PHASES: &[&str] = &["failed", "check_failed", "rolled_back", TIMED_OUT];
 
@@ -136,9 +145,15 @@ pub struct NodeProgress {
 }
 
 impl NodeProgress {
-    /// Whether the node's update is over: blessed on the new version, or failed.
+    /// Whether the node's update is over: blessed on the new version, already on it, failed, or
+    /// left the channel.
     pub fn finished(&self) -> bool {
-        self.phase == "blessed" || self.failed()
+        self.succeeded() || self.failed() || self.phase == LEFT
+    }
+
+    /// Whether it runs the new version: blessed on it, or already on it ([`CURRENT`]).
+    pub fn succeeded(&self) -> bool {
+        self.phase == "blessed" || self.phase == CURRENT
     }
 
     /// Whether it failed or rolled back.
@@ -194,6 +209,12 @@ pub struct WaveCounts {
     pub blessed: usize,
     /// Nodes failed or rolled back.
     pub failed: usize,
+    /// Nodes that already ran the version and were not told ([`CURRENT`]).
+    #[serde(default)]
+    pub current: usize,
+    /// Nodes that left the channel before they finished ([`LEFT`]).
+    #[serde(default)]
+    pub left: usize,
     /// Bytes done over the wave's reporting nodes.
     pub bytes_done: u64,
     /// Bytes in all over the wave's reporting nodes.
@@ -209,9 +230,23 @@ impl Rollout {
             *c.phases.entry(n.phase.clone()).or_default() += 1;
             c.blessed += usize::from(n.phase == "blessed");
             c.failed += usize::from(n.failed());
+            c.current += usize::from(n.phase == CURRENT);
+            c.left += usize::from(n.phase == LEFT);
             c.bytes_done += n.bytes_done;
             c.bytes_total += n.bytes_total;
         }
         c
+    }
+}
+
+impl WaveCounts {
+    /// Nodes that still take part (not [`LEFT`]): the base of the failure threshold.
+    pub fn active(&self) -> usize {
+        self.nodes - self.left
+    }
+
+    /// Whether every node of the wave finished (succeeded, failed or left).
+    pub fn done(&self) -> bool {
+        self.blessed + self.current + self.failed + self.left >= self.nodes
     }
 }

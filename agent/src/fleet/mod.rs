@@ -303,7 +303,8 @@ impl Fleet {
             versions: Versions {
                 agent: status.agent_version,
                 driver: status.driver.map(|d| d.driver_version),
-                os: None,
+                // The booted slot's version: a rollout does not tell a node already on it.
+                os: self.updater.as_ref().and_then(|u| u.running_version()),
             },
             desired_generation,
         })

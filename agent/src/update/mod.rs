@@ -181,6 +181,8 @@ pub struct Updater {
     store: Store,
     download_dir: PathBuf,
     boot_tries: u32,
+    /// The running version by the `roothash=` it was found for ([`Updater::running_version`]).
+    running: std::sync::Mutex<Option<(String, Option<String>)>>,
 }
 
 /// What `update apply` asks for.
@@ -211,6 +213,7 @@ impl Updater {
             store: Store::new(state_dir.join("update.json")),
             download_dir: state_dir.join("update/download"),
             boot_tries: BOOT_TRIES,
+            running: std::sync::Mutex::new(None),
         }
     }
 
@@ -258,6 +261,27 @@ impl Updater {
             None => true,
         };
         Ok(Booted { slots, index, version, blessed })
+    }
+
+    /// The OS version running now (the booted slot's label), for the fleet's heartbeat: a staged
+    /// rollout does not tell a node already on its version. The slots are read again only when
+    /// the kernel's `roothash=` changes (a boot), so a heartbeat costs one read of the command
+    /// line. None when the booted slot is unknown.
+    pub fn running_version(&self) -> Option<String> {
+        let hash = self.platform.boot.roothash().ok().flatten()?;
+        let mut cache = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, v)) = cache.as_ref().filter(|(h, _)| *h == hash) {
+            return v.clone();
+        }
+        let version = match self.booted() {
+            Ok(b) => b.version.map(|v| v.to_string()),
+            Err(e) => {
+                tracing::debug!(error = %e, "running version unknown");
+                None
+            }
+        };
+        *cache = Some((hash, version.clone()));
+        version
     }
 
     /// Reconcile the state with this boot (trial, bless, rollback). Returns the state.

@@ -9,6 +9,13 @@
 //! when each of its nodes is blessed or failed and opens the next, and halts the rollout when
 //! a wave's failed + rolled-back share crosses its threshold. The clock is a [`Clock`], so tests
 //! move through maintenance windows without waiting for them.
+//!
+//! The caller passes the channel as it is now (a [`Channel`]: its nodes, their labels and the OS
+//! version their last heartbeat named), read in the same transaction: a node already on the
+//! rollout's version is recorded `current` instead of being told, a node that joined the channel
+//! is taken in (the open wave, or the last one while the canary is open), and a node that left
+//! is recorded `left` and never told again (`docs/0009-updates.md`, "Nodes already current,
+//! joining and leaving").
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,8 +23,8 @@ use std::sync::Arc;
 use hearth_fleet_client::release::ReleaseVersion;
 use hearth_proto::control::{ControlMessage, UpdateReport};
 use hearth_proto::rollout::{
-    DEFAULT_NODE_TIMEOUT_S, NodeProgress, PENDING, Rollout, RolloutCreate, RolloutState, TIMED_OUT,
-    TOLD, WindowRule,
+    CURRENT, DEFAULT_NODE_TIMEOUT_S, LEFT, NodeProgress, PENDING, Rollout, RolloutCreate,
+    RolloutState, TIMED_OUT, TOLD, WindowRule,
 };
 
 use crate::server::Fleet;
@@ -162,6 +169,106 @@ pub fn window_open(windows: &[WindowRule], labels: &BTreeMap<String, String>, no
     !named
 }
 
+/// A node on the channel now, as the registry knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Member {
+    /// Its labels now (a node taken in after creation gets its maintenance window from these).
+    pub labels: BTreeMap<String, String>,
+    /// The OS image version its last heartbeat named (`Versions::os`), if any.
+    pub os: Option<String>,
+}
+
+/// The channel's nodes now (not revoked), by id.
+pub type Channel = BTreeMap<String, Member>;
+
+/// The wave a node joining the channel after creation goes to: the open wave, except while the
+/// canary (the first of several waves) is open, when it goes to the last wave, so a late node
+/// never widens the canary.
+pub fn join_wave(r: &Rollout) -> usize {
+    if r.wave == 0 && r.waves.len() > 1 { r.waves.len() - 1 } else { r.wave }
+}
+
+fn event(r: &Rollout, kind: &str, what: String) -> (String, String) {
+    (kind.into(), format!("rollout {} ({} {}): {what}", r.id, r.channel, r.version))
+}
+
+/// Bring the rollout's node list in line with the channel (a running or paused rollout only):
+/// nodes on the channel that the rollout lacks (or that left and came back before being told)
+/// join at [`join_wave`] (`rollout.node_joined`); nodes no longer on the channel that had not
+/// finished become [`LEFT`] (`rollout.node_left`) and are never told again. A finished node that
+/// leaves keeps its outcome.
+pub fn sync_channel(r: &mut Rollout, channel: &Channel, now_ms: u64) -> Step {
+    let mut step = Step::default();
+    if !matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+        return step;
+    }
+    let wave = join_wave(r);
+    for (node, m) in channel {
+        let known = r.nodes.iter().position(|n| &n.node == node);
+        let rejoin = known.filter(|&i| r.nodes[i].phase == LEFT && r.nodes[i].told_ms.is_none());
+        if known.is_some() && rejoin.is_none() {
+            continue;
+        }
+        let p = NodeProgress {
+            node: node.clone(),
+            wave,
+            labels: m.labels.clone(),
+            told_ms: None,
+            phase: PENDING.into(),
+            bytes_done: 0,
+            bytes_total: 0,
+            reason: None,
+            at_ms: None,
+        };
+        match rejoin {
+            Some(i) => r.nodes[i] = p,
+            None => r.nodes.push(p),
+        }
+        let what = format!("{node} joined the channel: wave {} of {}", wave + 1, r.waves.len());
+        step.events.push(event(r, "rollout.node_joined", what));
+    }
+    let mut left = Vec::new();
+    for n in r.nodes.iter_mut().filter(|n| !n.finished() && !channel.contains_key(&n.node)) {
+        let why = format!("left the channel in phase {}", n.phase);
+        left.push(format!("{}: {why}", n.node));
+        n.phase = LEFT.into();
+        n.reason = Some(why);
+    }
+    for what in left {
+        step.events.push(event(r, "rollout.node_left", what));
+    }
+    if !step.is_empty() {
+        // Keep the documented order: by wave, then id.
+        r.nodes.sort_by(|a, b| (a.wave, &a.node).cmp(&(b.wave, &b.node)));
+        r.updated_ms = now_ms;
+    }
+    step
+}
+
+/// Record as [`CURRENT`] each node whose heartbeat says it runs the rollout's version and that
+/// was not told yet (in any wave: its turn needs nothing), or was told but has not reported
+/// (its agent ignores a request for the version it runs). One `rollout.node_current` event each.
+fn mark_current(r: &mut Rollout, channel: &Channel, step: &mut Step) {
+    let version = r.version.clone();
+    let mut found = Vec::new();
+    for n in r.nodes.iter_mut().filter(|n| n.phase == PENDING || n.phase == TOLD) {
+        if channel.get(&n.node).and_then(|m| m.os.as_deref()) != Some(version.as_str()) {
+            continue;
+        }
+        let why = if n.told_ms.is_some() {
+            format!("already on {version} (its heartbeat said so after it was told)")
+        } else {
+            format!("already on {version}: not told")
+        };
+        found.push(format!("{}: {why}", n.node));
+        n.phase = CURRENT.into();
+        n.reason = Some(why);
+    }
+    for what in found {
+        step.events.push(event(r, "rollout.node_current", what));
+    }
+}
+
 /// Check a request and plan it over the channel's nodes `(id, labels)`: nodes sorted by id are
 /// cut into waves by cumulative share (rounded up, so the canary has at least one node).
 pub fn plan(
@@ -293,18 +400,24 @@ impl Step {
     }
 }
 
-/// Advance a running rollout at `now_ms`: tell the open wave's nodes whose window is open, mark
-/// the told ones that did not finish within the node timeout `timed_out` (a failure), halt on a
-/// crossed threshold, complete the wave when every node is finished and open the next.
-pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
-    let mut step = Step::default();
+/// Advance a rollout at `now_ms` over the channel as it is now: take in nodes that joined and
+/// let go of those that left ([`sync_channel`], also while paused); then, while running, record
+/// nodes already on the version as `current`, tell the open wave's other nodes whose window is
+/// open, mark the told ones that did not finish within the node timeout `timed_out` (a
+/// failure), halt on a crossed threshold, complete the wave when every node is finished and
+/// open the next.
+pub fn tick(r: &mut Rollout, now_ms: u64, channel: &Channel) -> Step {
+    let mut step = sync_channel(r, channel, now_ms);
+    if r.state == RolloutState::Running {
+        mark_current(r, channel, &mut step);
+    }
     while r.state == RolloutState::Running {
         let w = r.wave;
         let Some(spec) = r.waves.get(w).copied() else {
             r.state = RolloutState::Completed;
             break;
         };
-        for n in r.nodes.iter_mut().filter(|n| n.wave == w && n.told_ms.is_none()) {
+        for n in r.nodes.iter_mut().filter(|n| n.wave == w && n.phase == PENDING) {
             if window_open(&r.windows, &n.labels, now_ms) {
                 n.told_ms = Some(now_ms);
                 n.phase = TOLD.into();
@@ -329,7 +442,7 @@ pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
             }
         }
         let c = r.counts(w);
-        if c.failed * 100 > usize::from(spec.max_failure_pct) * c.nodes {
+        if c.failed * 100 > usize::from(spec.max_failure_pct) * c.active() {
             let failed: Vec<String> = r
                 .nodes
                 .iter()
@@ -341,7 +454,7 @@ pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
                 w + 1,
                 r.waves.len(),
                 c.failed,
-                c.nodes,
+                c.active(),
                 spec.max_failure_pct,
                 failed.join("; ")
             );
@@ -353,21 +466,23 @@ pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
             ));
             break;
         }
-        if c.blessed + c.failed < c.nodes {
+        if !c.done() {
             break;
         }
         r.wave_done_ms[w] = Some(now_ms);
         step.events.push((
             "rollout.wave".into(),
             format!(
-                "rollout {} ({} {}): wave {} of {} complete: {} blessed, {} failed",
+                "rollout {} ({} {}): wave {} of {} complete: {} blessed, {} already current, {} failed, {} left",
                 r.id,
                 r.channel,
                 r.version,
                 w + 1,
                 r.waves.len(),
                 c.blessed,
-                c.failed
+                c.current,
+                c.failed,
+                c.left
             ),
         ));
         if w + 1 >= r.waves.len() {
@@ -387,13 +502,20 @@ pub fn tick(r: &mut Rollout, now_ms: u64) -> Step {
     step
 }
 
+/// Whether a report from this node is the rollout's: it was told (and has not left), or it was
+/// recorded [`CURRENT`] (a trial boot of the version that then rolls back reports so).
+pub fn reports_to(n: &NodeProgress) -> bool {
+    (n.told_ms.is_some() || n.phase == CURRENT) && n.phase != LEFT
+}
+
 /// Record a node's update report; whether it concerned this rollout. Reports about another
-/// version, or from a node the rollout did not tell, are not the rollout's.
+/// version, or from a node the rollout did not tell (or that left the channel), are not the
+/// rollout's.
 pub fn report(r: &mut Rollout, node: &str, u: &UpdateReport, now_ms: u64) -> bool {
     if u.version.as_deref() != Some(r.version.as_str()) {
         return false;
     }
-    let Some(n) = r.nodes.iter_mut().find(|n| n.node == node && n.told_ms.is_some()) else {
+    let Some(n) = r.nodes.iter_mut().find(|n| n.node == node && reports_to(n)) else {
         return false;
     };
     let phase: String =
@@ -427,13 +549,13 @@ pub fn pause(r: &mut Rollout, now_ms: u64) -> Result<Step, RolloutError> {
 }
 
 /// Resume a paused rollout (a halted one stays halted: its failures need a new release).
-pub fn resume(r: &mut Rollout, now_ms: u64) -> Result<Step, RolloutError> {
+pub fn resume(r: &mut Rollout, now_ms: u64, channel: &Channel) -> Result<Step, RolloutError> {
     if r.state != RolloutState::Paused {
         return Err(RolloutError::State { id: r.id, state: r.state.as_str(), action: "resume" });
     }
     r.state = RolloutState::Running;
     r.updated_ms = now_ms;
-    let mut step = tick(r, now_ms);
+    let mut step = tick(r, now_ms, channel);
     step.events.insert(
         0,
         (
@@ -452,9 +574,10 @@ pub async fn deliver(fleet: &Arc<Fleet>, told: Vec<(String, hearth_proto::contro
     }
 }
 
-/// Advance every running rollout (the sweep calls this every second).
+/// Advance every running rollout, and bring paused ones in line with their channel (the sweep
+/// calls this every second).
 pub async fn drive(fleet: &Arc<Fleet>) {
-    let ids = match fleet.db(|r| r.running_rollouts()).await {
+    let ids = match fleet.db(|r| r.active_rollouts()).await {
         Ok(ids) => ids,
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "cannot read running rollouts");
@@ -465,8 +588,8 @@ pub async fn drive(fleet: &Arc<Fleet>) {
         let now = fleet.clock().now_ms();
         let res = fleet
             .db(move |reg| {
-                reg.change_rollout(id, now, &mut |r| {
-                    let step = tick(r, now);
+                reg.change_rollout(id, now, &mut |r, ch| {
+                    let step = tick(r, now, ch);
                     Ok((!step.is_empty()).then_some(step))
                 })
             })
@@ -497,7 +620,9 @@ pub async fn on_report(fleet: &Arc<Fleet>, node: &str, u: &UpdateReport) {
     let (id, u) = (node.to_string(), u.clone());
     let res = fleet
         .db(move |reg| {
-            reg.change_rollout(rid, now, &mut |r| Ok(report(r, &id, &u, now).then(|| tick(r, now))))
+            reg.change_rollout(rid, now, &mut |r, ch| {
+                Ok(report(r, &id, &u, now).then(|| tick(r, now, ch)))
+            })
         })
         .await;
     match res {
@@ -555,6 +680,26 @@ mod tests {
         }
     }
 
+    /// The rollout's own nodes as the channel, none on the target version yet.
+    fn chan(r: &Rollout) -> Channel {
+        r.nodes
+            .iter()
+            .map(|n| (n.node.clone(), Member { labels: n.labels.clone(), os: None }))
+            .collect()
+    }
+
+    /// A tick over an unchanged channel.
+    fn tk(r: &mut Rollout, now_ms: u64) -> Step {
+        let ch = chan(r);
+        tick(r, now_ms, &ch)
+    }
+
+    /// A resume over an unchanged channel.
+    fn rs(r: &mut Rollout, now_ms: u64) -> Result<Step, RolloutError> {
+        let ch = chan(r);
+        resume(r, now_ms, &ch)
+    }
+
     fn wave_nodes(r: &Rollout, w: usize) -> Vec<String> {
         r.nodes.iter().filter(|n| n.wave == w).map(|n| n.node.clone()).collect()
     }
@@ -569,21 +714,21 @@ mod tests {
             at(1, 0),
         )?;
         assert_eq!(r.node_timeout_ms, 900_000);
-        let step = tick(&mut r, at(1, 0));
+        let step = tk(&mut r, at(1, 0));
         assert_eq!(step.tell, ["n000"]);
         report(&mut r, "n000", &rep("blessed", "2.0", None), at(1, 1));
-        let step = tick(&mut r, at(1, 1));
+        let step = tk(&mut r, at(1, 1));
         assert_eq!(step.tell.len(), 9, "wave 2 told");
         // Eight bless; n005 is offline and never reports.
         for i in (1..10).filter(|&i| i != 5) {
             report(&mut r, &format!("n{i:03}"), &rep("blessed", "2.0", None), at(1, 5));
         }
         // Within the timeout the wave waits for it.
-        let step = tick(&mut r, at(1, 16));
+        let step = tk(&mut r, at(1, 16));
         assert!(step.is_empty(), "{step:?}");
         assert_eq!(r.state, RolloutState::Running);
         // Past it: timed out, a failure (1 of 9 = 11 % <= 20 %), and the rollout completes.
-        let step = tick(&mut r, at(1, 17));
+        let step = tk(&mut r, at(1, 17));
         let n5 =
             r.nodes.iter().find(|n| n.node == "n005").map(|n| (n.phase.clone(), n.reason.clone()));
         assert_eq!(n5.as_ref().map(|n| n.0.as_str()), Some(TIMED_OUT));
@@ -605,9 +750,9 @@ mod tests {
             nodes(10),
             at(1, 0),
         )?;
-        tick(&mut r, at(1, 0));
+        tk(&mut r, at(1, 0));
         report(&mut r, "n000", &rep("downloading", "2.0", None), at(1, 0));
-        tick(&mut r, at(1, 2));
+        tk(&mut r, at(1, 2));
         assert_eq!(r.state, RolloutState::Halted);
         let why = r.reason.clone().unwrap_or_default();
         assert!(why.contains("timed_out") && why.contains("last phase downloading"), "{why}");
@@ -640,15 +785,15 @@ mod tests {
     #[test]
     fn a_clean_rollout_tells_wave_by_wave_and_completes() -> Result<(), RolloutError> {
         let mut r = plan(&req(&[(10, 0), (50, 10), (100, 10)]), nodes(10), at(1, 0))?;
-        let s = tick(&mut r, at(1, 0));
+        let s = tk(&mut r, at(1, 0));
         assert_eq!(s.tell, wave_nodes(&r, 0), "the canary only");
-        assert!(tick(&mut r, at(1, 1)).is_empty(), "nothing new until the canary reports");
+        assert!(tk(&mut r, at(1, 1)).is_empty(), "nothing new until the canary reports");
         for n in wave_nodes(&r, 0) {
             assert!(report(&mut r, &n, &rep("downloading", "2.0", None), at(1, 2)));
-            assert!(tick(&mut r, at(1, 2)).tell.is_empty(), "a downloading canary holds the wave");
+            assert!(tk(&mut r, at(1, 2)).tell.is_empty(), "a downloading canary holds the wave");
             assert!(report(&mut r, &n, &rep("blessed", "2.0", None), at(1, 3)));
         }
-        let s = tick(&mut r, at(1, 3));
+        let s = tk(&mut r, at(1, 3));
         assert_eq!(s.tell, wave_nodes(&r, 1));
         assert_eq!(r.wave, 1);
         assert!(r.wave_done_ms[0].is_some());
@@ -656,7 +801,7 @@ mod tests {
             for n in wave_nodes(&r, w) {
                 report(&mut r, &n, &rep("blessed", "2.0", None), at(1, 4));
             }
-            tick(&mut r, at(1, 4));
+            tk(&mut r, at(1, 4));
         }
         assert_eq!(r.state, RolloutState::Completed);
         assert_eq!(r.counts(2).blessed, 5);
@@ -666,20 +811,20 @@ mod tests {
     #[test]
     fn a_wave_over_its_threshold_halts_and_no_one_else_is_told() -> Result<(), RolloutError> {
         let mut r = plan(&req(&[(10, 0), (50, 25), (100, 10)]), nodes(10), at(1, 0))?;
-        tick(&mut r, at(1, 0));
+        tk(&mut r, at(1, 0));
         for n in wave_nodes(&r, 0) {
             report(&mut r, &n, &rep("blessed", "2.0", None), at(1, 1));
         }
-        tick(&mut r, at(1, 1));
+        tk(&mut r, at(1, 1));
         let second = wave_nodes(&r, 1);
         assert_eq!(second.len(), 4);
         // One of four rolled back: 25 % is not above 25 %.
         report(&mut r, &second[0], &rep("rolled_back", "2.0", Some("GPU health worse")), at(1, 2));
-        assert!(tick(&mut r, at(1, 2)).is_empty());
+        assert!(tk(&mut r, at(1, 2)).is_empty());
         assert_eq!(r.state, RolloutState::Running);
         // Two of four: halted, with the nodes and reasons named.
         report(&mut r, &second[1], &rep("failed", "2.0", Some("hash mismatch")), at(1, 3));
-        let s = tick(&mut r, at(1, 3));
+        let s = tk(&mut r, at(1, 3));
         assert_eq!(r.state, RolloutState::Halted);
         let why = r.reason.clone().unwrap_or_default();
         assert!(why.contains("wave 2 of 3: 2 of 4"), "{why}");
@@ -689,9 +834,9 @@ mod tests {
         for n in &second[2..] {
             report(&mut r, n, &rep("blessed", "2.0", None), at(1, 4));
         }
-        assert!(tick(&mut r, at(1, 5)).tell.is_empty());
+        assert!(tk(&mut r, at(1, 5)).tell.is_empty());
         assert!(r.nodes.iter().filter(|n| n.wave == 2).all(|n| n.told_ms.is_none()));
-        assert!(resume(&mut r, at(1, 6)).is_err(), "a halted rollout does not resume");
+        assert!(rs(&mut r, at(1, 6)).is_err(), "a halted rollout does not resume");
         Ok(())
     }
 
@@ -701,10 +846,10 @@ mod tests {
         q.windows =
             vec![Window { label: "site=ams1".into(), start: "02:00".into(), end: "04:00".into() }];
         let mut r = plan(&q, nodes(4), at(1, 0))?;
-        let s = tick(&mut r, at(1, 0));
+        let s = tk(&mut r, at(1, 0));
         assert_eq!(s.tell, ["n001", "n003"], "fra1 has no window; ams1 waits");
-        assert!(tick(&mut r, at(1, 59)).tell.is_empty());
-        assert_eq!(tick(&mut r, at(2, 0)).tell, ["n000", "n002"]);
+        assert!(tk(&mut r, at(1, 59)).tell.is_empty());
+        assert_eq!(tk(&mut r, at(2, 0)).tell, ["n000", "n002"]);
         // Spanning midnight.
         assert!(in_window(23 * 60, 60, at(23, 30)) && in_window(23 * 60, 60, at(0, 30)));
         assert!(!in_window(23 * 60, 60, at(1, 0)) && !in_window(120, 240, at(4, 0)));
@@ -715,7 +860,7 @@ mod tests {
     fn reports_of_other_versions_or_untold_nodes_are_not_the_rollouts() -> Result<(), RolloutError>
     {
         let mut r = plan(&req(&[(50, 0), (100, 0)]), nodes(2), at(1, 0))?;
-        tick(&mut r, at(1, 0));
+        tk(&mut r, at(1, 0));
         assert!(!report(&mut r, "n000", &rep("failed", "1.9", None), at(1, 1)));
         assert!(!report(&mut r, "n001", &rep("failed", "2.0", None), at(1, 1)), "not told yet");
         assert!(!report(&mut r, "n999", &rep("failed", "2.0", None), at(1, 1)));
@@ -726,13 +871,197 @@ mod tests {
     #[test]
     fn pause_stops_telling_and_resume_continues() -> Result<(), RolloutError> {
         let mut r = plan(&req(&[(50, 0), (100, 0)]), nodes(2), at(1, 0))?;
-        tick(&mut r, at(1, 0));
+        tk(&mut r, at(1, 0));
         pause(&mut r, at(1, 1))?;
         assert!(pause(&mut r, at(1, 1)).is_err());
         report(&mut r, "n000", &rep("blessed", "2.0", None), at(1, 2));
-        assert!(tick(&mut r, at(1, 2)).is_empty(), "paused");
-        let s = resume(&mut r, at(1, 3))?;
+        assert!(tk(&mut r, at(1, 2)).is_empty(), "paused");
+        let s = rs(&mut r, at(1, 3))?;
         assert_eq!(s.tell, ["n001"]);
+        Ok(())
+    }
+
+    fn phase_of(r: &Rollout, node: &str) -> String {
+        r.nodes.iter().find(|n| n.node == node).map(|n| n.phase.clone()).unwrap_or_default()
+    }
+
+    fn kinds(s: &Step, kind: &str) -> Vec<String> {
+        s.events.iter().filter(|(k, _)| k == kind).map(|(_, m)| m.clone()).collect()
+    }
+
+    #[test]
+    fn nodes_already_on_the_version_are_current_not_told_and_count_as_successes()
+    -> Result<(), RolloutError> {
+        // Canary of 1 (n000) and 3 more, zero tolerance; n000 and n002 already run 2.0.
+        let mut r = plan(&req(&[(25, 0), (100, 0)]), nodes(4), at(1, 0))?;
+        let mut ch = chan(&r);
+        for n in ["n000", "n002"] {
+            ch.entry(n.into()).or_default().os = Some("2.0".into());
+        }
+        ch.entry("n003".into()).or_default().os = Some("1.0".into());
+        let s = tick(&mut r, at(1, 0), &ch);
+        // Both are recorded at once (any wave); the canary is done without telling anyone, the
+        // second wave opens and only its nodes not on 2.0 are told.
+        assert_eq!(s.tell, ["n001", "n003"]);
+        let current = kinds(&s, "rollout.node_current");
+        assert_eq!(current.len(), 2, "{current:?}");
+        assert!(current[0].contains("n000: already on 2.0: not told"), "{current:?}");
+        assert_eq!((phase_of(&r, "n000"), phase_of(&r, "n002")), (CURRENT.into(), CURRENT.into()));
+        assert!(r.nodes.iter().filter(|n| n.phase == CURRENT).all(|n| n.told_ms.is_none()));
+        let c0 = r.counts(0);
+        assert_eq!((c0.current, c0.failed, c0.blessed), (1, 0, 0));
+        assert!(r.wave_done_ms[0].is_some() && r.wave == 1);
+        assert!(kinds(&s, "rollout.wave")[0].contains("0 blessed, 1 already current, 0 failed"));
+        // Long past the node timeout a current node never times out.
+        for n in ["n001", "n003"] {
+            report(&mut r, n, &rep("blessed", "2.0", None), at(1, 5));
+        }
+        let s = tick(&mut r, at(9, 0), &ch);
+        assert!(kinds(&s, "rollout.node_timed_out").is_empty(), "{s:?}");
+        assert_eq!(r.state, RolloutState::Completed);
+        let c1 = r.counts(1);
+        assert_eq!((c1.blessed, c1.current, c1.failed), (2, 1, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn a_told_node_whose_heartbeat_shows_the_version_is_current_and_a_rollback_still_counts()
+    -> Result<(), RolloutError> {
+        // Told before its first heartbeat reached the registry: the agent ignores the request
+        // for the version it runs, so without this it would time out and halt the wave.
+        let mut r = plan(
+            &RolloutCreate { node_timeout_s: Some(600), ..req(&[(100, 0)]) },
+            nodes(3),
+            at(1, 0),
+        )?;
+        let mut ch = chan(&r);
+        assert_eq!(tick(&mut r, at(1, 0), &ch).tell.len(), 3);
+        ch.entry("n001".into()).or_default().os = Some("2.0".into());
+        // n002 reports it is downloading: a report, not a bare `told`, is never overridden.
+        report(&mut r, "n002", &rep("downloading", "2.0", None), at(1, 1));
+        ch.entry("n002".into()).or_default().os = Some("2.0".into());
+        let s = tick(&mut r, at(1, 2), &ch);
+        assert_eq!(phase_of(&r, "n001"), CURRENT);
+        assert_eq!(phase_of(&r, "n002"), "downloading");
+        assert!(kinds(&s, "rollout.node_current")[0].contains("after it was told"), "{s:?}");
+        // A node recorded current that then reports a rollback of 2.0 (it was on a trial boot)
+        // is a failure of its wave: the report is the rollout's.
+        assert!(report(&mut r, "n001", &rep("rolled_back", "2.0", Some("no fleet")), at(1, 3)));
+        tick(&mut r, at(1, 3), &ch);
+        assert_eq!(r.state, RolloutState::Halted);
+        assert!(r.reason.clone().unwrap_or_default().contains("n001 rolled_back: no fleet"));
+        Ok(())
+    }
+
+    #[test]
+    fn late_nodes_join_the_last_wave_while_the_canary_is_open_then_the_open_wave()
+    -> Result<(), RolloutError> {
+        // Waves of 1, 1, 2 over n000..n003.
+        let mut r = plan(&req(&[(25, 0), (50, 0), (100, 0)]), nodes(4), at(1, 0))?;
+        let mut ch = chan(&r);
+        assert_eq!(tick(&mut r, at(1, 0), &ch).tell, ["n000"]);
+        ch.insert("m1".into(), Member { labels: BTreeMap::new(), os: None });
+        let s = tick(&mut r, at(1, 1), &ch);
+        assert!(s.tell.is_empty(), "a late node never widens the canary: {s:?}");
+        let joined = kinds(&s, "rollout.node_joined");
+        assert_eq!(joined.len(), 1);
+        assert!(joined[0].contains("m1 joined the channel: wave 3 of 3"), "{joined:?}");
+        assert_eq!(r.nodes.iter().find(|n| n.node == "m1").map(|n| n.wave), Some(2));
+        assert_eq!(r.counts(0).nodes, 1, "the canary is still one node");
+        // The canary passes; the second wave opens. A node joining now goes to it and is told
+        // at once (its window being open).
+        report(&mut r, "n000", &rep("blessed", "2.0", None), at(1, 2));
+        assert_eq!(tick(&mut r, at(1, 2), &ch).tell, ["n001"]);
+        ch.insert("m2".into(), Member { labels: BTreeMap::new(), os: None });
+        let s = tick(&mut r, at(1, 3), &ch);
+        assert_eq!(s.tell, ["m2"]);
+        assert!(kinds(&s, "rollout.node_joined")[0].contains("m2 joined the channel: wave 2 of 3"));
+        // The nodes stay ordered by wave, then id.
+        let order: Vec<(usize, &str)> = r.nodes.iter().map(|n| (n.wave, n.node.as_str())).collect();
+        assert_eq!(
+            order,
+            [(0, "n000"), (1, "m2"), (1, "n001"), (2, "m1"), (2, "n002"), (2, "n003")]
+        );
+        // Nothing joins twice.
+        assert!(tick(&mut r, at(1, 3), &ch).is_empty());
+        for n in ["m2", "n001"] {
+            report(&mut r, n, &rep("blessed", "2.0", None), at(1, 4));
+        }
+        let s = tick(&mut r, at(1, 4), &ch);
+        assert_eq!(s.tell, ["m1", "n002", "n003"]);
+        Ok(())
+    }
+
+    #[test]
+    fn nodes_leaving_the_channel_are_not_told_and_count_neither_way() -> Result<(), RolloutError> {
+        // Waves of 1 and 3 over n000..n003, zero tolerance.
+        let mut r = plan(&req(&[(25, 0), (100, 0)]), nodes(4), at(1, 0))?;
+        let mut ch = chan(&r);
+        tick(&mut r, at(1, 0), &ch);
+        // n003 (second wave, pending) moves to another channel before its wave opens.
+        ch.remove("n003");
+        let s = tick(&mut r, at(1, 1), &ch);
+        assert!(
+            kinds(&s, "rollout.node_left")[0].contains("n003: left the channel in phase pending")
+        );
+        assert_eq!(phase_of(&r, "n003"), LEFT);
+        report(&mut r, "n000", &rep("blessed", "2.0", None), at(1, 2));
+        let s = tick(&mut r, at(1, 2), &ch);
+        assert_eq!(s.tell, ["n001", "n002"], "a node that left is never told");
+        // n002, told, leaves mid-update: not a failure, and its later reports are not the
+        // rollout's (it would otherwise hold the wave open until it timed out).
+        ch.remove("n002");
+        tick(&mut r, at(1, 3), &ch);
+        assert_eq!(phase_of(&r, "n002"), LEFT);
+        assert!(!report(&mut r, "n002", &rep("failed", "2.0", Some("x")), at(1, 4)));
+        report(&mut r, "n001", &rep("blessed", "2.0", None), at(1, 5));
+        let s = tick(&mut r, at(1, 5), &ch);
+        assert_eq!(r.state, RolloutState::Completed, "{s:?}");
+        let c = r.counts(1);
+        assert_eq!((c.nodes, c.left, c.blessed, c.failed, c.active()), (3, 2, 1, 0, 1));
+        assert!(
+            kinds(&s, "rollout.wave")[0].contains("1 blessed, 0 already current, 0 failed, 2 left")
+        );
+        // A finished node that leaves keeps its outcome; a completed rollout takes in no one.
+        ch.remove("n000");
+        ch.insert("m1".into(), Member::default());
+        let before = r.clone();
+        assert!(tick(&mut r, at(1, 6), &ch).is_empty());
+        assert_eq!(r, before);
+        Ok(())
+    }
+
+    #[test]
+    fn a_paused_rollout_takes_in_joiners_and_a_node_that_comes_back_rejoins()
+    -> Result<(), RolloutError> {
+        let mut r = plan(&req(&[(50, 0), (100, 0)]), nodes(4), at(1, 0))?;
+        let mut ch = chan(&r);
+        tick(&mut r, at(1, 0), &ch);
+        pause(&mut r, at(1, 1))?;
+        ch.insert("m1".into(), Member::default());
+        ch.remove("n003");
+        let s = tick(&mut r, at(1, 2), &ch);
+        assert!(s.tell.is_empty(), "paused: no one told");
+        assert_eq!(kinds(&s, "rollout.node_joined").len(), 1);
+        assert_eq!(phase_of(&r, "n003"), LEFT);
+        // n003 comes back before it was told: it rejoins (last wave, the canary being open).
+        ch.insert("n003".into(), Member::default());
+        let s = tick(&mut r, at(1, 3), &ch);
+        assert!(kinds(&s, "rollout.node_joined")[0].contains("n003 joined"));
+        assert_eq!(phase_of(&r, "n003"), PENDING);
+        assert_eq!(r.nodes.iter().filter(|n| n.node == "n003").count(), 1);
+        for n in wave_nodes(&r, 0) {
+            report(&mut r, &n, &rep("blessed", "2.0", None), at(1, 4));
+        }
+        let s = resume(&mut r, at(1, 4), &ch)?;
+        assert_eq!(s.tell, ["m1", "n002", "n003"]);
+        // A halted rollout takes in no one either.
+        report(&mut r, "m1", &rep("failed", "2.0", Some("x")), at(1, 5));
+        tick(&mut r, at(1, 5), &ch);
+        assert_eq!(r.state, RolloutState::Halted);
+        ch.insert("m2".into(), Member::default());
+        assert!(tick(&mut r, at(1, 6), &ch).is_empty());
+        assert!(r.nodes.iter().all(|n| n.node != "m2"));
         Ok(())
     }
 

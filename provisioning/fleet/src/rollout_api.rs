@@ -14,7 +14,7 @@ use hearth_proto::rollout::{Rollout, RolloutCreate};
 
 use crate::api::{ApiError, need, parse};
 use crate::ca::{Peer, Role};
-use crate::rollout::{RolloutError, Step};
+use crate::rollout::{Channel, RolloutError, Step};
 use crate::server::Fleet;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -67,8 +67,8 @@ async fn create(
     let id = created.id;
     let (r, told) = fleet
         .db(move |reg| {
-            reg.change_rollout(id, now, &mut |r| {
-                let step = crate::rollout::tick(r, now);
+            reg.change_rollout(id, now, &mut |r, ch| {
+                let step = crate::rollout::tick(r, now, ch);
                 Ok((!step.is_empty()).then_some(step))
             })
         })
@@ -81,13 +81,14 @@ async fn change(
     fleet: &Arc<Fleet>,
     peer: &Peer,
     raw: &str,
-    f: fn(&mut Rollout, u64) -> Result<Step, RolloutError>,
+    f: fn(&mut Rollout, u64, &Channel) -> Result<Step, RolloutError>,
 ) -> ApiResult<Rollout> {
     need(peer, Role::Admin)?;
     let id = id_of(raw)?;
     let now = fleet.clock().now_ms();
-    let (r, told) =
-        fleet.db(move |reg| reg.change_rollout(id, now, &mut |r| f(r, now).map(Some))).await?;
+    let (r, told) = fleet
+        .db(move |reg| reg.change_rollout(id, now, &mut |r, ch| f(r, now, ch).map(Some)))
+        .await?;
     crate::rollout::deliver(fleet, told).await;
     Ok(Json(r))
 }
@@ -97,7 +98,7 @@ async fn pause(
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
 ) -> ApiResult<Rollout> {
-    change(&fleet, &peer, &id, crate::rollout::pause).await
+    change(&fleet, &peer, &id, |r, now, _| crate::rollout::pause(r, now)).await
 }
 
 async fn resume(

@@ -2,22 +2,58 @@
 //! holding its document (JSON) and a generation. Every change — a tick, a report, a pause — is
 //! one transaction that reads the document, changes it in memory, writes it back only if the
 //! generation is still the one read, and writes the desired states of the nodes it tells, so a
-//! node is never told without the rollout knowing it, nor the reverse.
+//! node is never told without the rollout knowing it, nor the reverse. The channel's nodes as
+//! they are now (labels, and the OS version of their last heartbeat in `node_liveness`) are
+//! read in the same transaction and passed to the state machine ([`crate::rollout::Channel`]).
 
 use hearth_proto::control::DesiredState;
-use hearth_proto::rollout::{Rollout, RolloutCreate};
+use hearth_proto::rollout::{Rollout, RolloutCreate, RolloutState};
 
 use super::{
-    DbError, Refusal, Registry, RegistryError, Tx, add_event, col, desired_in, i, int, json, s,
+    DbError, Refusal, Registry, RegistryError, Tx, add_event, col, desired_in, i, int, json, os, s,
     text, to_json,
 };
-use crate::rollout::{RolloutError, Step};
+use crate::rollout::{Channel, Member, RolloutError, Step};
 
 /// What a lost generation race says (the change is run again).
 const CONFLICT: &str = "changed concurrently";
 
 /// Nodes told by a change, with their new desired state (to push to their sessions).
 pub type Told = Vec<(String, DesiredState)>;
+
+/// The part of a stored heartbeat the rollout reads.
+#[derive(serde::Deserialize)]
+struct HeartbeatOs {
+    versions: VersionsOs,
+}
+
+#[derive(serde::Deserialize)]
+struct VersionsOs {
+    os: Option<String>,
+}
+
+/// The nodes on `channel` now (not revoked): labels and the OS version their last heartbeat
+/// named. A heartbeat that does not parse names no version (the node is told as before).
+fn channel_in(tx: &mut dyn Tx, channel: &str) -> Result<Channel, RegistryError> {
+    let rows = tx.query(
+        "SELECT n.id, n.desired, l.heartbeat FROM nodes n \
+         LEFT JOIN node_liveness l ON l.node_id = n.id WHERE n.revoked = 0",
+        &[],
+    )?;
+    let mut out = Channel::new();
+    for r in &rows {
+        let id = s(col(r, 0));
+        let d: DesiredState = json(col(r, 1), "desired", &id)?;
+        if d.update_channel != channel {
+            continue;
+        }
+        let os = os(col(r, 2))
+            .and_then(|hb| serde_json::from_str::<HeartbeatOs>(&hb).ok())
+            .and_then(|hb| hb.versions.os);
+        out.insert(id, Member { labels: d.labels, os });
+    }
+    Ok(out)
+}
 
 fn load(tx: &mut dyn Tx, id: u64) -> Result<(u64, Rollout), RegistryError> {
     let rows = tx.query("SELECT generation, body FROM rollouts WHERE id = $1", &[int(id)])?;
@@ -50,15 +86,10 @@ impl Registry {
                 })
                 .into());
             }
-            let rows = tx.query("SELECT id, desired FROM nodes WHERE revoked = 0", &[])?;
-            let mut nodes = Vec::new();
-            for r in &rows {
-                let id = s(col(r, 0));
-                let d: DesiredState = json(col(r, 1), "desired", &id)?;
-                if d.update_channel == req.channel {
-                    nodes.push((id, d.labels));
-                }
-            }
+            let nodes = channel_in(tx, &req.channel)?
+                .into_iter()
+                .map(|(id, m)| (id, m.labels))
+                .collect();
             let mut rollout =
                 crate::rollout::plan(req, nodes, now_ms).map_err(Refusal::Rollout)?;
             let ins = tx.query(
@@ -109,11 +140,14 @@ impl Registry {
         self.rtx(|tx| Ok(load(tx, id)?.1))
     }
 
-    /// Ids of the running rollouts.
-    pub fn running_rollouts(&self) -> Result<Vec<u64>, RegistryError> {
+    /// Ids of the running and paused rollouts (a paused one still takes in nodes that join
+    /// its channel).
+    pub fn active_rollouts(&self) -> Result<Vec<u64>, RegistryError> {
         self.rtx(|tx| {
-            let rows =
-                tx.query("SELECT id FROM rollouts WHERE state = 'running' ORDER BY id", &[])?;
+            let rows = tx.query(
+                "SELECT id FROM rollouts WHERE state IN ('running', 'paused') ORDER BY id",
+                &[],
+            )?;
             Ok(rows.iter().map(|r| i(col(r, 0)) as u64).collect())
         })
     }
@@ -127,7 +161,7 @@ impl Registry {
             )?;
             for r in &rows {
                 let ro: Rollout = json(col(r, 1), "body", &s(col(r, 0)))?;
-                if ro.nodes.iter().any(|n| n.node == node && n.told_ms.is_some()) {
+                if ro.nodes.iter().any(|n| n.node == node && crate::rollout::reports_to(n)) {
                     return Ok(Some(ro.id));
                 }
             }
@@ -135,7 +169,9 @@ impl Registry {
         })
     }
 
-    /// Change rollout `id` with `f` in one transaction: `Ok(None)` from `f` writes nothing; a
+    /// Change rollout `id` with `f` in one transaction, `f` getting the rollout and its channel
+    /// as it is now (read only while the rollout is running or paused; empty otherwise, when
+    /// the state machine takes no one in): `Ok(None)` from `f` writes nothing; a
     /// step is saved with the next generation, its events recorded and the nodes it tells given
     /// `update_version` in their desired state. A refusal from `f` changes nothing. When another
     /// transaction changed the document in between (PostgreSQL, several gateways), the whole
@@ -144,7 +180,7 @@ impl Registry {
         &self,
         id: u64,
         now_ms: u64,
-        f: &mut dyn FnMut(&mut Rollout) -> Result<Option<Step>, RolloutError>,
+        f: &mut dyn FnMut(&mut Rollout, &Channel) -> Result<Option<Step>, RolloutError>,
     ) -> Result<(Rollout, Told), RegistryError> {
         let mut attempt = 0;
         loop {
@@ -161,11 +197,15 @@ impl Registry {
         &self,
         id: u64,
         now_ms: u64,
-        f: &mut dyn FnMut(&mut Rollout) -> Result<Option<Step>, RolloutError>,
+        f: &mut dyn FnMut(&mut Rollout, &Channel) -> Result<Option<Step>, RolloutError>,
     ) -> Result<(Rollout, Told), RegistryError> {
         self.tx(|tx| {
             let (generation, mut r) = load(tx, id)?;
-            let Some(step) = f(&mut r).map_err(Refusal::Rollout)? else {
+            let channel = match r.state {
+                RolloutState::Running | RolloutState::Paused => channel_in(tx, &r.channel)?,
+                RolloutState::Halted | RolloutState::Completed => Channel::new(),
+            };
+            let Some(step) = f(&mut r, &channel).map_err(Refusal::Rollout)? else {
                 return Ok((r, Vec::new()));
             };
             let n = tx.exec(
