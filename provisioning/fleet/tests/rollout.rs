@@ -3,7 +3,10 @@
 //! the update reports a node sends), a rollout tells them wave by wave, halts when a wave
 //! crosses its failure threshold (the remaining nodes are never told), holds a maintenance
 //! window's group until its window opens (an injected clock), survives a fleet restart, and
-//! refuses bad requests naming the cause while changing nothing.
+//! refuses bad requests naming the cause while changing nothing. Nodes whose heartbeats say they
+//! already run the version are recorded `current` and never told; a node enrolled while the
+//! rollout runs joins it; held nodes moved off the channel or revoked are let go, so the rollout
+//! completes without them.
 
 mod common;
 
@@ -52,16 +55,26 @@ fn report(phase: &str, version: &str, done: u64, reason: Option<&str>) -> Contro
     })
 }
 
-fn heartbeat(seq: u64) -> ControlMessage {
+fn heartbeat(seq: u64, os: Option<&str>) -> ControlMessage {
     ControlMessage::Heartbeat(Heartbeat {
         seq,
         at_ms: hearth_fleet::now_ms(),
         state: NodeState::Ready,
         health: HealthSummary { gpus: 8, healthy: 8, degraded: 0, failed: 0 },
         power: PowerSummary::default(),
-        versions: Versions { agent: "0.1.0".into(), driver: None, os: None },
+        versions: Versions { agent: "0.1.0".into(), driver: None, os: os.map(Into::into) },
         desired_generation: 0,
     })
+}
+
+/// A simulated node's behaviour.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sim {
+    /// Roll back with this reason instead of being blessed.
+    fail: Option<&'static str>,
+    /// The OS version its heartbeats name (a heartbeat goes out as soon as the session opens);
+    /// told that version, it does nothing, like the agent.
+    os: Option<&'static str>,
 }
 
 /// One simulated node: holds a session (reconnecting after a fleet restart); told a version,
@@ -72,7 +85,7 @@ async fn sim_node(
     pin: String,
     id: ClientIdentity,
     node: String,
-    fail: Option<&'static str>,
+    sim: Sim,
     told: Told,
     stop: CancellationToken,
 ) {
@@ -82,6 +95,10 @@ async fn sim_node(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        seq += 1;
+        if s.send(&heartbeat(seq, sim.os)).await.is_err() {
+            continue;
+        }
         loop {
             let m = tokio::select! {
                 () = stop.cancelled() => return,
@@ -92,7 +109,7 @@ async fn sim_node(
                 Ok(Err(_)) => break,
                 Err(_) => {
                     seq += 1;
-                    if s.send(&heartbeat(seq)).await.is_err() {
+                    if s.send(&heartbeat(seq, sim.os)).await.is_err() {
                         break;
                     }
                     continue;
@@ -100,8 +117,8 @@ async fn sim_node(
             };
             let ControlMessage::Desired(d) = m else { continue };
             let Some(v) = d.update_version else { continue };
-            if lock(&told).insert(node.clone(), v.clone()).is_some() {
-                continue; // already handled (a node does not apply a version twice)
+            if lock(&told).insert(node.clone(), v.clone()).is_some() || sim.os == Some(&v) {
+                continue; // already handled, or already running it (the agent does nothing)
             }
             let mut msgs = vec![
                 report("downloading", &v, 500, None),
@@ -109,7 +126,7 @@ async fn sim_node(
                 report("installed", &v, 1000, None),
                 report("rebooting", &v, 1000, None),
             ];
-            msgs.push(match fail {
+            msgs.push(match sim.fail {
                 None => report("blessed", &v, 0, None),
                 Some(why) => report("rolled_back", &v, 0, Some(why)),
             });
@@ -154,16 +171,28 @@ fn start_sims(
     stop: &CancellationToken,
 ) {
     for (node, id) in &nodes.ids {
-        tokio::spawn(sim_node(
-            f.ep(),
-            f.pin(),
-            id.clone(),
-            node.clone(),
-            fail.get(node).copied(),
-            told.clone(),
-            stop.clone(),
-        ));
+        let sim = Sim { fail: fail.get(node).copied(), os: None };
+        start_sim(f, node, id, sim, told, stop);
     }
+}
+
+fn start_sim(
+    f: &TestFleet,
+    node: &str,
+    id: &ClientIdentity,
+    sim: Sim,
+    told: &Told,
+    stop: &CancellationToken,
+) {
+    tokio::spawn(sim_node(
+        f.ep(),
+        f.pin(),
+        id.clone(),
+        node.to_string(),
+        sim,
+        told.clone(),
+        stop.clone(),
+    ));
 }
 
 async fn get_rollout(f: &TestFleet, id: u64) -> Rollout {
@@ -388,6 +417,132 @@ async fn bad_requests_change_nothing(db: Db) -> TestResult {
     assert_eq!(f.dump(), before, "a refused request changes nothing");
     f.running.stop().await;
     Ok(())
+}
+
+/// Wait until the registry holds a heartbeat naming `os` for each of `nodes`.
+async fn wait_heartbeats(f: &TestFleet, nodes: &[&String], os: &str) {
+    for _ in 0..100 {
+        let views = tokio::task::block_in_place(|| f.running.fleet.registry.nodes())
+            .unwrap_or_else(|e| panic!("nodes: {e}"));
+        let ok = nodes.iter().all(|id| {
+            views.iter().any(|v| {
+                &&v.id == id
+                    && v.heartbeat.as_ref().and_then(|h| h.versions.os.as_deref()) == Some(os)
+            })
+        });
+        if ok {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no heartbeat naming {os} in the registry for {nodes:?}");
+}
+
+async fn current_late_and_leaving_nodes(db: Db) -> TestResult {
+    let Some(f) = fleet_on(db).await else { return Ok(()) };
+    f.running.fleet.set_clock(Arc::new(ManualClock::at(at(1, 0))));
+    // lab: one on 1.0 and two already on 2.0; ams1: two held by a closed window.
+    let lab = enroll_nodes(&f, 3, 500, &[("site", "lab")]).await;
+    let ams = enroll_nodes(&f, 2, 600, &[("site", "ams1")]).await;
+    let told: Told = Arc::default();
+    let stop = CancellationToken::new();
+    for (k, (node, id)) in lab.ids.iter().enumerate() {
+        let os = if k == 0 { Some("1.0") } else { Some("2.0") };
+        start_sim(&f, node, id, Sim { fail: None, os }, &told, &stop);
+    }
+    start_sims(&f, &ams, &BTreeMap::new(), &told, &stop);
+    let (l0, current) = (&lab.ids[0].0, [&lab.ids[1].0, &lab.ids[2].0]);
+    wait_heartbeats(&f, &current, "2.0").await;
+
+    // Zero tolerance and the default node timeout (6 h): a current node that timed out would
+    // halt the rollout, and waiting for it would outlast the test.
+    let req = RolloutCreate {
+        channel: "stable".into(),
+        version: "2.0".into(),
+        waves: waves(&[(100, 0)]),
+        windows: vec![Window {
+            label: "site=ams1".into(),
+            start: "02:00".into(),
+            end: "04:00".into(),
+        }],
+        node_timeout_s: None,
+    };
+    let r = create(&f, &req).await?;
+    for n in &r.nodes {
+        let want = if current.contains(&&n.node) {
+            "current"
+        } else if n.node == *l0 {
+            "told"
+        } else {
+            "pending"
+        };
+        assert_eq!(n.phase, want, "{} at creation", n.node);
+    }
+    assert_eq!(r.counts(0).current, 2);
+
+    // A node enrolled now joins the running rollout and is told.
+    let late = enroll_nodes(&f, 1, 700, &[("site", "lab")]).await;
+    start_sims(&f, &late, &BTreeMap::new(), &told, &stop);
+    let j = &late.ids[0].0;
+    let r2 = wait_rollout(&f, r.id, "the late node blessed", |r| {
+        r.nodes.iter().any(|n| &n.node == j && n.phase == "blessed")
+            && r.nodes.iter().any(|n| &n.node == l0 && n.phase == "blessed")
+    })
+    .await;
+    assert_eq!(r2.state, RolloutState::Running, "the ams1 nodes hold the wave");
+
+    // The held ams1 nodes leave: one moved to another channel, one revoked. The rollout
+    // completes without them and without the window opening; they were never told.
+    let (a0, a1) = (ams.ids[0].0.clone(), ams.ids[1].0.clone());
+    let moved = a0.clone();
+    tokio::task::block_in_place(|| {
+        f.running.fleet.registry.update_desired(&moved, at(1, 5), "channel beta", &|d| {
+            d.update_channel = "beta".into();
+        })
+    })?;
+    let _: hearth_proto::fleet::NodeView = json(
+        &f.ep(),
+        f.http(Some(&f.admin)),
+        "POST",
+        &format!("/v1/nodes/{a1}/revoke"),
+        Some(&()),
+    )
+    .await?;
+    let done = wait_rollout(&f, r.id, "completion", |r| r.state == RolloutState::Completed).await;
+    let c = done.counts(0);
+    assert_eq!((c.nodes, c.blessed, c.current, c.left, c.failed), (6, 2, 2, 2, 0), "{done:#?}");
+    let told_now = lock(&told).clone();
+    let told_ids: BTreeSet<&String> = told_now.keys().collect();
+    assert_eq!(told_ids, BTreeSet::from([l0, j]), "only the nodes not on 2.0 were told");
+    let events: Vec<EventView> =
+        json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/events?limit=500", None)
+            .await?;
+    let of = |kind: &str| -> Vec<String> {
+        events.iter().filter(|e| e.kind == kind).map(|e| e.message.clone()).collect()
+    };
+    assert_eq!(of("rollout.node_current").len(), 2);
+    assert!(of("rollout.node_joined").iter().any(|m| m.contains(&format!("{j} joined"))));
+    let left = of("rollout.node_left");
+    assert!(left.iter().any(|m| m.contains(&a0)) && left.iter().any(|m| m.contains(&a1)));
+    assert_eq!(of("rollout.completed").len(), 1);
+    // The window opening later changes nothing: a completed rollout tells no one.
+    f.running.fleet.set_clock(Arc::new(ManualClock::at(at(2, 30))));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(lock(&told).len(), 2);
+    assert_eq!(get_rollout(&f, r.id).await.nodes, done.nodes);
+    stop.cancel();
+    f.running.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_late_and_leaving_on_sqlite() -> TestResult {
+    current_late_and_leaving_nodes(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_late_and_leaving_on_postgres() -> TestResult {
+    current_late_and_leaving_nodes(Db::Postgres).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
