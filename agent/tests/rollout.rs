@@ -6,7 +6,8 @@
 //! either blesses it or falls back to the old slot; the agent reports every phase to the fleet.
 //! A failing second wave halts the rollout and the third wave is never told (its slots never
 //! written); a clean rollout completes, a maintenance window holding its group back until the
-//! fleet's (injected) clock opens it.
+//! fleet's (injected) clock opens it; a machine already running the version (its heartbeats say
+//! so) is recorded `current` and its slots are never written.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,12 +94,22 @@ struct Machine {
 
 const H1_VERSION: &str = "1.0";
 
-async fn machine(dir: &Path, n: u64, seed: &Seed, keys: &Path, repo: &Path, bad: bool) -> Machine {
+/// Machine `n`, running `version` (1.0, or 2.0 for one already on the rollout's release).
+async fn machine(
+    dir: &Path,
+    n: u64,
+    seed: &Seed,
+    keys: &Path,
+    repo: &Path,
+    bad: bool,
+    version: &str,
+) -> Machine {
     let state = dir.join(format!("node{n}"));
-    let h1 = roothash_for(H1_VERSION);
-    let disk = Arc::new(GptSlotDisk::new(H1_VERSION, &h1, SLOT_SIZE));
-    let esp = Arc::new(DirEsp::with_entries(&["hearth_1.0.efi"]));
-    let boot = Arc::new(SystemdBoot::new(&h1, "hearth_1.0.efi"));
+    let h1 = roothash_for(version);
+    let entry = format!("hearth_{version}.efi");
+    let disk = Arc::new(GptSlotDisk::new(version, &h1, SLOT_SIZE));
+    let esp = Arc::new(DirEsp::with_entries(&[entry.as_str()]));
+    let boot = Arc::new(SystemdBoot::new(&h1, &entry));
     let reboots = Arc::new(SystemctlReboot::default());
     let metadata = url::Url::from_directory_path(repo).expect("url");
     let source = RepoSource {
@@ -191,6 +202,15 @@ async fn lab(
     sites: &[&str],
     bad: impl Fn(usize) -> bool,
 ) -> Result<Lab, Box<dyn std::error::Error + Send + Sync>> {
+    lab_on(sites, bad, |_| H1_VERSION).await
+}
+
+/// [`lab`] with machine k running `version(k)`.
+async fn lab_on(
+    sites: &[&str],
+    bad: impl Fn(usize) -> bool,
+    version: impl Fn(usize) -> &'static str,
+) -> Result<Lab, Box<dyn std::error::Error + Send + Sync>> {
     let dir = tempfile::tempdir()?;
     let fleet = hearth_fleet::server::start(FleetConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -216,7 +236,7 @@ async fn lab(
             json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
         let mut seed = Seed::parse(&token.seed, "token")?;
         seed.fleet.url = format!("https://{}", fleet.addr);
-        machines.push(machine(dir.path(), k as u64, &seed, &keys, &repo, bad(k)).await);
+        machines.push(machine(dir.path(), k as u64, &seed, &keys, &repo, bad(k), version(k)).await);
     }
     let l = Lab { _dir: dir, fleet, ep, pin, admin: admin_id, machines };
     for m in &l.machines {
@@ -399,6 +419,32 @@ async fn a_clean_rollout_completes_and_a_window_holds_its_group_until_it_opens()
         let slots = m.disk.slots()?;
         assert_eq!(slots[1].root.label, "hearth_2.0");
     }
+    l.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_already_on_the_version_is_current_and_its_slot_never_written() -> TestResult {
+    // Machine 1 already runs 2.0; zero tolerance and the default 6 h node timeout: were it told
+    // and left to time out, the rollout could not complete within the test.
+    let l = lab_on(&["lab"; 3], |_| false, |k| if k == 1 { "2.0" } else { H1_VERSION }).await?;
+    let req = RolloutCreate {
+        channel: "stable".into(),
+        version: "2.0".into(),
+        waves: waves(&[(100, 0)]),
+        windows: vec![],
+        node_timeout_s: None,
+    };
+    let r = l.create(&req).await?;
+    let done = l.run_until(r.id, "completion", |r| r.state == RolloutState::Completed).await;
+    let c = done.counts(0);
+    assert_eq!((c.blessed, c.current, c.failed), (2, 1, 0), "{done:#?}");
+    let current = l.node_of(1);
+    let n = done.nodes.iter().find(|n| n.node == current).ok_or("machine 1 not in the rollout")?;
+    assert_eq!(n.phase, "current");
+    let m = &l.machines[1];
+    assert_eq!(m.disk.writes(), 0, "the current machine's slot was written");
+    assert_eq!(m.updater.load()?.1.phase, Phase::Idle);
     l.stop().await;
     Ok(())
 }

@@ -500,14 +500,9 @@ async fn current_late_and_leaving_nodes(db: Db) -> TestResult {
             d.update_channel = "beta".into();
         })
     })?;
-    let _: hearth_proto::fleet::NodeView = json(
-        &f.ep(),
-        f.http(Some(&f.admin)),
-        "POST",
-        &format!("/v1/nodes/{a1}/revoke"),
-        Some(&()),
-    )
-    .await?;
+    let _: hearth_proto::fleet::NodeView =
+        json(&f.ep(), f.http(Some(&f.admin)), "POST", &format!("/v1/nodes/{a1}/revoke"), Some(&()))
+            .await?;
     let done = wait_rollout(&f, r.id, "completion", |r| r.state == RolloutState::Completed).await;
     let c = done.counts(0);
     assert_eq!((c.nodes, c.blessed, c.current, c.left, c.failed), (6, 2, 2, 2, 0), "{done:#?}");
