@@ -6,12 +6,16 @@ use std::fmt::Write as _;
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
-use hearth_proto::rollout::{Rollout, RolloutCreate, WaveSpec, Window};
+use hearth_proto::rollout::{CURRENT, LEFT, Rollout, RolloutCreate, WaveSpec, Window};
 
 /// `hearthctl rollout ...`
 #[derive(Debug, Subcommand)]
 pub enum RolloutAction {
-    /// Start rolling a release out to every node on a channel, wave by wave.
+    /// Start rolling a release out to every node on a channel, wave by wave. A node whose
+    /// heartbeats say it already runs the version is not told (`current`, a success of its wave);
+    /// a node that joins the channel while the rollout runs or is paused is taken in (the open
+    /// wave, or the last one while the canary is open); one that leaves before it finished is
+    /// `left`, never told again, counted neither way.
     Create {
         /// The channel (nodes whose desired state names it).
         #[arg(long, default_value = "stable")]
@@ -35,7 +39,8 @@ pub enum RolloutAction {
         #[arg(long)]
         node_timeout: Option<String>,
     },
-    /// Progress: every rollout, or one in detail (nodes per phase per wave, bytes, failures).
+    /// Progress: every rollout, or one in detail (nodes per phase per wave, bytes, failures,
+    /// nodes already current or that left the channel).
     Status {
         /// Rollout id.
         id: Option<u64>,
@@ -177,8 +182,8 @@ pub fn status_text(r: &Rollout) -> String {
     }
     let _ = writeln!(
         t,
-        "{:>4} {:>6} {:>6} {:>6} {:>7} {:>6} {:>14} {:<10} PHASES",
-        "WAVE", "UNTIL", "LIMIT", "NODES", "BLESSED", "FAILED", "BYTES", "STATE"
+        "{:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6} {:>4} {:>14} {:<10} PHASES",
+        "WAVE", "UNTIL", "LIMIT", "NODES", "BLESSED", "CURRENT", "FAILED", "LEFT", "BYTES", "STATE"
     );
     for (w, spec) in r.waves.iter().enumerate() {
         let c = r.counts(w);
@@ -194,13 +199,15 @@ pub fn status_text(r: &Rollout) -> String {
         let phases: Vec<String> = c.phases.iter().map(|(p, n)| format!("{p} {n}")).collect();
         let _ = writeln!(
             t,
-            "{:>4} {:>5}% {:>5}% {:>6} {:>7} {:>6} {:>14} {:<10} {}",
+            "{:>4} {:>5}% {:>5}% {:>6} {:>7} {:>7} {:>6} {:>4} {:>14} {:<10} {}",
             w + 1,
             spec.until_pct,
             spec.max_failure_pct,
             c.nodes,
             c.blessed,
+            c.current,
             c.failed,
+            c.left,
             format!("{}/{}", c.bytes_done, c.bytes_total),
             state,
             phases.join(", ")
@@ -215,6 +222,12 @@ pub fn status_text(r: &Rollout) -> String {
             n.phase,
             n.reason.as_deref().unwrap_or("-")
         );
+    }
+    for (what, phase) in [("current", CURRENT), ("left", LEFT)] {
+        for n in r.nodes.iter().filter(|n| n.phase == phase) {
+            let why = n.reason.as_deref().unwrap_or("-");
+            let _ = writeln!(t, "{what}: {} (wave {}): {why}", n.node, n.wave + 1);
+        }
     }
     t
 }
@@ -291,6 +304,8 @@ mod tests {
                 node("a", 0, "blessed", None),
                 node("b", 1, "rolled_back", Some("GPU health worse")),
                 node("c", 1, "downloading", None),
+                node("d", 1, "current", Some("already on 2.0: not told")),
+                node("e", 1, "left", Some("left the channel in phase pending")),
             ],
             created_ms: 1,
             updated_ms: 2,
@@ -299,9 +314,15 @@ mod tests {
         assert!(t.starts_with("rollout 3 of stable to 2.0: halted (wave 2 of 2: 1 of 2)"), "{t}");
         assert!(t.contains("window: site=ams1 02:00-04:00 UTC"), "{t}");
         assert!(t.contains("node timeout: 5400 s"), "{t}");
-        assert!(t.contains("downloading 1, rolled_back 1"), "{t}");
-        assert!(t.contains("100/200"), "{t}");
+        assert!(t.contains("current 1, downloading 1, left 1, rolled_back 1"), "{t}");
+        assert!(t.contains("200/400"), "{t}");
         assert!(t.contains("failed: b (wave 2) rolled_back: GPU health worse"), "{t}");
+        assert!(t.contains("current: d (wave 2): already on 2.0: not told"), "{t}");
+        assert!(t.contains("left: e (wave 2): left the channel in phase pending"), "{t}");
+        // Wave 2: 4 nodes, 0 blessed, 1 current, 1 failed, 1 left.
+        let wave2 = t.lines().find(|l| l.trim_start().starts_with("2 ")).unwrap_or_default();
+        let cols: Vec<&str> = wave2.split_whitespace().take(8).collect();
+        assert_eq!(cols, ["2", "100%", "10%", "4", "0", "1", "1", "1"], "{t}");
         let l = list_text(&[r]);
         assert!(l.lines().nth(1).is_some_and(|x| x.contains("halted") && x.contains("2/2")), "{l}");
     }

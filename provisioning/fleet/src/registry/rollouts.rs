@@ -18,6 +18,9 @@ use crate::rollout::{Channel, Member, RolloutError, Step};
 /// What a lost generation race says (the change is run again).
 const CONFLICT: &str = "changed concurrently";
 
+/// A change to a rollout given its channel as it is now ([`Registry::change_rollout`]).
+pub type Change<'a> = dyn FnMut(&mut Rollout, &Channel) -> Result<Option<Step>, RolloutError> + 'a;
+
 /// Nodes told by a change, with their new desired state (to push to their sessions).
 pub type Told = Vec<(String, DesiredState)>;
 
@@ -180,7 +183,7 @@ impl Registry {
         &self,
         id: u64,
         now_ms: u64,
-        f: &mut dyn FnMut(&mut Rollout, &Channel) -> Result<Option<Step>, RolloutError>,
+        f: &mut Change<'_>,
     ) -> Result<(Rollout, Told), RegistryError> {
         let mut attempt = 0;
         loop {
@@ -197,7 +200,7 @@ impl Registry {
         &self,
         id: u64,
         now_ms: u64,
-        f: &mut dyn FnMut(&mut Rollout, &Channel) -> Result<Option<Step>, RolloutError>,
+        f: &mut Change<'_>,
     ) -> Result<(Rollout, Told), RegistryError> {
         self.tx(|tx| {
             let (generation, mut r) = load(tx, id)?;
