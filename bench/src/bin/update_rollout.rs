@@ -6,7 +6,9 @@
 //! `blessed`. The same fleet runs a single 100 % wave (baseline) and then staged waves with a
 //! canary; per wave it prints the wall time and the fleet's own share of it (the wave's time
 //! minus its slowest node's simulated update), the ratio of the staged rollout to the single wave,
-//! and to the ideal (the sum of each wave's slowest node).
+//! and to the ideal (the sum of each wave's slowest node). A third rollout runs the same waves
+//! with `--current` more nodes already on its version (their heartbeats say so: recorded
+//! `current`, never told) and `--late` more enrolled just after it was created (they join it).
 //!
 //! Run: `cargo run --release -p hearth-bench --bin update_rollout -- --nodes 100`
 //! (docs/benchmarks.md).
@@ -51,6 +53,12 @@ struct Opts {
     /// Seed of the simulated times.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Nodes added before the third rollout that already run its version.
+    #[arg(long, default_value_t = 5)]
+    current: u32,
+    /// Nodes enrolled just after the third rollout was created (they join it).
+    #[arg(long, default_value_t = 5)]
+    late: u32,
 }
 
 /// Per node: the simulated update time of each version told, ms.
@@ -87,6 +95,18 @@ fn rand(x: &mut u64) -> f64 {
     (*x >> 11) as f64 / (1u64 << 53) as f64
 }
 
+fn heartbeat(seq: u64, os: Option<String>) -> ControlMessage {
+    ControlMessage::Heartbeat(Heartbeat {
+        seq,
+        at_ms: hearth_fleet::now_ms(),
+        state: NodeState::Ready,
+        health: HealthSummary::default(),
+        power: PowerSummary::default(),
+        versions: Versions { agent: "0.1.0".into(), driver: None, os },
+        desired_generation: 0,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn sim_node(
     ep: Endpoint,
@@ -97,6 +117,7 @@ async fn sim_node(
     update_ms: u64,
     reboot_ms: u64,
     times: Times,
+    os: &'static str,
 ) {
     let Ok(s) = Session::open(&ep, &pin, &id, "0.1.0").await else {
         eprintln!("{node}: session failed");
@@ -104,7 +125,16 @@ async fn sim_node(
     };
     let Session { mut reader, writer, .. } = s;
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
-    let mut seq = 0u64;
+    // The OS version its heartbeats name: the one it runs (the agent's `Versions::os`).
+    let os = Arc::new(Mutex::new(os.to_string()));
+    let mut seq = 1u64;
+    {
+        let mut w = writer.lock().await;
+        let hb = heartbeat(seq, Some(lock(&os).clone()));
+        if hearth_fleet_client::session::write_message(&mut *w, &hb).await.is_err() {
+            return;
+        }
+    }
     let mut handled = std::collections::HashSet::new();
     loop {
         let m = match tokio::time::timeout(
@@ -117,15 +147,7 @@ async fn sim_node(
             Ok(Err(_)) => return,
             Err(_) => {
                 seq += 1;
-                let hb = ControlMessage::Heartbeat(Heartbeat {
-                    seq,
-                    at_ms: hearth_fleet::now_ms(),
-                    state: NodeState::Ready,
-                    health: HealthSummary::default(),
-                    power: PowerSummary::default(),
-                    versions: Versions { agent: "0.1.0".into(), driver: None, os: None },
-                    desired_generation: 0,
-                });
+                let hb = heartbeat(seq, Some(lock(&os).clone()));
                 let mut w = writer.lock().await;
                 if hearth_fleet_client::session::write_message(&mut *w, &hb).await.is_err() {
                     return;
@@ -135,12 +157,13 @@ async fn sim_node(
         };
         let ControlMessage::Desired(d) = m else { continue };
         let Some(v) = d.update_version else { continue };
-        if !handled.insert(v.clone()) {
-            continue;
+        if !handled.insert(v.clone()) || *lock(&os) == v {
+            continue; // handled, or already running it (the agent does nothing)
         }
         let t = (update_ms as f64 * (0.5 + rand(&mut rng))) as u64;
         lock(&times).insert((node.clone(), v.clone()), t + reboot_ms);
         let w = writer.clone();
+        let os = os.clone();
         tokio::spawn(async move {
             let send = |m: ControlMessage| {
                 let w = w.clone();
@@ -158,6 +181,7 @@ async fn sim_node(
             send(report("installed", &v, 100 << 20)).await;
             send(report("rebooting", &v, 100 << 20)).await;
             tokio::time::sleep(Duration::from_millis(reboot_ms)).await;
+            *lock(&os) = v.clone();
             send(report("blessed", &v, 0)).await;
         });
     }
@@ -176,6 +200,56 @@ struct Run {
     total_s: f64,
     /// Per wave: nodes, wave seconds, slowest simulated update, slowest told → blessed.
     waves: Vec<(usize, f64, f64, f64)>,
+    /// Nodes recorded already current, and nodes that joined after creation.
+    current: usize,
+    joined: usize,
+}
+
+/// Enrolls simulated nodes.
+#[derive(Clone)]
+struct Farm {
+    ep: Endpoint,
+    pin: String,
+    token: String,
+    times: Times,
+    seed: u64,
+    update_ms: u64,
+    reboot_ms: u64,
+}
+
+impl Farm {
+    /// Enroll nodes `first..first + n` running `os` and start their sessions.
+    async fn add(&self, first: u32, n: u32, os: &'static str) -> anyhow::Result<()> {
+        for n in first..first + n {
+            let key = generate_key_pem()?;
+            let req = EnrollRequest {
+                token: self.token.clone(),
+                csr_pem: csr_pem(&key, "node")?,
+                hardware: HardwareIdentity {
+                    dmi_uuid: format!("4c4c4544-0000-0000-0000-{n:012}"),
+                    board_serial: format!("SN{n:06}"),
+                    gpu_uuids: vec![],
+                },
+                hostname: format!("node{n}"),
+                gpus: vec![],
+                agent_version: "0.1.0".into(),
+            };
+            let resp = enroll(&self.ep, &self.pin, &req).await?;
+            let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
+            tokio::spawn(sim_node(
+                self.ep.clone(),
+                self.pin.clone(),
+                id,
+                resp.node_id,
+                mix(self.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(n))),
+                self.update_ms,
+                self.reboot_ms,
+                self.times.clone(),
+                os,
+            ));
+        }
+        Ok(())
+    }
 }
 
 async fn rollout(
@@ -184,6 +258,7 @@ async fn rollout(
     version: &str,
     waves: Vec<WaveSpec>,
     times: &Times,
+    late: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>)>,
 ) -> anyhow::Result<Run> {
     let req = RolloutCreate {
         channel: "stable".into(),
@@ -194,6 +269,12 @@ async fn rollout(
     };
     let t0 = Instant::now();
     let r: Rollout = json(ep, admin.clone(), "POST", "/v1/rollouts", Some(&req)).await?;
+    let planned = r.nodes.len();
+    if let Some((gate, late)) = late {
+        // Released now: the late nodes enroll while the rollout runs.
+        let _ = gate.send(());
+        late.await??;
+    }
     let done = loop {
         let r: Rollout =
             json::<(), _>(ep, admin.clone(), "GET", &format!("/v1/rollouts/{}", r.id), None)
@@ -229,7 +310,8 @@ async fn rollout(
             node_s as f64 / 1000.0,
         ));
     }
-    Ok(Run { total_s, waves })
+    let current = done.nodes.iter().filter(|n| n.phase == "current").count();
+    Ok(Run { total_s, waves, current, joined: done.nodes.len() - planned })
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -255,42 +337,41 @@ async fn main() -> anyhow::Result<()> {
         b"http/1.1",
     )?;
     let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
-    let req = TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 3600, max_uses: o.nodes };
+    let req = TokenCreateRequest {
+        labels: BTreeMap::new(),
+        ttl_s: 3600,
+        max_uses: o.nodes + o.current + o.late,
+    };
     let token: TokenCreated = json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
     let times: Times = Arc::default();
+    let farm = Farm {
+        ep: ep.clone(),
+        pin: pin.clone(),
+        token: token.token.clone(),
+        times: times.clone(),
+        seed: o.seed,
+        update_ms: o.update_ms,
+        reboot_ms: o.reboot_ms,
+    };
     let t = Instant::now();
-    for n in 0..o.nodes {
-        let key = generate_key_pem()?;
-        let req = EnrollRequest {
-            token: token.token.clone(),
-            csr_pem: csr_pem(&key, "node")?,
-            hardware: HardwareIdentity {
-                dmi_uuid: format!("4c4c4544-0000-0000-0000-{n:012}"),
-                board_serial: format!("SN{n:06}"),
-                gpu_uuids: vec![],
-            },
-            hostname: format!("node{n}"),
-            gpus: vec![],
-            agent_version: "0.1.0".into(),
-        };
-        let resp = enroll(&ep, &pin, &req).await?;
-        let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
-        tokio::spawn(sim_node(
-            ep.clone(),
-            pin.clone(),
-            id,
-            resp.node_id,
-            mix(o.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(n))),
-            o.update_ms,
-            o.reboot_ms,
-            times.clone(),
-        ));
-    }
+    farm.add(0, o.nodes, "1.0").await?;
     eprintln!("{} nodes enrolled in {:.1} s", o.nodes, t.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let single = rollout(&ep, &admin, "2.0", waves_of("100")?, &times).await?;
-    let staged = rollout(&ep, &admin, "3.0", waves_of(&o.waves)?, &times).await?;
+    let single = rollout(&ep, &admin, "2.0", waves_of("100")?, &times, None).await?;
+    let staged = rollout(&ep, &admin, "3.0", waves_of(&o.waves)?, &times, None).await?;
+    // The same waves with nodes already on the version and nodes joining late.
+    farm.add(o.nodes, o.current, "4.0").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // their heartbeats reach the registry
+    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+    let late_farm = farm.clone();
+    let (first_late, late_n) = (o.nodes + o.current, o.late);
+    let late = tokio::spawn(async move {
+        gate_rx.await.ok();
+        late_farm.add(first_late, late_n, "1.0").await
+    });
+    let mixed =
+        rollout(&ep, &admin, "4.0", waves_of(&o.waves)?, &times, Some((gate_tx, late))).await?;
     println!(
         "time from rollout start to all nodes updated: {} simulated nodes, update {} ms ±50 %, reboot + check {} ms",
         o.nodes, o.update_ms, o.reboot_ms
@@ -300,7 +381,15 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     let staged_name = format!("waves {}", o.waves);
-    for (name, run) in [("single 100 % wave", &single), (staged_name.as_str(), &staged)] {
+    let mixed_name = format!(
+        "waves {}, +{} current, +{} late ({} current, {} joined)",
+        o.waves, o.current, o.late, mixed.current, mixed.joined
+    );
+    for (name, run) in [
+        ("single 100 % wave", &single),
+        (staged_name.as_str(), &staged),
+        (mixed_name.as_str(), &mixed),
+    ] {
         for (w, (n, secs, simulated, node_s)) in run.waves.iter().enumerate() {
             println!(
                 "| {name} | {} | {n} | {secs:.2} | {simulated:.2} | {node_s:.2} | {:.2} |",
@@ -319,6 +408,14 @@ async fn main() -> anyhow::Result<()> {
         staged.total_s,
         staged.total_s / single.total_s,
         staged.total_s / ideal.max(0.001)
+    );
+    let ideal_mixed: f64 = mixed.waves.iter().map(|w| w.2).sum();
+    println!(
+        "| {mixed_name} | all | {} | {:.2} ({:.2}x the plain staged run; ideal {ideal_mixed:.2} s, {:.2}x of it) | | | |",
+        o.nodes + o.current + o.late,
+        mixed.total_s,
+        mixed.total_s / staged.total_s,
+        mixed.total_s / ideal_mixed.max(0.001)
     );
     fleet.stop().await;
     Ok(())
