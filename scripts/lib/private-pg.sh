@@ -1,8 +1,9 @@
-# A private PostgreSQL cluster for a benchmark, sourced by bench/fleet-scale and
-# bench/liveness-pg: installs the server when missing, starts a throw-away cluster on a free
-# loopback port (pinned to CPU "$PG_CPU", default 0), stops and deletes it on exit. fsync stays on:
-# the registry's writes are measured durable. After `private_pg_start`, $pg_url is its URL.
-# postgres refuses to run as root: runuser.
+# A private throw-away PostgreSQL cluster, sourced by scripts/test (the registry tests),
+# bench/fleet-scale and bench/liveness-pg: installs the server when missing, starts a cluster on a
+# free loopback port, stops and deletes it on exit. Settings: PG_CPU pins the server to that CPU
+# (benchmarks; unset: not pinned); PG_OPTIONS adds server options (the tests pass
+# `-c fsync=off`; benchmarks keep fsync on, their writes are measured durable). After
+# `private_pg_start`, $pg_url is its URL. postgres refuses to run as root: runuser.
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
@@ -24,15 +25,17 @@ private_pg_stop() {
 
 private_pg_start() {
   [ -n "${pg_bin:-}" ] || private_pg_install
-  pg_dir=$(mktemp -d /tmp/hearth-bench-pg.XXXXXX)
+  pg_dir=$(mktemp -d /tmp/hearth-pg.XXXXXX)
   chmod 755 "$pg_dir"
   pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   as_root chown postgres "$pg_dir"
   trap private_pg_stop EXIT
   as_pg "$pg_bin/initdb" -D "$pg_dir/data" -U postgres --auth=trust -E UTF8 >"$pg_dir/initdb.log" 2>&1 \
     || { cat "$pg_dir/initdb.log" >&2; exit 1; }
-  as_pg taskset -c "${PG_CPU:-0}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w \
-    -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1" start >/dev/null
+  local pin=()
+  [ -z "${PG_CPU:-}" ] || pin=(taskset -c "$PG_CPU")
+  as_pg "${pin[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w \
+    -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 ${PG_OPTIONS:-}" start >/dev/null
   pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
-  echo "==> PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port (CPU ${PG_CPU:-0})"
+  echo "==> PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port${PG_CPU:+ (CPU $PG_CPU)}"
 }
