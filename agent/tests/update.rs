@@ -313,6 +313,32 @@ async fn a_check_whose_agent_never_answers_fails_within_its_bound() {
 }
 
 #[tokio::test]
+async fn a_look_cut_off_at_the_deadline_keeps_the_reason_seen_before() {
+    let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
+    env.sign("2.0", 30).await;
+    let updater = env.updater();
+    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
+    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    // The API answers "no fleet session" at once the first time, then slower than the bound
+    // (a slow guest): the reason is still the fleet session, not "did not answer".
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    let slow_no_fleet = || {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n > 0 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Observed { agent_up: None, fleet_state: "disconnected".into(), health: health() }
+        }
+    };
+    let verdict =
+        updater.check(Duration::from_millis(1500), true, slow_no_fleet).await.expect("check");
+    let reason = verdict.expect("a trial boot").expect_err("must fail");
+    assert!(reason.contains("fleet session"), "{reason}");
+    assert_eq!(env.boot.bad_marks(), 1);
+}
+
+#[tokio::test]
 async fn fallback_fails_a_trial_boot_once_and_leaves_other_boots_alone() {
     let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
     env.sign("2.0", 30).await;

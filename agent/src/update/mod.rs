@@ -504,19 +504,25 @@ impl Updater {
         }
         let before = state.health_before.clone().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + bound;
+        let mut last: Option<String> = None;
         let verdict = loop {
             // An observation that does not answer (an agent whose API hangs) is cut off at the
-            // deadline: the bound holds whatever `observe` does.
+            // deadline: the bound holds whatever `observe` does. The verdict is then the last
+            // one an observation gave (what was still wrong), or, when none ever completed, that
+            // the API never answered.
             let v = match tokio::time::timeout_at(deadline, observe()).await {
                 Ok(obs) => judge(&before, &obs),
-                Err(_) => Err(format!(
-                    "agent not up: its API did not answer within the check's {} s",
-                    bound.as_secs()
-                )),
+                Err(_) => Err(last.take().unwrap_or_else(|| {
+                    format!(
+                        "agent not up: its API did not answer within the check's {} s",
+                        bound.as_secs()
+                    )
+                })),
             };
             if v.is_ok() || tokio::time::Instant::now() >= deadline {
                 break v;
             }
+            last = v.err();
             tokio::time::sleep(Duration::from_secs(1)).await;
         };
         match &verdict {
