@@ -295,6 +295,77 @@ async fn failed_boot_check_marks_bad_reboots_and_reports_a_rollback_with_the_rea
 }
 
 #[tokio::test]
+async fn a_check_whose_agent_never_answers_fails_within_its_bound() {
+    let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
+    env.sign("2.0", 30).await;
+    let updater = env.updater();
+    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
+    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    // An API that accepts and never replies: the observation never completes.
+    let silent = || std::future::pending::<Observed>();
+    let started = std::time::Instant::now();
+    let verdict = updater.check(Duration::from_millis(300), true, silent).await.expect("check");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    let reason = verdict.expect("a trial boot").expect_err("must fail");
+    assert!(reason.contains("did not answer"), "{reason}");
+    assert_eq!(env.boot.bad_marks(), 1);
+    assert_eq!(env.reboots.count(), 2, "apply's reboot and the fallback reboot");
+}
+
+#[tokio::test]
+async fn a_look_cut_off_at_the_deadline_keeps_the_reason_seen_before() {
+    let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
+    env.sign("2.0", 30).await;
+    let updater = env.updater();
+    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
+    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    // The API answers "no fleet session" at once the first time, then slower than the bound
+    // (a slow guest): the reason is still the fleet session, not "did not answer".
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    let slow_no_fleet = || {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n > 0 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Observed { agent_up: None, fleet_state: "disconnected".into(), health: health() }
+        }
+    };
+    let verdict =
+        updater.check(Duration::from_millis(1500), true, slow_no_fleet).await.expect("check");
+    let reason = verdict.expect("a trial boot").expect_err("must fail");
+    assert!(reason.contains("fleet session"), "{reason}");
+    assert_eq!(env.boot.bad_marks(), 1);
+}
+
+#[tokio::test]
+async fn fallback_fails_a_trial_boot_once_and_leaves_other_boots_alone() {
+    let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
+    env.sign("2.0", 30).await;
+    let updater = env.updater();
+    // Nothing on trial: nothing done.
+    assert!(!updater.fallback("boot check: agent=failed", true).expect("fallback"));
+    assert_eq!(env.boot.bad_marks(), 0);
+    assert_eq!(env.reboots.count(), 0);
+
+    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
+    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    assert!(updater.fallback("boot check: agent=active api=unreachable", true).expect("fallback"));
+    assert_eq!(env.boot.bad_marks(), 1);
+    assert_eq!(env.reboots.count(), 2, "apply's reboot and the fallback reboot");
+    // The check's unit failing afterwards runs it again (OnFailure=): nothing more happens.
+    assert!(!updater.fallback("the boot check did not pass (exit-code)", true).expect("again"));
+    assert_eq!(env.boot.bad_marks(), 1);
+    assert_eq!(env.reboots.count(), 2);
+    // From the old slot the rollback carries the first reason.
+    env.boot.boot(H1, "hearth_1.0.efi");
+    let st = updater.boot_reconcile().expect("reconcile");
+    assert_eq!(st.phase, Phase::RolledBack);
+    assert_eq!(st.reason.as_deref(), Some("boot check: agent=active api=unreachable"));
+    assert_eq!(st.anti_rollback, Some(v("1.0")), "the floor never rose");
+}
+
+#[tokio::test]
 async fn unsigned_metadata_is_refused_before_any_write() {
     let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
     env.sign("2.0", 30).await;

@@ -45,6 +45,18 @@ pub enum UpdateCmd {
         #[arg(long)]
         no_reboot: bool,
     },
+    /// Fail a trial boot without checking: record the reason, mark the entry bad and reboot into
+    /// the old slot. Run by `hearth-boot-check` when the agent never answered, and by
+    /// `hearth-boot-check-failed.service` when the check was killed or crashed. Exit 0 also when
+    /// no update is on trial (nothing to do).
+    Fallback {
+        /// Why the trial failed (sent to the fleet with the rollback report).
+        #[arg(long)]
+        reason: String,
+        /// Do not reboot (the entry is still marked bad).
+        #[arg(long)]
+        no_reboot: bool,
+    },
 }
 
 /// One line per field.
@@ -141,6 +153,27 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
                 }
             }
         }
+        UpdateCmd::Fallback { reason, no_reboot } => {
+            let reason = reason.trim();
+            if reason.is_empty() {
+                anyhow::bail!("update fallback: --reason must say why the trial failed");
+            }
+            // Updates off: an entry can still be on trial from before they were turned off.
+            let store = crate::persist::Store::new(config.state.dir.join("update.json"));
+            let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
+            if config.update.urls().is_none() && !trial(&state) {
+                render::out("update fallback: no update is on trial, nothing to do");
+                return Ok(0);
+            }
+            if system::updater(&config)?.fallback(reason, !no_reboot)? {
+                render::out(&format!(
+                    "update fallback: the trial failed ({reason}); entry marked bad"
+                ));
+            } else {
+                render::out("update fallback: not a trial boot, nothing to do");
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -174,5 +207,25 @@ mod tests {
             .expect("save");
         let r = run(&config, Path::new(""), UpdateCmd::Check { no_reboot: true }).await;
         assert!(r.is_err_and(|e| format!("{e:#}").contains("updates are off")));
+    }
+
+    #[tokio::test]
+    async fn fallback_needs_a_reason_and_does_nothing_with_nothing_on_trial() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("[state]\ndir = \"{}\"\n", dir.path().join("state").display()),
+        )
+        .expect("config");
+        let fallback =
+            |reason: &str| UpdateCmd::Fallback { reason: reason.into(), no_reboot: true };
+        let r = run(&config, Path::new(""), fallback("  ")).await;
+        assert!(r.is_err_and(|e| format!("{e:#}").contains("--reason")));
+        let code = run(&config, Path::new(""), fallback("boot check: agent=failed"))
+            .await
+            .expect("fallback runs");
+        assert_eq!(code, 0, "nothing on trial: nothing to do");
+        assert!(!dir.path().join("state/update.json").exists(), "no state written");
     }
 }

@@ -528,35 +528,73 @@ impl Updater {
         }
         let before = state.health_before.clone().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + bound;
+        let mut last: Option<String> = None;
         let verdict = loop {
-            let obs = observe().await;
-            let v = judge(&before, &obs);
+            // An observation that does not answer (an agent whose API hangs) is cut off at the
+            // deadline: the bound holds whatever `observe` does. The verdict is then the last
+            // one an observation gave (what was still wrong), or, when none ever completed, that
+            // the API never answered.
+            let v = match tokio::time::timeout_at(deadline, observe()).await {
+                Ok(obs) => judge(&before, &obs),
+                Err(_) => Err(last.take().unwrap_or_else(|| {
+                    format!(
+                        "agent not up: its API did not answer within the check's {} s",
+                        bound.as_secs()
+                    )
+                })),
+            };
             if v.is_ok() || tokio::time::Instant::now() >= deadline {
                 break v;
             }
+            last = v.err();
             tokio::time::sleep(Duration::from_secs(1)).await;
         };
-        let (mut generation, mut state) = self.load()?;
         match &verdict {
-            Ok(()) => {
-                // systemd-bless-boot renames the entry once boot-complete.target is reached; the
-                // floor rises at the next reconcile that sees the blessed entry.
-                tracing::info!("boot check passed");
-            }
+            // systemd-bless-boot renames the entry once boot-complete.target is reached; the
+            // floor rises at the next reconcile that sees the blessed entry.
+            Ok(()) => tracing::info!("boot check passed"),
             Err(reason) => {
-                tracing::warn!(reason = reason.as_str(), "boot check failed: falling back");
-                state.check_failed(reason.clone())?;
-                self.save(&mut generation, &state)?;
-                self.platform.boot.mark_bad()?;
-                if reboot {
-                    self.platform.rebooter.reboot().map_err(|e| UpdateError::Config {
-                        key: "reboot",
-                        problem: e.to_string(),
-                    })?;
-                }
+                self.fall_back(reason, reboot)?;
             }
         }
         Ok(Some(verdict))
+    }
+
+    /// Give up a trial boot without checking: the reason is persisted (and reported to the fleet
+    /// from the old slot), the entry marked bad and, when `reboot`, the node reboots into the
+    /// old slot. What `hearth-boot-check` runs when the agent never answered, and what
+    /// `hearth-boot-check-failed.service` runs when the check itself was killed or crashed
+    /// (`docs/0009-updates.md`). Ok(false): not a trial boot (nothing on trial, or the check
+    /// already failed it), nothing done.
+    pub fn fallback(&self, reason: &str, reboot: bool) -> Result<bool, UpdateError> {
+        // Failed already in this boot (the check's own fallback, then its unit's OnFailure=):
+        // read before reconciling, which would take a failed entry that is still booted for one
+        // that came back after its reboot.
+        if self.load()?.1.phase == Phase::CheckFailed {
+            return Ok(false);
+        }
+        let state = self.boot_reconcile()?;
+        if state.phase != Phase::Trial {
+            return Ok(false);
+        }
+        self.fall_back(reason, reboot)?;
+        Ok(true)
+    }
+
+    /// The failing end of a trial: persist the reason, mark the entry bad, reboot if asked.
+    fn fall_back(&self, reason: &str, reboot: bool) -> Result<(), UpdateError> {
+        tracing::warn!(reason, "boot check failed: falling back");
+        let (mut generation, mut state) = self.load()?;
+        state.check_failed(reason.to_string())?;
+        self.save(&mut generation, &state)?;
+        self.platform.boot.mark_bad()?;
+        if reboot {
+            self.platform
+                .rebooter
+                .reboot()
+                .map_err(|e| UpdateError::Config { key: "reboot", problem: e.to_string() })?;
+        }
+        Ok(())
     }
 
     /// Install `want` because the fleet's desired state names it (a staged rollout opened this

@@ -82,15 +82,22 @@ pub fn snapshot(status: &NodeStatus) -> HealthSnapshot {
     }
 }
 
+/// How long one look at the agent's API may take before it counts as "not answering": an agent
+/// that accepts the connection and never replies must not hold the boot check past its bound.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the boot check sees through the agent's API socket.
 pub async fn observe(socket: &Path) -> Observed {
-    match Client::new(socket).get::<NodeStatus>("/v1/status").await {
-        Err(e) => Observed {
-            agent_up: Some(format!("API {}: {e}", socket.display())),
-            fleet_state: "unknown".into(),
-            health: HealthSnapshot::default(),
-        },
-        Ok(status) => {
+    let down = |why: String| Observed {
+        agent_up: Some(format!("API {}: {why}", socket.display())),
+        fleet_state: "unknown".into(),
+        health: HealthSnapshot::default(),
+    };
+    let client = Client::new(socket);
+    match tokio::time::timeout(OBSERVE_TIMEOUT, client.get::<NodeStatus>("/v1/status")).await {
+        Err(_) => down(format!("no answer within {} s", OBSERVE_TIMEOUT.as_secs())),
+        Ok(Err(e)) => down(e.to_string()),
+        Ok(Ok(status)) => {
             let failed: Vec<String> = status
                 .subsystems
                 .iter()

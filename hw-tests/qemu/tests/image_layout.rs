@@ -249,6 +249,7 @@ fn boot_counting_and_blessing_are_wired() -> TestResult {
         "/usr/lib/systemd/systemd-bless-boot",
         "/usr/lib/systemd/system/boot-complete.target",
         "/usr/lib/systemd/system/hearth-boot-check.service",
+        "/usr/lib/systemd/system/hearth-boot-check-failed.service",
         "/usr/lib/hearth/hearth-boot-check",
     ] {
         assert!(erofs(&[], path)?.is_some(), "{path} missing from the image");
@@ -259,10 +260,20 @@ fn boot_counting_and_blessing_are_wired() -> TestResult {
         unit.contains("Before=boot-complete.target")
             && unit.contains("Requires=boot-complete.target")
     );
+    // However the check fails (its verdict, its timeout, a crash), a trial boot falls back.
+    assert!(unit.contains("OnFailure=hearth-boot-check-failed.service"), "{unit}");
+    let failed = std::fs::read_to_string(
+        workspace().join("image/systemd/hearth-boot-check-failed.service"),
+    )?;
+    assert!(failed.contains("hearth-agent update fallback"), "{failed}");
     let script = std::fs::read_to_string(workspace().join("image/bin/hearth-boot-check"))?;
     assert!(
         script.contains("hearth-agent update check"),
         "the boot check does not run the update gate"
+    );
+    assert!(
+        script.contains("hearth-agent update fallback"),
+        "the boot check does not fall back when the agent never answers"
     );
     Ok(())
 }
@@ -317,6 +328,7 @@ fn unit_graph_has_no_ordering_cycle() -> TestResult {
         "boot-complete.target".as_ref(),
         "hearth-update-reconcile.service".as_ref(),
         "hearth-boot-check.service".as_ref(),
+        "hearth-boot-check-failed.service".as_ref(),
     ])?;
     assert!(!text.contains("ordering cycle"), "the image's units have an ordering cycle:\n{text}");
     assert!(ok, "systemd-analyze verify failed:\n{text}");
