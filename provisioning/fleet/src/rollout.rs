@@ -203,12 +203,20 @@ pub fn sync_channel(r: &mut Rollout, channel: &Channel, now_ms: u64) -> Step {
         return step;
     }
     let wave = join_wave(r);
+    // One pass over each list (a channel of thousands is read every tick).
+    let index: BTreeMap<&str, usize> =
+        r.nodes.iter().enumerate().map(|(i, n)| (n.node.as_str(), i)).collect();
+    let mut joins: Vec<(Option<usize>, &String, &Member)> = Vec::new();
     for (node, m) in channel {
-        let known = r.nodes.iter().position(|n| &n.node == node);
-        let rejoin = known.filter(|&i| r.nodes[i].phase == LEFT && r.nodes[i].told_ms.is_none());
-        if known.is_some() && rejoin.is_none() {
-            continue;
+        match index.get(node.as_str()) {
+            None => joins.push((None, node, m)),
+            Some(&i) if r.nodes[i].phase == LEFT && r.nodes[i].told_ms.is_none() => {
+                joins.push((Some(i), node, m));
+            }
+            Some(_) => {}
         }
+    }
+    for (at, node, m) in joins {
         let p = NodeProgress {
             node: node.clone(),
             wave,
@@ -220,7 +228,7 @@ pub fn sync_channel(r: &mut Rollout, channel: &Channel, now_ms: u64) -> Step {
             reason: None,
             at_ms: None,
         };
-        match rejoin {
+        match at {
             Some(i) => r.nodes[i] = p,
             None => r.nodes.push(p),
         }
