@@ -66,6 +66,10 @@ pub struct Fleet {
     /// Session events (`online`, `offline`) waiting for the sweep's next write.
     pub pending_events: Mutex<Vec<NewEvent>>,
     sessions: std::sync::atomic::AtomicU64,
+    /// Pushes that found no session for their node ([`Fleet::push`]): a session that opens
+    /// compares it before and after it registers, to catch a desired state changed in between
+    /// ([`Fleet::missed_pushes`]).
+    missed_pushes: std::sync::atomic::AtomicU64,
     /// The clock of rollouts and maintenance windows ([`crate::rollout::Clock`]).
     clock: std::sync::RwLock<Arc<dyn crate::rollout::Clock>>,
 }
@@ -135,6 +139,7 @@ impl Fleet {
             gateway: crate::tunnel::Gateway::default(),
             exposer: crate::expose::Exposer::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
+            missed_pushes: std::sync::atomic::AtomicU64::new(0),
             clock: std::sync::RwLock::new(Arc::new(crate::rollout::SystemClock)),
         }))
     }
@@ -177,8 +182,25 @@ impl Fleet {
 
     /// Send a message to a node's session if it has one; whether it was queued.
     pub fn push(&self, node: &str, msg: ControlMessage) -> bool {
-        let tx = self.live().get(node).and_then(|l| l.tx.clone());
+        let tx = {
+            let live = self.live();
+            let tx = live.get(node).and_then(|l| l.tx.clone());
+            if tx.is_none() {
+                // Counted while the map is locked: a session registering after this lock sees
+                // the count raised (see `missed_pushes`).
+                self.missed_pushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            tx
+        };
         tx.is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    /// How many pushes found no session so far. A session reads it before it reads its node's
+    /// row and again once it is registered in [`Fleet::live`]: when it moved, a desired state
+    /// may have been committed and pushed in between (and been missed), so the session reads the
+    /// row again before it sends the desired state.
+    pub fn missed_pushes(&self) -> u64 {
+        self.missed_pushes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Send a node its desired state and pending commands again (after an operator changed

@@ -60,6 +60,7 @@ where
             return;
         }
     };
+    let missed = fleet.missed_pushes();
     let id = node.clone();
     let row = match fleet.db(move |r| r.node(&id)).await {
         Ok(Some(n)) if !n.revoked => n,
@@ -113,8 +114,19 @@ where
         heartbeat_interval_s: HEARTBEAT_INTERVAL_S,
     });
     drop(tx);
+    // A desired state committed after the row was read and pushed before this session was in
+    // `live` reached no one: read it again (rare: only when some push missed meanwhile).
+    let mut desired = row.desired.clone();
+    if fleet.missed_pushes() != missed {
+        let id = node.clone();
+        match fleet.db(move |r| r.node(&id)).await {
+            Ok(Some(n)) => desired = n.desired,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%node, error = %format!("{e:#}"), "desired state not re-read"),
+        }
+    }
 
-    let (wfleet, wnode, desired) = (fleet.clone(), node.clone(), row.desired.clone());
+    let (wfleet, wnode) = (fleet.clone(), node.clone());
     let writer_task = tokio::spawn(async move {
         let first = [welcome, ControlMessage::Desired(desired)];
         for msg in &first {
