@@ -265,16 +265,24 @@ async fn the_new_entry_gets_the_asked_number_of_boot_tries() {
     assert!(env.esp.content("hearth_2.0+1.efi").is_some(), "{:?}", env.esp.log());
 }
 
+/// Install 2.0 with a reboot, then boot it on trial (the first try of its counted entry).
+async fn on_trial_of_2_0(env: &Env, updater: &Updater) {
+    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
+    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+}
+
+/// What the boot check sees on a node up and healthy but without its fleet session.
+fn no_fleet_session() -> Observed {
+    Observed { agent_up: None, fleet_state: "disconnected".into(), health: health() }
+}
+
 #[tokio::test]
 async fn failed_boot_check_marks_bad_reboots_and_reports_a_rollback_with_the_reason() {
     let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
     env.sign("2.0", 30).await;
     let updater = env.updater();
-    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
-    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
-    let no_fleet = || async {
-        Observed { agent_up: None, fleet_state: "disconnected".into(), health: health() }
-    };
+    on_trial_of_2_0(&env, &updater).await;
+    let no_fleet = || async { no_fleet_session() };
     let verdict = updater.check(Duration::from_millis(10), true, no_fleet).await.expect("check");
     let reason = verdict.expect("a trial boot").expect_err("must fail");
     assert!(reason.contains("fleet session"), "{reason}");
@@ -299,8 +307,7 @@ async fn a_check_whose_agent_never_answers_fails_within_its_bound() {
     let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
     env.sign("2.0", 30).await;
     let updater = env.updater();
-    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
-    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    on_trial_of_2_0(&env, &updater).await;
     // An API that accepts and never replies: the observation never completes.
     let silent = || std::future::pending::<Observed>();
     let started = std::time::Instant::now();
@@ -317,8 +324,7 @@ async fn a_look_cut_off_at_the_deadline_keeps_the_reason_seen_before() {
     let env = Env::new(KeysSpec::simple(1, 1, 30)).await;
     env.sign("2.0", 30).await;
     let updater = env.updater();
-    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
-    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    on_trial_of_2_0(&env, &updater).await;
     // The API answers "no fleet session" at once the first time, then slower than the bound
     // (a slow guest): the reason is still the fleet session, not "did not answer".
     let calls = std::sync::atomic::AtomicU32::new(0);
@@ -328,7 +334,7 @@ async fn a_look_cut_off_at_the_deadline_keeps_the_reason_seen_before() {
             if n > 0 {
                 tokio::time::sleep(Duration::from_secs(30)).await;
             }
-            Observed { agent_up: None, fleet_state: "disconnected".into(), health: health() }
+            no_fleet_session()
         }
     };
     let verdict =
@@ -348,8 +354,7 @@ async fn fallback_fails_a_trial_boot_once_and_leaves_other_boots_alone() {
     assert_eq!(env.boot.bad_marks(), 0);
     assert_eq!(env.reboots.count(), 0);
 
-    updater.apply(ApplyRequest { reboot: true, ..req(None) }).await.expect("apply");
-    env.boot.boot(&roothash_for("2.0"), "hearth_2.0+2-1.efi");
+    on_trial_of_2_0(&env, &updater).await;
     assert!(updater.fallback("boot check: agent=active api=unreachable", true).expect("fallback"));
     assert_eq!(env.boot.bad_marks(), 1);
     assert_eq!(env.reboots.count(), 2, "apply's reboot and the fallback reboot");

@@ -145,6 +145,21 @@ pub struct NodeProgress {
 }
 
 impl NodeProgress {
+    /// A node of wave `wave` not told yet ([`PENDING`]).
+    pub fn pending(node: String, wave: usize, labels: BTreeMap<String, String>) -> Self {
+        Self {
+            node,
+            wave,
+            labels,
+            told_ms: None,
+            phase: PENDING.into(),
+            bytes_done: 0,
+            bytes_total: 0,
+            reason: None,
+            at_ms: None,
+        }
+    }
+
     /// Whether the node's update is over: blessed on the new version, already on it, failed, or
     /// left the channel.
     pub fn finished(&self) -> bool {

@@ -101,8 +101,7 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
             {
                 tracing::warn!(error = %e, "update status: not reconciled with this boot");
             }
-            let store = crate::persist::Store::new(config.state.dir.join("update.json"));
-            let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
+            let state = stored_state(&config)?;
             if json {
                 render::out(&serde_json::to_string_pretty(&state)?);
             } else {
@@ -127,8 +126,7 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
             // An image whose updates are off still runs the boot check: with no update on
             // trial there is nothing to check, and the boot is good.
             if config.update.urls().is_none() {
-                let store = crate::persist::Store::new(config.state.dir.join("update.json"));
-                let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
+                let state = stored_state(&config)?;
                 if !trial(&state) {
                     render::out(
                         "update check: updates are off and no update is on trial, nothing to check",
@@ -159,9 +157,7 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
                 anyhow::bail!("update fallback: --reason must say why the trial failed");
             }
             // Updates off: an entry can still be on trial from before they were turned off.
-            let store = crate::persist::Store::new(config.state.dir.join("update.json"));
-            let state: UpdateState = store.load()?.map(|l| l.state).unwrap_or_default();
-            if config.update.urls().is_none() && !trial(&state) {
+            if config.update.urls().is_none() && !trial(&stored_state(&config)?) {
                 render::out("update fallback: no update is on trial, nothing to do");
                 return Ok(0);
             }
@@ -177,6 +173,13 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
     }
 }
 
+/// The update state as persisted (`state.dir/update.json`), without reconciling it with this
+/// boot; the default when there is none yet.
+fn stored_state(config: &Config) -> anyhow::Result<UpdateState> {
+    let store = crate::persist::Store::new(config.state.dir.join("update.json"));
+    Ok(store.load()?.map(|l| l.state).unwrap_or_default())
+}
+
 /// Whether `state` is a trial boot of a new version (what `update check` judges).
 fn trial(state: &UpdateState) -> bool {
     state.phase == super::state::Phase::Trial
@@ -186,8 +189,8 @@ fn trial(state: &UpdateState) -> bool {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn check_passes_when_updates_are_off_and_nothing_is_on_trial() {
+    /// An agent configuration with updates off and its state in a temporary directory.
+    fn updates_off() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("agent.toml");
         std::fs::write(
@@ -195,6 +198,12 @@ mod tests {
             format!("[state]\ndir = \"{}\"\n", dir.path().join("state").display()),
         )
         .expect("config");
+        (dir, config)
+    }
+
+    #[tokio::test]
+    async fn check_passes_when_updates_are_off_and_nothing_is_on_trial() {
+        let (dir, config) = updates_off();
         let code = run(&config, Path::new(""), UpdateCmd::Check { no_reboot: true })
             .await
             .expect("check runs");
@@ -211,13 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn fallback_needs_a_reason_and_does_nothing_with_nothing_on_trial() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!("[state]\ndir = \"{}\"\n", dir.path().join("state").display()),
-        )
-        .expect("config");
+        let (dir, config) = updates_off();
         let fallback =
             |reason: &str| UpdateCmd::Fallback { reason: reason.into(), no_reboot: true };
         let r = run(&config, Path::new(""), fallback("  ")).await;

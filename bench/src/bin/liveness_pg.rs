@@ -6,7 +6,7 @@
 //! Each table gets `--nodes` rows the way enrollment makes them (`node_id` only), then batches
 //! alternate between the tables: one transaction per batch, one `UPDATE … FROM
 //! json_to_recordset($1)` per 5,000 nodes, the statement `Registry::record_seen` runs. Per batch
-//! it measures the server backend's CPU time (`/proc/<pid>/stat`: the database runs on this
+//! it measures the server backend's CPU time (`/proc/<pid>`: the database runs on this
 //! machine), the wall time including the commit, and the share of HOT updates
 //! (`pg_stat_xact_user_tables`, read before the commit). The first batches, while the rows grow
 //! from empty to a full heartbeat, are reported apart from the steady state.
@@ -204,18 +204,12 @@ fn heartbeat(seen: i64, i: usize) -> serde_json::Value {
     })
 }
 
-/// CPU time (user + system) of process `pid`, microseconds.
+/// CPU time (user + system) of the server backend `pid`, microseconds.
 fn backend_cpu_us(pid: i32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("read /proc/{pid}/stat (the server must run on this machine)"))?;
-    // Fields after the command name (which may hold spaces) start after its closing ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |n: usize| f.get(n).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat: indices 11 and 12 after the ")" (field 3).
-    // SAFETY: sysconf has no preconditions; _SC_CLK_TCK is a valid name.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((ticks(11) + ticks(12)) / hz.max(1.0) * 1e6)
+    let pid = u32::try_from(pid).context("backend pid")?;
+    let sample = hearth_bench::proc_sample(pid)
+        .context("sample the server backend (the server must run on this machine)")?;
+    Ok(sample.cpu.as_secs_f64() * 1e6)
 }
 
 fn median(v: impl Iterator<Item = f64>) -> f64 {

@@ -217,17 +217,7 @@ pub fn sync_channel(r: &mut Rollout, channel: &Channel, now_ms: u64) -> Step {
         }
     }
     for (at, node, m) in joins {
-        let p = NodeProgress {
-            node: node.clone(),
-            wave,
-            labels: m.labels.clone(),
-            told_ms: None,
-            phase: PENDING.into(),
-            bytes_done: 0,
-            bytes_total: 0,
-            reason: None,
-            at_ms: None,
-        };
+        let p = NodeProgress::pending(node.clone(), wave, m.labels.clone());
         match at {
             Some(i) => r.nodes[i] = p,
             None => r.nodes.push(p),
@@ -357,17 +347,7 @@ pub fn plan(
     for (w, spec) in req.waves.iter().enumerate() {
         let end = (total * usize::from(spec.until_pct)).div_ceil(100).max(start).min(total);
         for (node, labels) in &nodes[start..end] {
-            out.push(NodeProgress {
-                node: node.clone(),
-                wave: w,
-                labels: labels.clone(),
-                told_ms: None,
-                phase: PENDING.into(),
-                bytes_done: 0,
-                bytes_total: 0,
-                reason: None,
-                at_ms: None,
-            });
+            out.push(NodeProgress::pending(node.clone(), w, labels.clone()));
         }
         start = end;
     }

@@ -220,6 +220,22 @@ async fn wait_rollout(
     panic!("timed out waiting for {what}: {last:#?}");
 }
 
+/// One wave of the whole channel, zero tolerance, the default node timeout; nodes labelled
+/// `site=ams1` only inside their 02:00–04:00 window.
+fn ams1_held_02_to_04() -> RolloutCreate {
+    RolloutCreate {
+        channel: "stable".into(),
+        version: "2.0".into(),
+        waves: waves(&[(100, 0)]),
+        windows: vec![Window {
+            label: "site=ams1".into(),
+            start: "02:00".into(),
+            end: "04:00".into(),
+        }],
+        node_timeout_s: None,
+    }
+}
+
 fn waves(w: &[(u8, u8)]) -> Vec<WaveSpec> {
     w.iter().map(|&(until_pct, max_failure_pct)| WaveSpec { until_pct, max_failure_pct }).collect()
 }
@@ -335,17 +351,7 @@ async fn a_window_holds_its_group_across_a_restart_then_completes(db: Db) -> Tes
     let stop = CancellationToken::new();
     start_sims(&f, &ams, &BTreeMap::new(), &told, &stop);
     start_sims(&f, &fra, &BTreeMap::new(), &told, &stop);
-    let req = RolloutCreate {
-        channel: "stable".into(),
-        version: "2.0".into(),
-        waves: waves(&[(100, 0)]),
-        windows: vec![Window {
-            label: "site=ams1".into(),
-            start: "02:00".into(),
-            end: "04:00".into(),
-        }],
-        node_timeout_s: None,
-    };
+    let req = ams1_held_02_to_04();
     let r = create(&f, &req).await?;
     let ams_ids: BTreeSet<String> = ams.ids.iter().map(|n| n.0.clone()).collect();
     let held = wait_rollout(&f, r.id, "fra1 blessed", |r| r.counts(0).blessed == 2).await;
@@ -461,17 +467,7 @@ async fn current_late_and_leaving_nodes(db: Db) -> TestResult {
 
     // Zero tolerance and the default node timeout (6 h): a current node that timed out would
     // halt the rollout, and waiting for it would outlast the test.
-    let req = RolloutCreate {
-        channel: "stable".into(),
-        version: "2.0".into(),
-        waves: waves(&[(100, 0)]),
-        windows: vec![Window {
-            label: "site=ams1".into(),
-            start: "02:00".into(),
-            end: "04:00".into(),
-        }],
-        node_timeout_s: None,
-    };
+    let req = ams1_held_02_to_04();
     let r = create(&f, &req).await?;
     for n in &r.nodes {
         let want = if current.contains(&&n.node) {
