@@ -392,19 +392,45 @@ async fn a_clean_rollout_completes_and_a_window_holds_its_group_until_it_opens()
         node_timeout_s: None,
     };
     let r = l.create(&req).await?;
-    // The fra1 nodes of the first wave update; the ams1 ones are held: the wave cannot finish.
-    let fra_first: Vec<String> = r
+    // Waves are drawn from the node ids, so which wave holds an ams1 node varies from run to run.
+    // The first wave with an ams1 node cannot finish before 02:00: the fra1 nodes up to and in it
+    // update, the ams1 ones are held, and no later wave opens.
+    let site = |n: &hearth_proto::rollout::NodeProgress| n.labels.get("site").cloned();
+    let held_wave = r
         .nodes
         .iter()
-        .filter(|n| n.wave == 0 && n.labels.get("site").map(String::as_str) == Some("fra1"))
+        .filter(|n| site(n).as_deref() == Some("ams1"))
+        .map(|n| n.wave)
+        .min()
+        .expect("the lab has ams1 nodes");
+    let fra_before: Vec<String> = r
+        .nodes
+        .iter()
+        .filter(|n| n.wave <= held_wave && site(n).as_deref() == Some("fra1"))
         .map(|n| n.node.clone())
         .collect();
     let held = l
-        .run_until(r.id, "fra1 of wave 1", |r| {
-            r.nodes.iter().filter(|n| fra_first.contains(&n.node)).all(|n| n.phase == "blessed")
+        .run_until(r.id, "fra1 up to the held wave", |r| {
+            r.wave == held_wave
+                && r.nodes
+                    .iter()
+                    .filter(|n| fra_before.contains(&n.node))
+                    .all(|n| n.phase == "blessed")
         })
         .await;
-    assert_eq!(held.wave, 0, "{held:#?}");
+    // Give the fleet a few more ticks: the held wave must stay open and the ams1 nodes untold.
+    for _ in 0..10 {
+        for m in &l.machines {
+            m.firmware_step().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still = l.rollout(r.id).await;
+    assert_eq!(still.wave, held_wave, "{held:#?}");
+    assert_eq!(still.state, RolloutState::Running, "{still:#?}");
+    for n in still.nodes.iter().filter(|n| site(n).as_deref() == Some("ams1")) {
+        assert_eq!(n.told_ms, None, "an ams1 node was told outside its window: {n:#?}");
+    }
     for k in [0, 2] {
         assert_eq!(l.machines[k].disk.writes(), 0, "an ams1 slot was written outside its window");
     }
