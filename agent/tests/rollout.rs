@@ -60,23 +60,25 @@ fn artifacts(dir: &Path, version: &str) {
     }
 }
 
-/// Keys and a repository with release 2.0 on `stable`.
+/// Keys and a repository with release 2.0 on `stable` and 2.1 on `beta`.
 async fn repository(dir: &Path) -> (PathBuf, PathBuf) {
     let keys = dir.join("keys");
     release::init_keys(&keys, &KeysSpec::simple(1, 1, 30)).await.expect("keys");
     let repo = dir.join("repo");
-    let art = dir.join("build-2.0");
-    artifacts(&art, "2.0");
-    release::sign_release(&SignSpec {
-        artifacts: art,
-        version: "2.0".parse().expect("version"),
-        channel: "stable".into(),
-        keys: keys.clone(),
-        out: repo.clone(),
-        expires: release::days_from_now(30),
-    })
-    .await
-    .expect("sign");
+    for (version, channel) in [("2.0", "stable"), ("2.1", "beta")] {
+        let art = dir.join(format!("build-{version}"));
+        artifacts(&art, version);
+        release::sign_release(&SignSpec {
+            artifacts: art,
+            version: version.parse().expect("version"),
+            channel: channel.into(),
+            keys: keys.clone(),
+            out: repo.clone(),
+            expires: release::days_from_now(30),
+        })
+        .await
+        .expect("sign");
+    }
     (keys, repo)
 }
 
@@ -158,8 +160,9 @@ impl Machine {
         if st.phase != Phase::Rebooting || self.reboots.count() == 0 {
             return false;
         }
-        let h2 = roothash_for("2.0");
-        self.boot.boot(&h2, "hearth_2.0+2-1.efi");
+        let v2 = st.target.as_ref().map_or("2.0".to_string(), |t| t.version.to_string());
+        let h2 = roothash_for(&v2);
+        self.boot.boot(&h2, &format!("hearth_{v2}+2-1.efi"));
         let agent = self.agent.clone();
         let bad = self.bad;
         let observe = move || {
@@ -179,7 +182,7 @@ impl Machine {
         let verdict =
             self.updater.check(Duration::from_millis(1500), true, observe).await.expect("check");
         match verdict {
-            Some(Ok(())) => self.boot.boot(&h2, "hearth_2.0.efi"),
+            Some(Ok(())) => self.boot.boot(&h2, &format!("hearth_{v2}.efi")),
             _ => self.boot.boot(&roothash_for(H1_VERSION), "hearth_1.0.efi"),
         }
         self.updater.boot_reconcile().expect("reconcile");
@@ -471,6 +474,41 @@ async fn a_machine_already_on_the_version_is_current_and_its_slot_never_written(
     let m = &l.machines[1];
     assert_eq!(m.disk.writes(), 0, "the current machine's slot was written");
     assert_eq!(m.updater.load()?.1.phase, Phase::Idle);
+    l.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_moved_to_another_channel_installs_that_channels_release() -> TestResult {
+    // Both machines are configured for `stable` (`update.channel`); machine 0 is moved to `beta`
+    // through the API. A `beta` rollout reaches only it, and it installs 2.1 from `beta` (which
+    // `stable` does not list); machine 1 is never told and its slot never written.
+    let l = lab(&["lab"; 2], |_| false).await?;
+    let moved = l.node_of(0);
+    let tls = client_config(&l.pin, Some(&l.admin), b"http/1.1")?;
+    let req = hearth_proto::fleet::ChannelRequest { channel: "beta".into() };
+    let n: hearth_proto::fleet::NodeView =
+        json(&l.ep, tls, "POST", &format!("/v1/nodes/{moved}/channel"), Some(&req)).await?;
+    assert_eq!(n.desired.update_channel, "beta");
+    let req = RolloutCreate {
+        channel: "beta".into(),
+        version: "2.1".into(),
+        waves: waves(&[(100, 0)]),
+        windows: vec![],
+        node_timeout_s: None,
+    };
+    let r = l.create(&req).await?;
+    let nodes: Vec<&str> = r.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(nodes, [moved.as_str()], "only the moved node is on beta");
+    let done = l.run_until(r.id, "completion", |r| r.state == RolloutState::Completed).await;
+    assert_eq!(done.counts(0).blessed, 1, "{done:#?}");
+    let m = &l.machines[0];
+    assert_eq!(m.updater.load()?.1.phase, Phase::Blessed);
+    assert_eq!(m.updater.booted()?.version, Some("2.1".parse()?));
+    assert_eq!(m.disk.slots()?[1].root.label, "hearth_2.1");
+    let other = &l.machines[1];
+    assert_eq!(other.disk.writes(), 0, "the stable machine's slot was written");
+    assert_eq!(other.updater.load()?.1.phase, Phase::Idle);
     l.stop().await;
     Ok(())
 }

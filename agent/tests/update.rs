@@ -156,7 +156,7 @@ fn health() -> HealthSnapshot {
 }
 
 fn req(version: Option<&str>) -> ApplyRequest {
-    ApplyRequest { version: version.map(v), reboot: false, health: health() }
+    ApplyRequest { version: version.map(v), channel: None, reboot: false, health: health() }
 }
 
 async fn refused(env: &Env, updater: &Updater, want: &str) -> String {

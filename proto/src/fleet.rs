@@ -154,6 +154,15 @@ pub struct PowerBudgetRequest {
     pub watts: Option<u32>,
 }
 
+/// `POST /v1/nodes/{id}/channel`: the update channel whose staged rollouts reach the node, and
+/// from which the node installs what the fleet asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRequest {
+    /// The channel, `[a-z0-9-]{1,32}`.
+    pub channel: String,
+}
+
 /// `POST /v1/nodes/{id}/commands`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -140,7 +140,7 @@ impl Fleet {
     /// Start installing `version` (named by the desired state) in the background, unless an
     /// install is running or the node already tried it ([`crate::update::fleet_wants`]). The
     /// outcome is persisted in the update state and reported like any update.
-    fn start_update(&self, version: &str) {
+    fn start_update(&self, channel: &str, version: &str) {
         let Some(updater) = self.updater.clone() else {
             tracing::warn!(
                 version,
@@ -154,8 +154,9 @@ impl Fleet {
         let flag = self.updating.clone();
         let health = crate::update::system::snapshot(&self.agent.status());
         let version = version.to_string();
+        let channel = channel.to_string();
         tokio::spawn(async move {
-            match updater.apply_for_fleet(&version, health).await {
+            match updater.apply_for_fleet(&channel, &version, health).await {
                 Ok(Some(state)) => {
                     tracing::info!(%version, phase = state.phase.as_str(), "fleet-requested update")
                 }
@@ -692,7 +693,7 @@ impl Fleet {
                     tracing::info!(generation = d.generation, drain = d.drain, power_budget_w = ?d.power_budget_w, "desired state");
                     self.publish(|s| s.desired_generation = Some(d.generation));
                     if let Some(v) = &d.update_version {
-                        self.start_update(v);
+                        self.start_update(&d.update_channel, v);
                     }
                     self.agent.desired().send_replace(Some(d));
                 }

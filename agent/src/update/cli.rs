@@ -118,7 +118,8 @@ pub async fn run(config_path: &Path, socket: &Path, cmd: UpdateCmd) -> anyhow::R
                 Ok(s) => system::snapshot(&s),
                 Err(e) => anyhow::bail!("the agent must run for an update (health snapshot): {e}"),
             };
-            let state = updater.apply(ApplyRequest { version, reboot, health }).await?;
+            let state =
+                updater.apply(ApplyRequest { version, channel: None, reboot, health }).await?;
             render::out(&render_state(&state));
             Ok(0)
         }

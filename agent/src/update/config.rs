@@ -23,7 +23,9 @@ pub struct UpdateConfig {
     /// Base URL of the release files. Default: `targets/` under `metadata_url`.
     #[serde(default)]
     pub targets_url: Option<String>,
-    /// The channel whose releases this node installs (`[a-z0-9-]`, 1..=32). Default `stable`.
+    /// The channel `hearth-agent update apply` installs from (`[a-z0-9-]`, 1..=32). Default
+    /// `stable`. An update the fleet asks for comes from the channel the fleet's desired state
+    /// names (`hearthctl channel NODE NAME`).
     #[serde(default = "default_channel")]
     pub channel: String,
     /// PEM file of the CA that signs the update server's certificate (the fleet CA). Unset

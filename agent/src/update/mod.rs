@@ -190,6 +190,9 @@ pub struct Updater {
 pub struct ApplyRequest {
     /// A given version (else the channel's newest).
     pub version: Option<ReleaseVersion>,
+    /// The channel to install from; `None`: the configured `update.channel`. A fleet-requested
+    /// update names the channel of the node's desired state.
+    pub channel: Option<String>,
     /// Reboot into the new slot when installed.
     pub reboot: bool,
     /// Health now, kept for the boot check.
@@ -306,10 +309,15 @@ impl Updater {
         Ok(state)
     }
 
-    /// Verify the metadata and list the channel's releases.
+    /// Verify the metadata and list the configured channel's releases.
     pub async fn releases(&self) -> Result<Vec<ReleaseInfo>, UpdateError> {
+        self.releases_in(&self.channel).await
+    }
+
+    /// Verify the metadata and list the releases of `channel`.
+    pub async fn releases_in(&self, channel: &str) -> Result<Vec<ReleaseInfo>, UpdateError> {
         let repo = verify_repository(&self.source, &self.fetcher).await?;
-        Ok(release::releases(&repo).into_iter().filter(|r| r.channel == self.channel).collect())
+        Ok(release::releases(&repo).into_iter().filter(|r| r.channel == channel).collect())
     }
 
     /// Install a release into the inactive slot (and reboot into it when asked). Every refusal
@@ -324,7 +332,8 @@ impl Updater {
             );
         }
         let booted = self.booted()?;
-        let outcome = self.choose(&state, &booted, req.version.as_ref()).await;
+        let channel = req.channel.as_deref().unwrap_or(&self.channel);
+        let outcome = self.choose(&state, &booted, channel, req.version.as_ref()).await;
         let chosen = match outcome {
             Ok(r) => r,
             Err(e) => {
@@ -367,19 +376,20 @@ impl Updater {
         &self,
         state: &UpdateState,
         booted: &Booted,
+        channel: &str,
         want: Option<&ReleaseVersion>,
     ) -> Result<ReleaseInfo, UpdateError> {
-        let releases = self.releases().await?;
+        let releases = self.releases_in(channel).await?;
         let refuse = |reason: String| UpdateError::Release { reason };
         let chosen = match want {
             Some(v) => releases
                 .into_iter()
                 .find(|r| &r.version == v)
-                .ok_or_else(|| refuse(format!("channel {} lists no release {v}", self.channel)))?,
+                .ok_or_else(|| refuse(format!("channel {channel} lists no release {v}")))?,
             None => releases
                 .into_iter()
                 .max_by(|a, b| a.version.cmp(&b.version))
-                .ok_or_else(|| refuse(format!("channel {} lists no release", self.channel)))?,
+                .ok_or_else(|| refuse(format!("channel {channel} lists no release")))?,
         };
         state.admits(&chosen.version, booted.version.as_ref()).map_err(refuse)?;
         let slot = &booted.slots[1 - booted.index.min(1)];
@@ -597,11 +607,14 @@ impl Updater {
         Ok(())
     }
 
-    /// Install `want` because the fleet's desired state names it (a staged rollout opened this
-    /// node's wave, `docs/0009-updates.md`): the same path as `update apply --version V
-    /// --reboot`, run only when [`fleet_wants`] says the request is new. Ok(None): nothing to do.
+    /// Install `want` from `channel` because the fleet's desired state names them (a staged
+    /// rollout of that channel opened this node's wave, `docs/0009-updates.md`): the same path as
+    /// `update apply --version V --reboot`, from the desired state's channel rather than the
+    /// configured one, run only when [`fleet_wants`] says the request is new. Ok(None): nothing
+    /// to do.
     pub async fn apply_for_fleet(
         &self,
+        channel: &str,
         want: &str,
         health: HealthSnapshot,
     ) -> Result<Option<UpdateState>, UpdateError> {
@@ -613,8 +626,13 @@ impl Updater {
         if !fleet_wants(&state, booted.version.as_ref(), &version) {
             return Ok(None);
         }
-        tracing::info!(version = %version, "installing the release the fleet asks for");
-        let req = ApplyRequest { version: Some(version), reboot: true, health };
+        tracing::info!(version = %version, channel, "installing the release the fleet asks for");
+        let req = ApplyRequest {
+            version: Some(version),
+            channel: Some(channel.to_string()),
+            reboot: true,
+            health,
+        };
         self.apply(req).await.map(Some)
     }
 

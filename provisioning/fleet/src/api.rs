@@ -19,9 +19,9 @@ use axum::{Extension, Json, Router};
 use hearth_fleet_client::seed::{Seed, SeedFleet};
 use hearth_proto::control::{Command, ControlMessage};
 use hearth_proto::fleet::{
-    CommandRequest, CommandView, DrainRequest, EnrollRequest, EnrollResponse, EventView,
-    FleetError, NodeView, PowerBudgetRequest, RenewRequest, TokenCreateRequest, TokenCreated,
-    TokenView,
+    ChannelRequest, CommandRequest, CommandView, DrainRequest, EnrollRequest, EnrollResponse,
+    EventView, FleetError, NodeView, PowerBudgetRequest, RenewRequest, TokenCreateRequest,
+    TokenCreated, TokenView,
 };
 use rcgen::CertificateSigningRequestParams;
 use serde::Deserialize;
@@ -93,6 +93,7 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
         .route("/v1/nodes/{id}", get(show_node))
         .route("/v1/nodes/{id}/drain", post(drain))
         .route("/v1/nodes/{id}/power-budget", post(power_budget))
+        .route("/v1/nodes/{id}/channel", post(channel))
         .route("/v1/nodes/{id}/commands", get(list_commands).post(command))
         .route("/v1/nodes/{id}/revoke", post(revoke_node))
         .route("/v1/events", get(events))
@@ -412,6 +413,23 @@ async fn power_budget(
         None => "power budget cleared".into(),
     };
     change_desired(&fleet, id, what, move |d| d.power_budget_w = req.watts).await
+}
+
+/// Move a node to another update channel. A rollout of the old channel counts it as left (a
+/// release it was already told to install goes on: the fleet does not cancel an update under
+/// way); one of the new channel takes it in while running or paused (`docs/0009-updates.md`).
+async fn channel(
+    State(fleet): State<Arc<Fleet>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<NodeView> {
+    need(&peer, Role::Admin)?;
+    let req: ChannelRequest = parse(body, fleet.config.max_body_bytes)?;
+    hearth_fleet_client::release::check_channel(&req.channel)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let what = format!("update channel {}", req.channel);
+    change_desired(&fleet, id, what, move |d| d.update_channel.clone_from(&req.channel)).await
 }
 
 async fn command(

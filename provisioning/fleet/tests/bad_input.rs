@@ -18,11 +18,21 @@ async fn refused(f: &TestFleet, body: Vec<u8>) -> (u16, String) {
     (r.status, String::from_utf8_lossy(&r.body).into_owned())
 }
 
+/// `POST /v1/nodes/{id}/channel` as the admin or the viewer: status and body.
+async fn channel(f: &TestFleet, admin: bool, id: &str, body: &[u8]) -> (u16, String) {
+    let peer = if admin { &f.admin } else { &f.viewer };
+    let path = format!("/v1/nodes/{id}/channel");
+    let r = request(&f.ep(), f.http(Some(peer)), "POST", &path, Some(body.to_vec()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
 async fn bad_input(db: Db) -> TestResult {
     let Some(f) = fleet_on(db).await else { return Ok(()) };
     let used = f.token(1, 600).await;
     let (req, _) = enroll_request(&used.token, 1);
-    enroll(&f.ep(), &f.pin(), &req).await?;
+    let node = enroll(&f.ep(), &f.pin(), &req).await?.node_id;
     let revoked = f.token(1, 600).await;
     let _: serde_json::Value = hearth_fleet_client::https::json::<(), _>(
         &f.ep(),
@@ -59,6 +69,48 @@ async fn bad_input(db: Db) -> TestResult {
     };
     for (name, body, status, words) in cases {
         let (got, text) = refused(&f, body).await;
+        assert_eq!(got, status, "{name}: {text}");
+        assert!(text.contains(words), "{name}: {text:?} lacks {words:?}");
+        assert_eq!(f.dump(), before, "{name} changed the registry");
+    }
+
+    // Moving a node to another update channel: a bad name, a missing or extra field, an unknown
+    // node, a viewer. Each is refused with its reason; the node stays on `stable`.
+    let cases: Vec<(&str, (u16, String), u16, &str)> = vec![
+        (
+            "upper-case channel",
+            channel(&f, true, &node, br#"{"channel": "Beta"}"#).await,
+            400,
+            r#"channel \"Beta\" is not 1 to 32 of a-z, 0-9, '-'"#,
+        ),
+        (
+            "empty channel",
+            channel(&f, true, &node, br#"{"channel": ""}"#).await,
+            400,
+            "not 1 to 32",
+        ),
+        (
+            "33-byte channel",
+            channel(&f, true, &node, br#"{"channel": "abcdefghijklmnopqrstuvwxyz0123456"}"#).await,
+            400,
+            "not 1 to 32",
+        ),
+        ("no channel field", channel(&f, true, &node, b"{}").await, 400, "missing field `channel`"),
+        (
+            "extra field",
+            channel(&f, true, &node, br#"{"channel": "beta", "x": 1}"#).await,
+            400,
+            "unknown field `x`",
+        ),
+        (
+            "unknown node",
+            channel(&f, true, "n-nope", br#"{"channel": "beta"}"#).await,
+            404,
+            "n-nope",
+        ),
+        ("viewer", channel(&f, false, &node, br#"{"channel": "beta"}"#).await, 403, "needs admin"),
+    ];
+    for (name, (got, text), status, words) in cases {
         assert_eq!(got, status, "{name}: {text}");
         assert!(text.contains(words), "{name}: {text:?} lacks {words:?}");
         assert_eq!(f.dump(), before, "{name} changed the registry");

@@ -495,12 +495,15 @@ async fn current_late_and_leaving_nodes(db: Db) -> TestResult {
     // The held ams1 nodes leave: one moved to another channel, one revoked. The rollout
     // completes without them and without the window opening; they were never told.
     let (a0, a1) = (ams.ids[0].0.clone(), ams.ids[1].0.clone());
-    let moved = a0.clone();
-    tokio::task::block_in_place(|| {
-        f.running.fleet.registry.update_desired(&moved, at(1, 5), "channel beta", &|d| {
-            d.update_channel = "beta".into();
-        })
-    })?;
+    let moved: hearth_proto::fleet::NodeView = json(
+        &f.ep(),
+        f.http(Some(&f.admin)),
+        "POST",
+        &format!("/v1/nodes/{a0}/channel"),
+        Some(&hearth_proto::fleet::ChannelRequest { channel: "beta".into() }),
+    )
+    .await?;
+    assert_eq!(moved.desired.update_channel, "beta");
     let _: hearth_proto::fleet::NodeView =
         json(&f.ep(), f.http(Some(&f.admin)), "POST", &format!("/v1/nodes/{a1}/revoke"), Some(&()))
             .await?;

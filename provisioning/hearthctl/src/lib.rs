@@ -19,8 +19,8 @@ use hearth_fleet_client::https::{Endpoint, json};
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
 use hearth_proto::control::CommandKind;
 use hearth_proto::fleet::{
-    CommandRequest, CommandView, DrainRequest, EventView, NodeView, PowerBudgetRequest,
-    TokenCreateRequest, TokenCreated, TokenView,
+    ChannelRequest, CommandRequest, CommandView, DrainRequest, EventView, NodeView,
+    PowerBudgetRequest, TokenCreateRequest, TokenCreated, TokenView,
 };
 use serde::Deserialize;
 
@@ -91,6 +91,14 @@ pub enum Command {
         node: String,
         /// Watts.
         watts: u32,
+    },
+    /// Move a node to another update channel (admin): the channel's staged rollouts reach it,
+    /// and it installs what they ask for from that channel's releases.
+    Channel {
+        /// Node id.
+        node: String,
+        /// The channel, `[a-z0-9-]{1,32}`.
+        channel: String,
     },
     /// Reboot a node.
     Reboot {
@@ -377,10 +385,11 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             );
             let _ = writeln!(
                 t,
-                "desired:  generation {} drain {} power budget {} labels {:?}",
+                "desired:  generation {} drain {} power budget {} channel {} labels {:?}",
                 n.desired.generation,
                 n.desired.drain,
                 n.desired.power_budget_w.map_or("none".into(), |w| format!("{w} W")),
+                n.desired.update_channel,
                 n.desired.labels
             );
             if let Some(h) = &n.heartbeat {
@@ -423,6 +432,17 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     n.id,
                     n.desired.power_budget_w.map_or("cleared".into(), |w| format!("{w} W")),
                     n.desired.generation
+                ),
+            )
+        }
+        Command::Channel { node, channel } => {
+            let req = ChannelRequest { channel };
+            let n: NodeView = ctl.post(&format!("/v1/nodes/{node}/channel"), &req).await?;
+            out(
+                &n,
+                format!(
+                    "node {} on update channel {} (generation {})\n",
+                    n.id, n.desired.update_channel, n.desired.generation
                 ),
             )
         }

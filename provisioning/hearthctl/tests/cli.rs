@@ -81,6 +81,9 @@ async fn hearthctl_against_a_fleet() -> TestResult {
         (viewer.clone(), vec!["tokens", "create"], "needs admin"),
         (admin.clone(), vec!["nodes", "show", "n-nope"], "no node n-nope"),
         (admin.clone(), vec!["drain", "n-nope"], "n-nope is unknown"),
+        (admin.clone(), vec!["channel", "n-nope", "beta"], "n-nope is unknown"),
+        (admin.clone(), vec!["channel", "n-nope", "Beta"], "\"Beta\" is not 1 to 32 of a-z"),
+        (viewer.clone(), vec!["channel", "n-nope", "beta"], "needs admin"),
         (admin.clone(), vec!["tokens", "revoke", "t-nope"], "no token t-nope"),
         (dir.path().join("missing.toml"), vec!["nodes", "list"], "cannot read"),
     ] {

@@ -171,6 +171,22 @@ async fn exec_and_api_through_the_gateway() -> TestResult {
     assert!(events.contains("tunnel-open") && events.contains("operator alice: shell"), "{events}");
     assert!(events.contains("victor: shell needs the admin role"), "{events}");
 
+    // The node's update channel (not a tunnel command; this test has a node enrolled).
+    let out = ctl(&admin_toml, &["channel", &node, "canary"]).await??;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("node {node} on update channel canary (generation ")),
+        "{text}"
+    );
+    let out = ctl(&viewer_toml, &["nodes", "show", &node]).await??;
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" channel canary "), "{out:?}");
+    let events = ctl(&viewer_toml, &["events", "--limit", "5"]).await??;
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("update channel canary"),
+        "{events:?}"
+    );
+
     let out = ctl(&admin_toml, &["exec", "n-missing", "--", "true"]).await??;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("node n-missing has no tunnel"),

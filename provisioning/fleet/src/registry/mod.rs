@@ -210,6 +210,13 @@ pub const MIGRATIONS: &[&str] = &[
     // per row −23 %, docs/fleet-scaling.md). PostgreSQL only (`{postgres}`); pages already
     // written fill to it as vacuum frees them.
     "{postgres}ALTER TABLE node_liveness SET (fillfactor = 70)",
+    // The desired state's update channel in its own indexed column, so that a rollout's tick
+    // reads only its channel's nodes instead of parsing every node's desired JSON
+    // (registry/rollouts.rs). Written with `desired` in one statement. Every node enrolled
+    // before this migration is on `stable`: nothing could change a node's channel before
+    // `POST /v1/nodes/{id}/channel`, which came with it.
+    "ALTER TABLE nodes ADD COLUMN update_channel TEXT NOT NULL DEFAULT 'stable';
+     CREATE INDEX nodes_update_channel ON nodes (update_channel)",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
@@ -997,7 +1004,10 @@ fn desired_in(
     let mut desired: DesiredState = json(col(r, 0), "desired", id)?;
     change(&mut desired);
     desired.generation += 1;
-    tx.exec("UPDATE nodes SET desired = $2 WHERE id = $1", &[text(id), text(to_json(&desired))])?;
+    tx.exec(
+        "UPDATE nodes SET desired = $2, update_channel = $3 WHERE id = $1",
+        &[text(id), text(to_json(&desired)), text(&desired.update_channel)],
+    )?;
     add_event(
         tx,
         now_ms,
@@ -1129,10 +1139,11 @@ fn enroll_in(
         text(&cert.serial),
         int(cert.not_after_ms),
         text(to_json(&desired)),
+        text(&desired.update_channel),
     ];
     const INSERT_NODE: &str = "INSERT INTO nodes (id, token_id, dmi_uuid, board_serial, hardware, \
-        hostname, gpus, agent_version, enrolled_ms, cert_serial, cert_not_after_ms, desired, revoked) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0)";
+        hostname, gpus, agent_version, enrolled_ms, cert_serial, cert_not_after_ms, desired, update_channel, \
+        revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 0)";
     if postgres {
         // The node, its liveness row and its event in one statement (one round trip).
         params.push(text(&message));
@@ -1141,7 +1152,7 @@ fn enroll_in(
                 "WITH n AS ({INSERT_NODE} RETURNING id), \
                  l AS (INSERT INTO node_liveness (node_id) SELECT id FROM n) \
                  INSERT INTO events (at_ms, node_id, kind, message) \
-                 SELECT $9, id, 'enrolled', $13 FROM n"
+                 SELECT $9, id, 'enrolled', $14 FROM n"
             ),
             &params,
         )?;

@@ -36,20 +36,19 @@ struct VersionsOs {
 }
 
 /// The nodes on `channel` now (not revoked): labels and the OS version their last heartbeat
-/// named. A heartbeat that does not parse names no version (the node is told as before).
+/// named. A heartbeat that does not parse names no version (the node is told as before). Only
+/// the channel's rows are read (the indexed `update_channel` column, kept with `desired`).
 fn channel_in(tx: &mut dyn Tx, channel: &str) -> Result<Channel, RegistryError> {
     let rows = tx.query(
         "SELECT n.id, n.desired, l.heartbeat FROM nodes n \
-         LEFT JOIN node_liveness l ON l.node_id = n.id WHERE n.revoked = 0",
-        &[],
+         LEFT JOIN node_liveness l ON l.node_id = n.id \
+         WHERE n.update_channel = $1 AND n.revoked = 0",
+        &[text(channel)],
     )?;
     let mut out = Channel::new();
     for r in &rows {
         let id = s(col(r, 0));
         let d: DesiredState = json(col(r, 1), "desired", &id)?;
-        if d.update_channel != channel {
-            continue;
-        }
         let os = os(col(r, 2))
             .and_then(|hb| serde_json::from_str::<HeartbeatOs>(&hb).ok())
             .and_then(|hb| hb.versions.os);
