@@ -701,6 +701,7 @@ async fn enroll_all(
     println!("  generating {n} node keys and CSRs (on the load core; not timed)");
     let started = Instant::now();
     let mut prepared = Vec::with_capacity(n as usize);
+    let inventory = crate::sim_gpu_inventory(8)?;
     for i in 0..n {
         let key = generate_key_pem()?;
         let csr = csr_pem(&key, &format!("node{i}"))?;
@@ -712,10 +713,10 @@ async fn enroll_all(
                 hardware: HardwareIdentity {
                     dmi_uuid: format!("4c4c4544-0000-4000-8000-{i:012}"),
                     board_serial: format!("BENCH{i:08}"),
-                    gpu_uuids: (0..8).map(|g| format!("GPU-{i:08}-{g}")).collect(),
+                    gpu_uuids: inventory.iter().map(|g| crate::node_gpu_uuid(i, g.index)).collect(),
                 },
                 hostname: format!("bench-node-{i}"),
-                gpus: vec![],
+                gpus: crate::node_gpu_inventory(&inventory, i),
                 agent_version: "0.1.0".into(),
             },
         ));

@@ -25,6 +25,39 @@ pub struct ProcSample {
     pub rss: u64,
 }
 
+/// The GPU inventory a node with `gpus` simulated H100 SXM boards sends at enrollment, as the
+/// agent's simulated backend reports it, with node `node`'s own GPU UUIDs and serials (the ones
+/// in its hardware identity: `GPU-{node:08}-{g}`), so that enrollment benchmarks carry a real
+/// node's request body and registry row rather than an empty list.
+pub fn sim_gpu_inventory(gpus: u32) -> anyhow::Result<Vec<hearth_proto::gpu::GpuInventory>> {
+    let host = std::sync::Arc::new(hearth_sim::SimHost::new(
+        &hearth_sim::Scenario::uniform("h100-sxm", gpus, hearth_sim::Workload::Idle),
+        hearth_sim::SimClock::Manual,
+    ));
+    let backend = hearth_agent::gpu::sim::SimBackend::new(host);
+    Ok(hearth_agent::gpu::inventory_all(&backend)?)
+}
+
+/// `template` ([`sim_gpu_inventory`]) with node `node`'s GPU UUIDs and serials.
+pub fn node_gpu_inventory(
+    template: &[hearth_proto::gpu::GpuInventory],
+    node: u64,
+) -> Vec<hearth_proto::gpu::GpuInventory> {
+    template
+        .iter()
+        .map(|g| hearth_proto::gpu::GpuInventory {
+            uuid: node_gpu_uuid(node, g.index),
+            serial: Some(format!("{node:08}{:04}", g.index)),
+            ..g.clone()
+        })
+        .collect()
+}
+
+/// Node `node`'s GPU `index` UUID, as in its hardware identity.
+pub fn node_gpu_uuid(node: u64, index: u32) -> String {
+    format!("GPU-{node:08}-{index}")
+}
+
 /// Clock ticks per second of `/proc/PID/stat` times.
 fn ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.

@@ -96,6 +96,7 @@ fn measure(opts: &Opts, registry: String, label: &str) -> anyhow::Result<Result_
         Some(&TokenCreateRequest { labels: Default::default(), ttl_s: 3600, max_uses: opts.count }),
     ))?;
     let mut bodies = Vec::with_capacity(opts.count as usize);
+    let inventory = hearth_bench::sim_gpu_inventory(8)?;
     for n in 0..opts.count {
         let key = hearth_fleet_client::identity::generate_key_pem()?;
         let req = EnrollRequest {
@@ -104,10 +105,13 @@ fn measure(opts: &Opts, registry: String, label: &str) -> anyhow::Result<Result_
             hardware: HardwareIdentity {
                 dmi_uuid: format!("b0000000-0000-4000-8000-{n:012}"),
                 board_serial: format!("BENCH{n:08}"),
-                gpu_uuids: vec![],
+                gpu_uuids: inventory
+                    .iter()
+                    .map(|g| hearth_bench::node_gpu_uuid(u64::from(n), g.index))
+                    .collect(),
             },
             hostname: format!("bench{n}"),
-            gpus: vec![],
+            gpus: hearth_bench::node_gpu_inventory(&inventory, u64::from(n)),
             agent_version: "bench".into(),
         };
         bodies.push(serde_json::to_vec(&req)?);
