@@ -60,7 +60,8 @@ async fn session_and_tunnel_fail_over_to_the_seeds_next_gateway() -> TestResult 
         b"http/1.1",
     )?;
     let ep = Endpoint::from_url(&format!("https://{}", first.addr), "hearth-fleet")?;
-    let req = TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1, channel: None };
     let token: TokenCreated = json(&ep, admin, "POST", "/v1/tokens", Some(&req)).await?;
     let mut seed = Seed::parse(&token.seed, "token")?;
     seed.fleet.url = format!("https://{}", first.addr);

@@ -54,7 +54,8 @@ async fn agent_enrolls_follows_desired_state_acks_commands_and_stops_when_revoke
         b"http/1.1",
     )?;
     let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
-    let req = TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1, channel: None };
     let token: TokenCreated = json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
     let mut seed = Seed::parse(&token.seed, "token")?;
     // The listener was bound to port 0: point the seed at the real port.

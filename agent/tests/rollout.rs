@@ -234,6 +234,7 @@ async fn lab_on(
             labels: BTreeMap::from([("site".to_string(), site.to_string())]),
             ttl_s: 600,
             max_uses: 1,
+            channel: None,
         };
         let token: TokenCreated =
             json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;

@@ -49,7 +49,8 @@ async fn fleet_proxies_node_metrics_through_the_tunnel_with_the_simulator_values
     let admin = cert(Role::Admin)?;
     let viewer = cert(Role::Viewer)?;
     let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
-    let req = TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1, channel: None };
     let token: TokenCreated = json(&ep, admin, "POST", "/v1/tokens", Some(&req)).await?;
     let mut seed = Seed::parse(&token.seed, "token")?;
     seed.fleet.url = format!("https://{}", fleet.addr);
@@ -149,7 +150,8 @@ async fn offline_summaries_reach_the_fleet_after_a_crash_and_reconnect() -> Test
         b"http/1.1",
     )?;
     let ep = Endpoint::from_url(&format!("https://{}", fleet.addr), "hearth-fleet")?;
-    let req = TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: Default::default(), ttl_s: 600, max_uses: 1, channel: None };
     let token: TokenCreated = json(&ep, admin, "POST", "/v1/tokens", Some(&req)).await?;
     let mut seed = Seed::parse(&token.seed, "token")?;
     seed.fleet.url = format!("https://{}", fleet.addr);

@@ -694,6 +694,7 @@ async fn enroll_all(
         labels: BTreeMap::from([("site".to_string(), "bench".to_string())]),
         ttl_s: 86_400,
         max_uses: u32::try_from(n).context("too many sessions for one token")?,
+        channel: None,
     };
     let http = client_config(&fleet.pin, Some(&fleet.admin), b"http/1.1")?;
     let token: TokenCreated = json(&fleet.ep, http, "POST", "/v1/tokens", Some(&req)).await?;

@@ -73,6 +73,10 @@ pub struct TokenCreateRequest {
     pub ttl_s: u64,
     /// How many enrollments it allows (1: single use).
     pub max_uses: u32,
+    /// The update channel of the nodes that enroll with it (`[a-z0-9-]{1,32}`); `stable` when
+    /// absent. A node that re-enrolls known hardware keeps its channel, like its labels.
+    #[serde(default)]
+    pub channel: Option<String>,
 }
 
 /// A created token: the secret is shown once.
@@ -105,6 +109,13 @@ pub struct TokenView {
     pub uses: u32,
     /// Revoked by an operator.
     pub revoked: bool,
+    /// The update channel given to the nodes that enroll with it.
+    #[serde(default = "stable")]
+    pub channel: String,
+}
+
+fn stable() -> String {
+    "stable".into()
 }
 
 /// A node as the registry shows it.

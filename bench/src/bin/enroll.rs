@@ -93,7 +93,12 @@ fn measure(opts: &Opts, registry: String, label: &str) -> anyhow::Result<Result_
         admin,
         "POST",
         "/v1/tokens",
-        Some(&TokenCreateRequest { labels: Default::default(), ttl_s: 3600, max_uses: opts.count }),
+        Some(&TokenCreateRequest {
+            labels: Default::default(),
+            ttl_s: 3600,
+            max_uses: opts.count,
+            channel: None,
+        }),
     ))?;
     let mut bodies = Vec::with_capacity(opts.count as usize);
     let inventory = hearth_bench::sim_gpu_inventory(8)?;

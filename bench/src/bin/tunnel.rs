@@ -506,7 +506,8 @@ async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::Ser
     let ep = Endpoint::from_url(&format!("https://{}", running.addr), "hearth-fleet")?;
     let (c, k) = fleet.ca.operator_cert("bench", Role::Admin, Duration::from_secs(3600))?;
     let admin = ClientIdentity { cert_pem: c.cert_pem, key_pem: k };
-    let req = TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
     let http = client_config(&pin, Some(&admin), b"http/1.1")?;
     let token: TokenCreated = json(&ep, http.clone(), "POST", "/v1/tokens", Some(&req)).await?;
     let key = generate_key_pem()?;

@@ -341,6 +341,7 @@ async fn main() -> anyhow::Result<()> {
         labels: BTreeMap::new(),
         ttl_s: 3600,
         max_uses: o.nodes + o.current + o.late,
+        channel: None,
     };
     let token: TokenCreated = json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
     let times: Times = Arc::default();

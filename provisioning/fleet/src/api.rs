@@ -285,6 +285,9 @@ async fn create_token(
     if req.ttl_s == 0 || req.ttl_s > 365 * 86_400 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "ttl_s must be in 1..=31536000"));
     }
+    let update_channel = req.channel.unwrap_or_else(|| "stable".into());
+    hearth_fleet_client::release::check_channel(&update_channel)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let secret = {
         use base64::Engine as _;
         let mut b = [0u8; 32];
@@ -299,6 +302,7 @@ async fn create_token(
         created_ms: now,
         expires_ms: now + req.ttl_s * 1000,
         max_uses: req.max_uses,
+        update_channel,
     };
     let (id, expires_ms) = (t.id.clone(), t.expires_ms);
     fleet.db(move |r| r.create_token(&t)).await?;

@@ -109,6 +109,18 @@ async fn bad_input(db: Db) -> TestResult {
             "n-nope",
         ),
         ("viewer", channel(&f, false, &node, br#"{"channel": "beta"}"#).await, 403, "needs admin"),
+        (
+            "token with a bad channel",
+            {
+                let body = br#"{"ttl_s": 600, "max_uses": 1, "channel": "no/slash"}"#.to_vec();
+                let r = request(&f.ep(), f.http(Some(&f.admin)), "POST", "/v1/tokens", Some(body))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (r.status, String::from_utf8_lossy(&r.body).into_owned())
+            },
+            400,
+            r#"channel \"no/slash\" is not 1 to 32"#,
+        ),
     ];
     for (name, (got, text), status, words) in cases {
         assert_eq!(got, status, "{name}: {text}");

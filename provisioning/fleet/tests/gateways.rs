@@ -97,7 +97,12 @@ async fn changes_reach_a_node_through_its_gateway(db: Db) -> TestResult {
         admin.clone(),
         "POST",
         "/v1/tokens",
-        Some(&TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1 }),
+        Some(&TokenCreateRequest {
+            labels: BTreeMap::new(),
+            ttl_s: 600,
+            max_uses: 1,
+            channel: None,
+        }),
     )
     .await?;
     let (req, key) = enroll_request(&token.token, 1);
@@ -212,6 +217,7 @@ fn enroll_batch(db: Db) -> TestResult {
             created_ms: now,
             expires_ms: now + 60_000,
             max_uses: uses,
+            update_channel: "stable".into(),
         })?;
     }
     let before = r.dump()?;

@@ -6,7 +6,7 @@
 //! refuses bad requests naming the cause while changing nothing. Nodes whose heartbeats say they
 //! already run the version are recorded `current` and never told; a node enrolled while the
 //! rollout runs joins it; held nodes moved off the channel or revoked are let go, so the rollout
-//! completes without them.
+//! completes without them. A token's channel is its nodes' channel from their first desired state.
 
 mod common;
 
@@ -149,6 +149,7 @@ async fn enroll_nodes(f: &TestFleet, n: u32, first: u32, labels: &[(&str, &str)]
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ttl_s: 600,
         max_uses: n,
+        channel: None,
     };
     let token: TokenCreated =
         json(&f.ep(), f.http(Some(&f.admin)), "POST", "/v1/tokens", Some(&req))
@@ -572,4 +573,61 @@ async fn bad_requests_on_sqlite() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_on_postgres() -> TestResult {
     bad_requests_change_nothing(Db::Postgres).await
+}
+
+/// A token names the channel of the nodes that enroll with it: they are on it from their first
+/// desired state, only its rollouts take them, and the token list shows it.
+async fn token_channel(db: Db) -> TestResult {
+    let Some(f) = fleet_on(db).await else { return Ok(()) };
+    let admin = || f.http(Some(&f.admin));
+    let req = TokenCreateRequest {
+        labels: BTreeMap::new(),
+        ttl_s: 600,
+        max_uses: 2,
+        channel: Some("canary".into()),
+    };
+    let token: TokenCreated = json(&f.ep(), admin(), "POST", "/v1/tokens", Some(&req)).await?;
+    let tokens: Vec<hearth_proto::fleet::TokenView> =
+        json::<(), _>(&f.ep(), f.http(Some(&f.viewer)), "GET", "/v1/tokens", None).await?;
+    assert_eq!(tokens.iter().map(|t| t.channel.as_str()).collect::<Vec<_>>(), ["canary"]);
+    let plain = f.token(1, 600).await;
+    let mut canary = BTreeSet::new();
+    for n in 0..2 {
+        let (req, _) = enroll_request(&token.token, 800 + n);
+        canary.insert(enroll(&f.ep(), &f.pin(), &req).await?.node_id);
+    }
+    let (req, _) = enroll_request(&plain.token, 810);
+    let stable = enroll(&f.ep(), &f.pin(), &req).await?.node_id;
+    for id in canary.iter().chain([&stable]) {
+        let n: hearth_proto::fleet::NodeView =
+            json::<(), _>(&f.ep(), admin(), "GET", &format!("/v1/nodes/{id}"), None).await?;
+        let want = if canary.contains(id) { "canary" } else { "stable" };
+        assert_eq!(n.desired.update_channel, want, "{id}");
+        assert_eq!(n.desired.generation, 1, "{id}: the channel is in its first desired state");
+    }
+    let r = create(
+        &f,
+        &RolloutCreate {
+            channel: "canary".into(),
+            version: "2.0".into(),
+            waves: waves(&[(100, 0)]),
+            windows: vec![],
+            node_timeout_s: None,
+        },
+    )
+    .await?;
+    let listed: BTreeSet<String> = r.nodes.iter().map(|n| n.node.clone()).collect();
+    assert_eq!(listed, canary, "the canary rollout takes the canary token's nodes only");
+    f.running.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_channel_on_sqlite() -> TestResult {
+    token_channel(Db::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_channel_on_postgres() -> TestResult {
+    token_channel(Db::Postgres).await
 }

@@ -191,6 +191,9 @@ pub enum TokenAction {
         /// Enrollments allowed.
         #[arg(long, default_value_t = 1)]
         max_uses: u32,
+        /// Update channel of the nodes enrolling with it (`[a-z0-9-]{1,32}`; default `stable`).
+        #[arg(long)]
+        channel: Option<String>,
     },
     /// List tokens.
     List,
@@ -318,7 +321,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         if as_json { v.pretty() } else { Ok(table) }
     };
     match cli.command {
-        Command::Tokens { action: TokenAction::Create { labels, ttl_hours, max_uses } } => {
+        Command::Tokens {
+            action: TokenAction::Create { labels, ttl_hours, max_uses, channel },
+        } => {
             let mut map = BTreeMap::new();
             for l in labels {
                 let Some((k, v)) = l.split_once('=') else {
@@ -326,7 +331,8 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 };
                 map.insert(k.to_string(), v.to_string());
             }
-            let req = TokenCreateRequest { labels: map, ttl_s: ttl_hours * 3600, max_uses };
+            let req =
+                TokenCreateRequest { labels: map, ttl_s: ttl_hours * 3600, max_uses, channel };
             let t: TokenCreated = ctl.post("/v1/tokens", &req).await?;
             out(
                 &t,
@@ -338,8 +344,10 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Tokens { action: TokenAction::List } => {
             let ts: Vec<TokenView> = ctl.get("/v1/tokens").await?;
-            let mut table =
-                format!("{:<12} {:>5} {:>8} {:<8} {}\n", "TOKEN", "USES", "MAX", "STATE", "LABELS");
+            let mut table = format!(
+                "{:<12} {:>5} {:>8} {:<8} {:<10} {}\n",
+                "TOKEN", "USES", "MAX", "STATE", "CHANNEL", "LABELS"
+            );
             for t in &ts {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -357,11 +365,12 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let _ = writeln!(
                     table,
-                    "{:<12} {:>5} {:>8} {:<8} {}",
+                    "{:<12} {:>5} {:>8} {:<8} {:<10} {}",
                     t.id,
                     t.uses,
                     t.max_uses,
                     state,
+                    t.channel,
                     labels.join(",")
                 );
             }

@@ -57,7 +57,9 @@ async fn hearthctl_against_a_fleet() -> TestResult {
     let admin = write_ctl(Role::Admin, "admin")?;
     let viewer = write_ctl(Role::Viewer, "viewer")?;
 
-    let out = ctl(admin.clone(), &["tokens", "create", "--label", "site=ams1"]).await?;
+    let out =
+        ctl(admin.clone(), &["tokens", "create", "--label", "site=ams1", "--channel", "canary"])
+            .await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let seed_text = String::from_utf8(out.stdout)?;
     let seed = hearth_fleet_client::seed::Seed::parse(&seed_text, "hearthctl output")?;
@@ -72,6 +74,11 @@ async fn hearthctl_against_a_fleet() -> TestResult {
     let tokens: Vec<hearth_proto::fleet::TokenView> = serde_json::from_slice(&out.stdout)?;
     assert_eq!(tokens.len(), 1);
     assert_eq!(tokens[0].labels.get("site").map(String::as_str), Some("ams1"));
+    assert_eq!(tokens[0].channel, "canary");
+    let out = ctl(viewer.clone(), &["tokens", "list"]).await?;
+    let table = String::from_utf8(out.stdout)?;
+    assert!(table.starts_with("TOKEN") && table.contains(" CHANNEL "), "{table}");
+    assert!(table.contains(" canary "), "{table}");
 
     let out = ctl(viewer.clone(), &["nodes", "list"]).await?;
     assert!(out.status.success());
@@ -84,6 +91,7 @@ async fn hearthctl_against_a_fleet() -> TestResult {
         (admin.clone(), vec!["channel", "n-nope", "beta"], "n-nope is unknown"),
         (admin.clone(), vec!["channel", "n-nope", "Beta"], "\"Beta\" is not 1 to 32 of a-z"),
         (viewer.clone(), vec!["channel", "n-nope", "beta"], "needs admin"),
+        (admin.clone(), vec!["tokens", "create", "--channel", "A"], "\"A\" is not 1 to 32 of a-z"),
         (admin.clone(), vec!["tokens", "revoke", "t-nope"], "no token t-nope"),
         (dir.path().join("missing.toml"), vec!["nodes", "list"], "cannot read"),
     ] {

@@ -137,7 +137,8 @@ async fn expose_forwards_gateway_ports_to_allowed_node_ports_and_survives_a_rest
 
     let (c, k) = fleet.ca.operator_cert("setup", Role::Admin, Duration::from_secs(3600))?;
     let setup = ClientIdentity { cert_pem: c.cert_pem, key_pem: k };
-    let req = TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
     let http = client_config(&pin, Some(&setup), b"http/1.1")?;
     let token: TokenCreated = json(&ep, http, "POST", "/v1/tokens", Some(&req)).await?;
     let key = generate_key_pem()?;

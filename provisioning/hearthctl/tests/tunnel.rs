@@ -56,7 +56,8 @@ async fn exec_and_api_through_the_gateway() -> TestResult {
     // Enroll a node and bring its tunnel up with the agent's own target code.
     let (c, k) = fleet.ca.operator_cert("setup", Role::Admin, Duration::from_secs(3600))?;
     let admin_id = ClientIdentity { cert_pem: c.cert_pem, key_pem: k };
-    let req = TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1 };
+    let req =
+        TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
     let http = client_config(&pin, Some(&admin_id), b"http/1.1")?;
     let token: TokenCreated = json(&ep, http, "POST", "/v1/tokens", Some(&req)).await?;
     let key = generate_key_pem()?;

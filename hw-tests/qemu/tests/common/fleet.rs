@@ -45,7 +45,12 @@ impl TestFleet {
         )?;
         let ep =
             Endpoint::from_url(&format!("https://{}", running.addr), &running.fleet.config.name)?;
-        let req = TokenCreateRequest { labels: Default::default(), ttl_s: 7200, max_uses: 1 };
+        let req = TokenCreateRequest {
+            labels: Default::default(),
+            ttl_s: 7200,
+            max_uses: 1,
+            channel: None,
+        };
         let token: TokenCreated =
             runtime.block_on(json(&ep, admin.clone(), "POST", "/v1/tokens", Some(&req)))?;
         let fleet = Self { runtime, running: Some(running), ep, admin, _dir: dir.to_path_buf() };

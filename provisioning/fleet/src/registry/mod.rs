@@ -214,9 +214,11 @@ pub const MIGRATIONS: &[&str] = &[
     // reads only its channel's nodes instead of parsing every node's desired JSON
     // (registry/rollouts.rs). Written with `desired` in one statement. Every node enrolled
     // before this migration is on `stable`: nothing could change a node's channel before
-    // `POST /v1/nodes/{id}/channel`, which came with it.
+    // `POST /v1/nodes/{id}/channel`, which came with it. A token names the channel its new
+    // nodes get (`hearthctl tokens create --channel`); every older token gave `stable`.
     "ALTER TABLE nodes ADD COLUMN update_channel TEXT NOT NULL DEFAULT 'stable';
-     CREATE INDEX nodes_update_channel ON nodes (update_channel)",
+     CREATE INDEX nodes_update_channel ON nodes (update_channel);
+     ALTER TABLE tokens ADD COLUMN update_channel TEXT NOT NULL DEFAULT 'stable'",
 ];
 
 /// Tables [`Registry::dump`] covers: every table.
@@ -248,6 +250,8 @@ pub struct NewToken {
     pub expires_ms: u64,
     /// Allowed uses.
     pub max_uses: u32,
+    /// The update channel of the nodes that enroll with it.
+    pub update_channel: String,
 }
 
 /// What an enrollment writes about the node.
@@ -545,8 +549,8 @@ impl Registry {
     pub fn create_token(&self, t: &NewToken) -> Result<(), RegistryError> {
         self.tx(|tx| {
             tx.exec(
-                "INSERT INTO tokens (id, hash, labels, created_ms, expires_ms, max_uses, uses, revoked)
-                 VALUES ($1, $2, $3, $4, $5, $6, 0, 0)",
+                "INSERT INTO tokens (id, hash, labels, created_ms, expires_ms, max_uses, uses, revoked,
+                    update_channel) VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7)",
                 &[
                     text(&t.id),
                     text(&t.hash),
@@ -554,9 +558,16 @@ impl Registry {
                     int(t.created_ms),
                     int(t.expires_ms),
                     int(t.max_uses),
+                    text(&t.update_channel),
                 ],
             )?;
-            add_event(tx, t.created_ms, None, "token-created", &format!("token {} ({} use(s))", t.id, t.max_uses))?;
+            add_event(
+                tx,
+                t.created_ms,
+                None,
+                "token-created",
+                &format!("token {} ({} use(s), channel {})", t.id, t.max_uses, t.update_channel),
+            )?;
             Ok(())
         })
     }
@@ -565,7 +576,8 @@ impl Registry {
     pub fn tokens(&self) -> Result<Vec<TokenView>, RegistryError> {
         self.rtx(|tx| {
             let rows = tx.query(
-                "SELECT id, labels, created_ms, expires_ms, max_uses, uses, revoked FROM tokens ORDER BY created_ms, id",
+                "SELECT id, labels, created_ms, expires_ms, max_uses, uses, revoked, update_channel \
+                 FROM tokens ORDER BY created_ms, id",
                 &[],
             )?;
             rows.iter()
@@ -578,6 +590,7 @@ impl Registry {
                         max_uses: i(col(r, 4)) as u32,
                         uses: i(col(r, 5)) as u32,
                         revoked: i(col(r, 6)) != 0,
+                        channel: s(col(r, 7)),
                         id,
                     })
                 })
@@ -1056,7 +1069,7 @@ fn enroll_in(
         "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND uses < max_uses AND revoked = 0 \
          AND expires_ms > $2 RETURNING id, labels, \
          (SELECT id FROM nodes WHERE dmi_uuid = $3 AND board_serial = $4), \
-         (SELECT revoked FROM nodes WHERE dmi_uuid = $3 AND board_serial = $4)",
+         (SELECT revoked FROM nodes WHERE dmi_uuid = $3 AND board_serial = $4), update_channel",
         &[
             text(&e.token_hash),
             int(now_ms),
@@ -1122,7 +1135,7 @@ fn enroll_in(
         drain: false,
         power_budget_w: None,
         labels: labels.clone(),
-        update_channel: "stable".into(),
+        update_channel: s(col(t, 4)),
         update_version: None,
     };
     let message = format!("{} with {} GPU(s), token {token_id}", e.hostname, e.gpus.len());

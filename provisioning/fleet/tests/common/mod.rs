@@ -86,6 +86,7 @@ impl TestFleet {
             labels: BTreeMap::from([("site".to_string(), "lab".to_string())]),
             ttl_s,
             max_uses,
+            channel: None,
         };
         json(&self.ep(), self.http(Some(&self.admin)), "POST", "/v1/tokens", Some(&req))
             .await
