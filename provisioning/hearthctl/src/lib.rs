@@ -277,8 +277,8 @@ fn ago(ms: Option<u64>) -> String {
 /// The node table.
 pub fn nodes_table(nodes: &[NodeView]) -> String {
     let mut out = format!(
-        "{:<16} {:<16} {:<8} {:>4} {:>8} {:<7} {:<12}\n",
-        "NODE", "HOST", "STATE", "GPUS", "POWER W", "DRAIN", "LAST SEEN"
+        "{:<16} {:<16} {:<8} {:>4} {:>8} {:<7} {:<10} {:<12} {:<12}\n",
+        "NODE", "HOST", "STATE", "GPUS", "POWER W", "DRAIN", "CHANNEL", "OS", "LAST SEEN"
     );
     for n in nodes {
         let state = if n.revoked {
@@ -290,15 +290,18 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         };
         let gpus = n.heartbeat.as_ref().map_or(n.gpus.len() as u32, |h| h.health.gpus);
         let power = n.heartbeat.as_ref().map_or("-".into(), |h| h.power.draw_w.to_string());
+        let os = n.heartbeat.as_ref().and_then(|h| h.versions.os.as_deref()).unwrap_or("-");
         let _ = writeln!(
             out,
-            "{:<16} {:<16} {:<8} {:>4} {:>8} {:<7} {:<12}",
+            "{:<16} {:<16} {:<8} {:>4} {:>8} {:<7} {:<10} {:<12} {:<12}",
             n.id,
             n.hostname,
             state,
             gpus,
             power,
             if n.desired.drain { "yes" } else { "no" },
+            n.desired.update_channel,
+            os,
             ago(n.last_seen_ms)
         );
     }

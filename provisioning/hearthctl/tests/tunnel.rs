@@ -182,6 +182,11 @@ async fn exec_and_api_through_the_gateway() -> TestResult {
     );
     let out = ctl(&viewer_toml, &["nodes", "show", &node]).await??;
     assert!(String::from_utf8_lossy(&out.stdout).contains(" channel canary "), "{out:?}");
+    let out = ctl(&viewer_toml, &["nodes", "list"]).await??;
+    let table = String::from_utf8_lossy(&out.stdout);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains(" CHANNEL ") && header.contains(" OS "), "{table}");
+    assert!(table.lines().any(|l| l.starts_with(&node) && l.contains(" canary ")), "{table}");
     let events = ctl(&viewer_toml, &["events", "--limit", "5"]).await??;
     assert!(
         String::from_utf8_lossy(&events.stdout).contains("update channel canary"),
