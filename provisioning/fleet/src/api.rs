@@ -419,9 +419,11 @@ async fn power_budget(
     change_desired(&fleet, id, what, move |d| d.power_budget_w = req.watts).await
 }
 
-/// Move a node to another update channel. A rollout of the old channel counts it as left (a
-/// release it was already told to install goes on: the fleet does not cancel an update under
-/// way); one of the new channel takes it in while running or paused (`docs/0009-updates.md`).
+/// Move a node to another update channel. A rollout of the old channel counts it as left; one of
+/// the new channel takes it in while running or paused (`docs/0009-updates.md`). The old
+/// channel's `update_version` is cleared with the move, so a node that had not started it yet
+/// never looks for it on the new channel; an install already under way on the node goes on
+/// (the fleet does not cancel it).
 async fn channel(
     State(fleet): State<Arc<Fleet>>,
     Extension(peer): Extension<Peer>,
@@ -433,7 +435,13 @@ async fn channel(
     hearth_fleet_client::release::check_channel(&req.channel)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let what = format!("update channel {}", req.channel);
-    change_desired(&fleet, id, what, move |d| d.update_channel.clone_from(&req.channel)).await
+    change_desired(&fleet, id, what, move |d| {
+        if d.update_channel != req.channel {
+            d.update_channel.clone_from(&req.channel);
+            d.update_version = None;
+        }
+    })
+    .await
 }
 
 async fn command(

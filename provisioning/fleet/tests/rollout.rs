@@ -618,6 +618,38 @@ async fn token_channel(db: Db) -> TestResult {
     .await?;
     let listed: BTreeSet<String> = r.nodes.iter().map(|n| n.node.clone()).collect();
     assert_eq!(listed, canary, "the canary rollout takes the canary token's nodes only");
+    // A told node moved to another channel loses the old channel's version with the move.
+    let moved = canary.iter().next().ok_or("no canary node")?.clone();
+    let node = |id: String| {
+        let tls = admin();
+        let ep = f.ep();
+        async move {
+            json::<(), hearth_proto::fleet::NodeView>(
+                &ep,
+                tls,
+                "GET",
+                &format!("/v1/nodes/{id}"),
+                None,
+            )
+            .await
+        }
+    };
+    for _ in 0..100 {
+        if node(moved.clone()).await?.desired.update_version.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node(moved.clone()).await?.desired.update_version.as_deref(), Some("2.0"));
+    let n: hearth_proto::fleet::NodeView = json(
+        &f.ep(),
+        admin(),
+        "POST",
+        &format!("/v1/nodes/{moved}/channel"),
+        Some(&hearth_proto::fleet::ChannelRequest { channel: "stable".into() }),
+    )
+    .await?;
+    assert_eq!((n.desired.update_channel.as_str(), n.desired.update_version), ("stable", None));
     f.running.stop().await;
     Ok(())
 }
