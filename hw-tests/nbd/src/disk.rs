@@ -130,6 +130,29 @@ impl PowerCutDisk {
         self.stats
     }
 
+    /// Sectors of `[offset, offset + len)` written but not yet durable: what a power cut now
+    /// would lose there (the range is clamped to the disk).
+    pub fn dirty_in(&self, offset: u64, len: u64) -> u64 {
+        let first = offset / SECTOR;
+        let end = offset.saturating_add(len).min(self.size).div_ceil(SECTOR);
+        if first >= end {
+            return 0;
+        }
+        let (w0, w1) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let mut n = 0;
+        for (w, word) in self.dirty[w0..=w1].iter().enumerate() {
+            let mut bits = *word;
+            if w == 0 {
+                bits &= u64::MAX << (first % 64);
+            }
+            if w0 + w == w1 && !end.is_multiple_of(64) {
+                bits &= u64::MAX >> (64 - end % 64);
+            }
+            n += u64::from(bits.count_ones());
+        }
+        n
+    }
+
     fn is_dirty(&self, sector: u64) -> bool {
         self.dirty[(sector / 64) as usize] & (1 << (sector % 64)) != 0
     }
@@ -325,6 +348,26 @@ mod tests {
         assert_eq!(d.power_cut().expect("cut"), 8);
         assert_eq!(read(&d, 4096, 4096), vec![0xeeu8; 4096], "gone after the cut");
         assert_eq!(d.stats().lost_sectors, 8);
+    }
+
+    #[test]
+    fn dirty_in_counts_the_unflushed_sectors_of_a_range() {
+        let (_dir, mut d) = disk(256 * 1024);
+        // Sectors 10..20 and 100..230 (crossing words), then 400.
+        d.write(10 * 512, &[1u8; 10 * 512], false).expect("write");
+        d.write(100 * 512, &[1u8; 130 * 512], false).expect("write");
+        d.write(400 * 512, &[1u8; 512], false).expect("write");
+        assert_eq!(d.dirty_in(0, 256 * 1024), 141);
+        assert_eq!(d.dirty_in(0, 256 * 1024), d.stats().dirty_sectors);
+        assert_eq!(d.dirty_in(15 * 512, 5 * 512), 5, "the end of the first run");
+        assert_eq!(d.dirty_in(20 * 512, 80 * 512), 0, "between the runs");
+        assert_eq!(d.dirty_in(128 * 512, 64 * 512), 64, "one whole word");
+        assert_eq!(d.dirty_in(101 * 512, 128 * 512), 128, "across three words");
+        assert_eq!(d.dirty_in(400 * 512, 1), 1, "a partial sector counts");
+        assert_eq!(d.dirty_in(300 * 512, 1 << 40), 1, "clamped to the disk");
+        assert_eq!(d.dirty_in(1 << 40, 512), 0, "past the end");
+        d.flush().expect("flush");
+        assert_eq!(d.dirty_in(0, 256 * 1024), 0);
     }
 
     #[test]

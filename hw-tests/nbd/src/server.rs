@@ -110,6 +110,11 @@ impl NbdServer {
         lock(&self.shared.disk).stats()
     }
 
+    /// Sectors of `[offset, offset + len)` written but not yet durable.
+    pub fn dirty_in(&self, offset: u64, len: u64) -> u64 {
+        lock(&self.shared.disk).dirty_in(offset, len)
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         *lock(&self.shared.connections)
