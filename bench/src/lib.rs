@@ -26,9 +26,9 @@ pub struct ProcSample {
 }
 
 /// The GPU inventory a node with `gpus` simulated H100 SXM boards sends at enrollment, as the
-/// agent's simulated backend reports it, with node `node`'s own GPU UUIDs and serials (the ones
-/// in its hardware identity: `GPU-{node:08}-{g}`), so that enrollment benchmarks carry a real
-/// node's request body and registry row rather than an empty list.
+/// agent's simulated backend reports it, so that enrollment benchmarks carry a real node's
+/// request body and registry row rather than an empty list; [`node_gpu_inventory`] gives it one
+/// node's GPU UUIDs and serials.
 pub fn sim_gpu_inventory(gpus: u32) -> anyhow::Result<Vec<hearth_proto::gpu::GpuInventory>> {
     let host = std::sync::Arc::new(hearth_sim::SimHost::new(
         &hearth_sim::Scenario::uniform("h100-sxm", gpus, hearth_sim::Workload::Idle),

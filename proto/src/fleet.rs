@@ -110,12 +110,16 @@ pub struct TokenView {
     /// Revoked by an operator.
     pub revoked: bool,
     /// The update channel given to the nodes that enroll with it.
-    #[serde(default = "stable")]
+    #[serde(default = "default_channel")]
     pub channel: String,
 }
 
-fn stable() -> String {
-    "stable".into()
+/// The update channel of a node whose token names none, and of every token made before tokens
+/// named one.
+pub const DEFAULT_CHANNEL: &str = "stable";
+
+fn default_channel() -> String {
+    DEFAULT_CHANNEL.into()
 }
 
 /// A node as the registry shows it.

@@ -72,7 +72,7 @@ fn default_root() -> PathBuf {
     PathBuf::from(DEFAULT_ROOT)
 }
 fn default_channel() -> String {
-    "stable".to_string()
+    hearth_proto::fleet::DEFAULT_CHANNEL.to_string()
 }
 fn default_esp() -> PathBuf {
     PathBuf::from("/efi")

@@ -285,7 +285,7 @@ async fn create_token(
     if req.ttl_s == 0 || req.ttl_s > 365 * 86_400 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "ttl_s must be in 1..=31536000"));
     }
-    let update_channel = req.channel.unwrap_or_else(|| "stable".into());
+    let update_channel = req.channel.unwrap_or_else(|| hearth_proto::fleet::DEFAULT_CHANNEL.into());
     hearth_fleet_client::release::check_channel(&update_channel)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let secret = {
