@@ -243,6 +243,9 @@ pub struct Figures {
     /// PostgreSQL server CPU over the window (postmaster and all its backends), share of one
     /// core; 0 on SQLite (there the registry runs inside the fleet process).
     pub db_cpu: f64,
+    /// The load generator's CPU over the window (its worker processes and this process), share
+    /// of one core: near 100 % means the load core, not the fleet, sets the latency tail.
+    pub load_cpu_share: f64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
     /// Fleet gateway processes.
@@ -481,6 +484,9 @@ fn start_fleets(opts: &Options, dir: &Path, registry: &str, n: usize) -> anyhow:
         let log = dir.join(format!("fleet-g{k}.log"));
         let logf =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        // All gateways stay in this benchmark's session: one scheduler group, as the gateway
+        // processes of one machine run in one systemd unit (`docs/0005-fleet.md`); the load
+        // workers get a session of their own (`Worker::spawn`).
         let child = Command::new("taskset")
             .arg("-c")
             .arg(opts.fleet_cpu.to_string())
@@ -612,6 +618,12 @@ fn tree_cpu(root: u32) -> Duration {
         }
     }
     total
+}
+
+/// CPU time so far of the load generator: its worker processes and this process.
+fn load_cpu(pool: &[Worker]) -> Duration {
+    let own = proc_sample(std::process::id()).map(|s| s.cpu).unwrap_or_default();
+    pool.iter().filter_map(|w| proc_sample(w.child.0.id()).ok()).fold(own, |t, s| t + s.cpu)
 }
 
 /// Read the registry every `every` until `stop`, sending one [`Poll`] per reading.
@@ -939,6 +951,7 @@ async fn run_on(
     };
     let db0 = db_server.map(tree_cpu);
     let (cpu0, _) = fleet.sample()?;
+    let load0 = load_cpu(&pool);
     let log0 = fleet.log_lens();
     let window_start = Instant::now();
     tokio::time::sleep(Duration::from_secs(opts.seconds)).await;
@@ -948,6 +961,7 @@ async fn run_on(
     let secs = window_start.elapsed().as_secs_f64();
     let window_end = Instant::now();
     let (cpu1, rss1) = fleet.sample()?;
+    f.load_cpu_share = load_cpu(&pool).saturating_sub(load0).as_secs_f64() / secs;
     let log1 = fleet.log_lens();
     f.rss_after = rss1;
     f.fleet_cpu = cpu1.saturating_sub(cpu0).as_secs_f64() / secs;
@@ -1023,7 +1037,13 @@ struct Worker {
 impl Worker {
     fn spawn(opts: &Options, fleet: &Fleets, ids: &Path, period: Duration) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("this benchmark's path")?;
-        let mut child = Command::new(exe)
+        // `setsid`: the load in a session (scheduler autogroup) of its own, apart from the
+        // fleet's gateways, as a load from other machines would be. Sharing one group with the
+        // gateways, the load's weight was split across both cores and the PostgreSQL server
+        // (pg_ctl starts it in a session of its own) got twice the gateways' weight on the
+        // fleet's core (`docs/fleet-scaling.md`).
+        let mut child = Command::new("setsid")
+            .arg(exe)
             .arg("--worker-ids")
             .arg(ids)
             .arg("--worker-fleet")
@@ -1040,7 +1060,7 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("start a load worker")?;
+            .context("start a load worker (`setsid`: util-linux installed?)")?;
         let stdin = child.stdin.take();
         Ok(Self { child: Guarded(child), stdin })
     }
@@ -1312,6 +1332,11 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
     row(
         "fleet CPU (share of its core)",
         cols.iter().map(|f| format!("{:.0}%", f.fleet_cpu * 100.0)).collect(),
+        "",
+    );
+    row(
+        "load generator CPU (share of its core)",
+        cols.iter().map(|f| format!("{:.0}%", f.load_cpu_share * 100.0)).collect(),
         "",
     );
     row(

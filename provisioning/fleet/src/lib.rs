@@ -6,7 +6,8 @@
 //! to [`session`], `hearth-tunnel/1` to the tunnel gateway [`tunnel`], everything else to the HTTPS + JSON [`api`] under `/v1`) and the sweep task
 //! (marks nodes offline after 3 missed heartbeats, writes liveness to the registry in batches and,
 //! when the fleet runs as several gateway processes, delivers changes made through the others),
-//! plus one thread committing enrollments in groups ([`enroll`]).
+//! plus two threads: one commits enrollments in groups ([`enroll`]), one writes the liveness
+//! batches below the sessions' CPU priority ([`liveness`]).
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
 //! Customer ingress ([`expose`]): gateway ports forwarding to node ports over the node's tunnel,
 //! bound again at every start (`docs/0006-tunnel.md`).
@@ -22,7 +23,9 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod expose;
+pub mod liveness;
 pub mod metrics;
+pub mod os;
 pub mod registry;
 pub mod rollout;
 pub mod rollout_api;

@@ -63,6 +63,8 @@ pub struct Fleet {
     pub exposer: crate::expose::Exposer,
     /// Enrollments, committed in groups ([`crate::enroll`]).
     pub enroller: crate::enroll::EnrollQueue,
+    /// Liveness batches, written below the sessions' priority ([`crate::liveness`]).
+    pub liveness: crate::liveness::LivenessWriter,
     /// Session events (`online`, `offline`) waiting for the sweep's next write.
     pub pending_events: Mutex<Vec<NewEvent>>,
     sessions: std::sync::atomic::AtomicU64,
@@ -98,8 +100,8 @@ pub enum StartError {
     /// TLS setup.
     #[error(transparent)]
     Pem(#[from] hearth_fleet_client::tls::TlsError),
-    /// The enrollment writer thread.
-    #[error("cannot start the enrollment writer")]
+    /// The enrollment or liveness writer thread.
+    #[error("cannot start a registry writer thread")]
     Thread(#[source] std::io::Error),
     /// Binding.
     #[error("cannot listen on {addr}")]
@@ -129,10 +131,13 @@ impl Fleet {
         let registry = Arc::new(registry);
         let enroller =
             crate::enroll::EnrollQueue::start(registry.clone()).map_err(StartError::Thread)?;
+        let liveness =
+            crate::liveness::LivenessWriter::start(registry.clone()).map_err(StartError::Thread)?;
         Ok(Arc::new(Self {
             config,
             ca,
             enroller,
+            liveness,
             pending_events: Mutex::new(Vec::new()),
             registry,
             live: Mutex::new(HashMap::new()),
@@ -442,14 +447,14 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
             };
             let n = batch.len();
             let started = std::time::Instant::now();
-            match fleet.db(move |r| r.record_seen(&batch)).await {
+            match fleet.liveness.write(batch).await {
                 Ok(()) if n > 0 => {
                     let elapsed_ms = started.elapsed().as_millis() as u64;
                     tracing::debug!(nodes = n, elapsed_ms, "liveness written");
                 }
                 Ok(()) => {}
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), nodes = n, "cannot write liveness")
+                    tracing::warn!(error = %format!("{e:#}"), "liveness flush failed")
                 }
             }
         }
