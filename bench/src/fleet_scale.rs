@@ -243,6 +243,9 @@ pub struct Figures {
     /// PostgreSQL server CPU over the window (postmaster and all its backends), share of one
     /// core; 0 on SQLite (there the registry runs inside the fleet process).
     pub db_cpu: f64,
+    /// The PostgreSQL server's scheduler weight against the fleet on a shared core: the nice
+    /// value of its autogroup (`/proc/PID/autogroup`); `None` on SQLite or when unreadable.
+    pub db_nice: Option<i32>,
     /// The load generator's CPU over the window (its worker processes and this process), share
     /// of one core: near 100 % means the load core, not the fleet, sets the latency tail.
     pub load_cpu_share: f64,
@@ -600,6 +603,15 @@ fn postgres_server(url: &str) -> anyhow::Result<u32> {
     Ok(ppid)
 }
 
+/// The nice value of `pid`'s scheduler autogroup (`/autogroup-133 nice 10`).
+fn autogroup_nice(pid: u32) -> Option<i32> {
+    parse_autogroup_nice(&std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()?)
+}
+
+fn parse_autogroup_nice(line: &str) -> Option<i32> {
+    line.split_once(" nice ")?.1.trim().parse().ok()
+}
+
 /// CPU time so far of `root` and its direct children (a postmaster's backends and workers).
 fn tree_cpu(root: u32) -> Duration {
     let mut total = proc_sample(root).map(|s| s.cpu).unwrap_or_default();
@@ -950,6 +962,7 @@ async fn run_on(
         None
     };
     let db0 = db_server.map(tree_cpu);
+    f.db_nice = db_server.and_then(autogroup_nice);
     let (cpu0, _) = fleet.sample()?;
     let load0 = load_cpu(&pool);
     let log0 = fleet.log_lens();
@@ -1353,11 +1366,12 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
         "",
     );
     row(
-        "PostgreSQL server CPU (share of the fleet's core)",
+        "PostgreSQL server CPU (share of the fleet's core; its autogroup's nice)",
         cols.iter()
             .map(|f| {
                 if f.backend == "postgres" {
-                    format!("{:.0}%", f.db_cpu * 100.0)
+                    let nice = f.db_nice.map_or("nice ?".into(), |n| format!("nice {n}"));
+                    format!("{:.0}% ({nice})", f.db_cpu * 100.0)
                 } else {
                     "-".into()
                 }
@@ -1512,5 +1526,13 @@ mod tests {
         // 100 MiB + 200,000 × 20 KiB = 3.91 GiB.
         assert!(lines[1].starts_with("memory 3.91 GiB"), "{lines:?}");
         assert!(lines[2].contains("40000 rows/s") && lines[2].contains("takes 2.0 s"), "{lines:?}");
+    }
+
+    #[test]
+    fn reads_the_autogroup_nice() {
+        assert_eq!(parse_autogroup_nice("/autogroup-133 nice 10\n"), Some(10));
+        assert_eq!(parse_autogroup_nice("/autogroup-4 nice -5"), Some(-5));
+        assert_eq!(parse_autogroup_nice("/autogroup-4"), None);
+        assert_eq!(parse_autogroup_nice("/autogroup-4 nice x"), None);
     }
 }

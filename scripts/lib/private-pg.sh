@@ -1,8 +1,10 @@
 # A private throw-away PostgreSQL cluster, sourced by scripts/test (the registry tests),
 # bench/fleet-scale and bench/liveness-pg: installs the server when missing, starts a cluster on a
 # free loopback port, stops and deletes it on exit. Settings: PG_CPU pins the server to that CPU
-# (benchmarks; unset: not pinned); PG_OPTIONS adds server options (the tests pass
-# `-c fsync=off`; benchmarks keep fsync on, their writes are measured durable). After
+# (benchmarks; unset: not pinned); PG_NICE puts the server's scheduler group (its session's
+# autogroup: the postmaster and every backend) at that nice value, below a fleet sharing its core,
+# as `CPUWeight=` on its unit would (benchmarks; unset: 0); PG_OPTIONS adds server options (the
+# tests pass `-c fsync=off`; benchmarks keep fsync on, their writes are measured durable). After
 # `private_pg_start`, $pg_url is its URL. postgres refuses to run as root: runuser.
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -37,5 +39,12 @@ private_pg_start() {
   as_pg "${pin[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w \
     -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 ${PG_OPTIONS:-}" start >/dev/null
   pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
-  echo "==> PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port${PG_CPU:+ (CPU $PG_CPU)}"
+  if [ -n "${PG_NICE:-}" ]; then
+    # pg_ctl starts the server in a session of its own, so its autogroup holds only the server.
+    local pid
+    pid=$(head -n1 "$pg_dir/data/postmaster.pid")
+    as_root sh -c "echo $PG_NICE > /proc/$pid/autogroup" \
+      || { echo "error: cannot set the PostgreSQL server's autogroup nice (kernel.sched_autogroup_enabled?)" >&2; exit 1; }
+  fi
+  echo "==> PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port${PG_CPU:+ (CPU $PG_CPU)}${PG_NICE:+ (autogroup nice $PG_NICE)}"
 }
