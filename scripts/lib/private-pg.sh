@@ -26,6 +26,10 @@ private_pg_stop() {
 }
 
 private_pg_start() {
+  if [ -n "${PG_NICE:-}" ] && ! [[ "$PG_NICE" =~ ^-?[0-9]+$ ]]; then
+    echo "error: PG_NICE=$PG_NICE is not a nice value (-20 to 19)" >&2
+    exit 1
+  fi
   [ -n "${pg_bin:-}" ] || private_pg_install
   pg_dir=$(mktemp -d /tmp/hearth-pg.XXXXXX)
   chmod 755 "$pg_dir"
