@@ -449,6 +449,24 @@ async fn a_clean_rollout_completes_and_a_window_holds_its_group_until_it_opens()
         let slots = m.disk.slots()?;
         assert_eq!(slots[1].root.label, "hearth_2.0");
     }
+    // Every phase reached the fleet, in order, even those shorter than the agent's poll of its
+    // state file (writing a 1 MiB slot, installed → rebooting, the boot check's trial).
+    let mut events: Vec<hearth_proto::fleet::EventView> = l.get("/v1/events?limit=1000").await?;
+    events.sort_by_key(|e| e.id);
+    for k in 0..l.machines.len() {
+        let node = l.node_of(k);
+        let mut phases: Vec<&str> = events
+            .iter()
+            .filter(|e| e.node_id.as_deref() == Some(node.as_str()))
+            .filter_map(|e| e.kind.strip_prefix("node.update."))
+            .collect();
+        phases.dedup();
+        assert_eq!(
+            phases,
+            ["downloading", "writing", "installed", "rebooting", "trial", "blessed"],
+            "node {node}"
+        );
+    }
     l.stop().await;
     Ok(())
 }

@@ -48,7 +48,9 @@ pub const BACKOFF_CAP_MS: u64 = 300_000;
 /// How long enrollment waits for the GPU layer's first inventory.
 pub const INVENTORY_WAIT: Duration = Duration::from_secs(30);
 
-/// How often the session looks for update progress to report (one small file read).
+/// How often the session reads the update state file for progress saved by another process
+/// (the boot check unit, `update apply` by hand); the in-process updater's saves are reported
+/// as they happen (`Updater::saved`).
 pub const UPDATE_REPORT_POLL: Duration = Duration::from_secs(1);
 
 /// How often to look for a seed when there is none.
@@ -68,8 +70,9 @@ pub struct Fleet {
     reported: std::sync::Mutex<(u64, Option<String>)>,
     /// Commands started (exactly once across reconnects) and the log's save generation.
     commands: std::sync::Mutex<(u64, commands::CommandLog)>,
-    /// The update phase and progress last reported (`crate::update::report`).
-    update_reported: std::sync::Mutex<Option<crate::update::report::Marker>>,
+    /// The save generation of the update state last reported, and its phase and progress
+    /// (`crate::update::report`): a state older than that generation is never reported.
+    update_reported: std::sync::Mutex<(u64, Option<crate::update::report::Marker>)>,
     /// The updater that installs the release a rollout names in the desired state (None when
     /// `[update]` is off), and whether an install it started is running.
     updater: Option<Arc<crate::update::Updater>>,
@@ -131,7 +134,7 @@ impl Fleet {
             netwatch: Arc::new(netwatch::Never::default()),
             reported: std::sync::Mutex::new((0, None)),
             commands: std::sync::Mutex::new((0, commands::CommandLog::default())),
-            update_reported: std::sync::Mutex::new(None),
+            update_reported: std::sync::Mutex::new((0, None)),
             updater: None,
             updating: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -169,13 +172,35 @@ impl Fleet {
         });
     }
 
-    /// The update report due, if the update moved since the last one.
-    fn update_due(
+    /// Report `saved` (a state the in-process updater saved, with its generation), or else the
+    /// state file's, when the update moved since the last report. A state older than the one
+    /// last reported (the file was read after a later save) is not reported.
+    async fn report_update<W: tokio::io::AsyncWrite + Unpin>(
         &self,
-    ) -> Option<(hearth_proto::control::UpdateReport, crate::update::report::Marker)> {
-        let state = crate::update::report::read_state(&self.agent.config.state.dir).ok()?;
-        let last = *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        crate::update::report::due(&state, last.as_ref(), now_ms())
+        writer: &mut W,
+        saved: Option<(u64, crate::update::state::UpdateState)>,
+    ) -> Result<(), SessionError> {
+        let saved = match saved {
+            Some(s) => s,
+            None => match crate::update::report::read_saved(&self.agent.config.state.dir) {
+                Ok(s) => s,
+                Err(_) => return Ok(()), // being replaced; the next save or poll has it
+            },
+        };
+        let (generation, state) = saved;
+        let (last_gen, last) =
+            *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if generation < last_gen {
+            return Ok(());
+        }
+        let Some((report, marker)) = crate::update::report::due(&state, last.as_ref(), now_ms())
+        else {
+            return Ok(());
+        };
+        self.send(writer, &ControlMessage::Update(report)).await?;
+        *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (generation, Some(marker));
+        Ok(())
     }
 
     /// Health events not yet reported to the fleet, and the marker to record once they are sent.
@@ -534,8 +559,10 @@ impl Fleet {
         });
         let interval = Duration::from_secs(u64::from(welcome.heartbeat_interval_s.max(1)));
         let mut tick = tokio::time::interval(interval);
-        // Update progress goes out within a second of a phase change (a rollout waits on it).
+        // Update progress goes out as each state is saved (`Updater::saved`; a rollout waits on
+        // it), and within a second for saves by another process (the state file's poll).
         let mut update_tick = tokio::time::interval(UPDATE_REPORT_POLL);
+        let mut saved_rx = self.updater.as_ref().map(|u| u.saved());
         let silence = interval * hearth_proto::control::MISSED_HEARTBEATS_OFFLINE + interval / 2;
         let mut heard = tokio::time::Instant::now();
         let mut seq = 0u64;
@@ -564,11 +591,26 @@ impl Fleet {
                     }
                 }
                 _ = update_tick.tick() => {
-                    if let Some((report, marker)) = self.update_due() {
-                        if let Err(e) = self.send(&mut writer, &ControlMessage::Update(report)).await {
-                            break Err(e);
+                    // The in-process updater's saves first, in order; then the file, for saves
+                    // by another process (the boot check unit, `update apply` by hand).
+                    let mut failed = None;
+                    while let Some(Ok(s)) = saved_rx.as_mut().map(|r| r.try_recv()) {
+                        if let Err(e) = self.report_update(&mut writer, Some(s)).await {
+                            failed = Some(e);
+                            break;
                         }
-                        *self.update_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(marker);
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
+                    }
+                    if let Err(e) = self.report_update(&mut writer, None).await {
+                        break Err(e);
+                    }
+                }
+                saved = next_saved(&mut saved_rx) => {
+                    // Every phase, however short, as soon as it is saved.
+                    if let Err(e) = self.report_update(&mut writer, saved).await {
+                        break Err(e);
                     }
                 }
                 Ok(()) = health_rx.changed() => {
@@ -770,5 +812,20 @@ impl Subsystem for Fleet {
             ctx.ready();
             self.run_inner(ctx).await
         })
+    }
+}
+
+/// The next state the in-process updater saved, with its generation; `None` when this
+/// receiver fell behind (the caller reads the state file instead). Never ready without an
+/// updater.
+async fn next_saved(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<(u64, crate::update::state::UpdateState)>>,
+) -> Option<(u64, crate::update::state::UpdateState)> {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(rx) = rx else { return std::future::pending().await };
+    match rx.recv().await {
+        Ok(s) => Some(s),
+        Err(RecvError::Lagged(_)) => None,
+        Err(RecvError::Closed) => std::future::pending().await,
     }
 }

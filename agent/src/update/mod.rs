@@ -183,7 +183,13 @@ pub struct Updater {
     boot_tries: u32,
     /// The running version by the `roothash=` it was found for ([`Updater::running_version`]).
     running: std::sync::Mutex<Option<(String, Option<String>)>>,
+    /// Every state this updater saved, with its generation, in order ([`Updater::saved`]).
+    saved: tokio::sync::broadcast::Sender<(u64, UpdateState)>,
 }
+
+/// States kept for a slow [`Updater::saved`] receiver before it lags (an install saves a few
+/// dozen: phases and progress).
+const SAVED_BACKLOG: usize = 64;
 
 /// What `update apply` asks for.
 #[derive(Debug, Clone, Default)]
@@ -217,7 +223,15 @@ impl Updater {
             download_dir: state_dir.join("update/download"),
             boot_tries: BOOT_TRIES,
             running: std::sync::Mutex::new(None),
+            saved: tokio::sync::broadcast::channel(SAVED_BACKLOG).0,
         }
+    }
+
+    /// Each state this updater saves from now on, in order, as soon as it is durable: the fleet
+    /// session reports every phase from it, even phases shorter than its poll of the state file
+    /// (which still catches changes made by another process, such as the boot check unit).
+    pub fn saved(&self) -> tokio::sync::broadcast::Receiver<(u64, UpdateState)> {
+        self.saved.subscribe()
     }
 
     /// Boot tries the new entry gets (`hearth_<V>+N.efi`), 1..=9; default [`BOOT_TRIES`].
@@ -237,6 +251,8 @@ impl Updater {
         }
         *generation += 1;
         self.store.save(*generation, state)?;
+        // No receiver (no fleet session) is fine: the state file has it.
+        let _ = self.saved.send((*generation, state.clone()));
         Ok(())
     }
 

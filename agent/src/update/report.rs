@@ -11,7 +11,16 @@ use crate::persist::{PersistError, Store};
 
 /// The update state under `state_dir` (default when none was saved).
 pub fn read_state(state_dir: &Path) -> Result<UpdateState, PersistError> {
-    Ok(Store::new(state_dir.join("update.json")).load()?.map(|l| l.state).unwrap_or_default())
+    Ok(read_saved(state_dir)?.1)
+}
+
+/// The update state under `state_dir` with its save generation (0 and the default when none
+/// was saved).
+pub fn read_saved(state_dir: &Path) -> Result<(u64, UpdateState), PersistError> {
+    Ok(Store::new(state_dir.join("update.json"))
+        .load()?
+        .map(|l| (l.generation, l.state))
+        .unwrap_or_default())
 }
 
 /// The marker of what was last reported: phase and tenth of the bytes.
