@@ -184,11 +184,24 @@ struct Load {
     acked: AtomicU64,
     /// Heartbeat → ack latency in the window.
     latency: Histogram,
+    /// Acks slower than the p99 goal in the window, by the Unix second their heartbeat was
+    /// sent: whether the tail is spread out or comes from a few stalls.
+    slow: Mutex<BTreeMap<u64, u64>>,
     /// The first error seen.
     first_error: Mutex<Option<String>>,
 }
 
 impl Load {
+    fn note(&self, latency: Duration) {
+        self.latency.record(latency);
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        if latency.as_secs_f64() * 1e3 > goals::P99_MS {
+            let sent_s = now_ms().saturating_sub(latency.as_millis() as u64) / 1000;
+            *self.slow.lock().unwrap_or_else(PoisonError::into_inner).entry(sent_s).or_default() +=
+                1;
+        }
+    }
+
     fn error(&self, e: impl std::fmt::Display) {
         let mut f = self.first_error.lock().unwrap_or_else(PoisonError::into_inner);
         if f.is_none() {
@@ -246,9 +259,19 @@ pub struct Figures {
     /// The PostgreSQL server's scheduler weight against the fleet on a shared core: the nice
     /// value of its autogroup (`/proc/PID/autogroup`); `None` on SQLite or when unreadable.
     pub db_nice: Option<i32>,
+    /// The CPUs the PostgreSQL server may run on (`Cpus_allowed_list` of the postmaster), to
+    /// say whether it shared the fleet's core; `None` on SQLite or when unreadable.
+    pub db_cpus: Option<String>,
     /// The load generator's CPU over the window (its worker processes and this process), share
     /// of one core: near 100 % means the load core, not the fleet, sets the latency tail.
     pub load_cpu_share: f64,
+    /// Acks slower than the p99 goal, by the Unix second their heartbeat was sent.
+    pub slow: BTreeMap<u64, u64>,
+    /// The window's liveness batches, every gateway's, in the order they ended.
+    pub batch_log: Vec<Batch>,
+    /// Share of the window the hypervisor took from the fleet's core and from the load's core
+    /// (`steal` in `/proc/stat`): time neither could run, whatever its priority.
+    pub steal: (f64, f64),
     /// The first error seen, if any.
     pub first_error: Option<String>,
     /// Fleet gateway processes.
@@ -257,7 +280,25 @@ pub struct Figures {
     pub workers: usize,
 }
 
+/// One liveness batch, from a gateway's `liveness written` log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Gateway index.
+    pub gateway: usize,
+    /// When the write ended, ms since midnight UTC (the log line's time).
+    pub end_ms: u64,
+    /// How long it took.
+    pub elapsed_ms: u64,
+    /// Rows written.
+    pub rows: u64,
+}
+
 impl Figures {
+    /// Acks slower than the p99 goal in the window.
+    pub fn slow_total(&self) -> u64 {
+        self.slow.values().sum()
+    }
+
     /// CPU-µs spent per heartbeat acked: (fleet, database server). Everything the fleet does
     /// in the window (sessions, sweep, liveness writes) divided by the heartbeats it acked.
     pub fn cpu_us_per_heartbeat(&self) -> Option<(f64, f64)> {
@@ -350,8 +391,7 @@ async fn heartbeat_loop(
                         while let Some((ps, at, measured)) = pending.pop_front() {
                             if ps == s {
                                 if measured && load.measuring.load(Ordering::Relaxed) {
-                                    load.latency.record(at.elapsed());
-                                    load.acked.fetch_add(1, Ordering::Relaxed);
+                                    load.note(at.elapsed());
                                 }
                                 break;
                             }
@@ -420,6 +460,16 @@ impl Fleets {
 
     fn log_lens(&self) -> Vec<u64> {
         self.procs.iter().map(|(_, l)| log_len(l)).collect()
+    }
+
+    /// Every liveness batch between two [`Fleets::log_lens`], in the order they ended.
+    fn batch_log(&self, from: &[u64], to: &[u64]) -> Vec<Batch> {
+        let mut out = Vec::new();
+        for (k, (((_, log), a), b)) in self.procs.iter().zip(from).zip(to).enumerate() {
+            out.extend(parse_batch_lines(&log_slice(log, *a, *b), k));
+        }
+        out.sort_by_key(|b| b.end_ms);
+        out
     }
 
     /// (batches, rows, ms) of liveness writes between two [`Fleets::log_lens`].
@@ -608,6 +658,16 @@ fn autogroup_nice(pid: u32) -> Option<i32> {
     parse_autogroup_nice(&std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()?)
 }
 
+/// The CPUs `pid` may run on (`Cpus_allowed_list` in `/proc/PID/status`, e.g. `1` or `0-1`).
+fn allowed_cpus(pid: u32) -> Option<String> {
+    parse_allowed_cpus(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+fn parse_allowed_cpus(status: &str) -> Option<String> {
+    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
 fn parse_autogroup_nice(line: &str) -> Option<i32> {
     line.split_once(" nice ")?.1.trim().parse().ok()
 }
@@ -672,19 +732,78 @@ fn poll_registry(
 
 /// The fleet's `liveness written` log lines in `text`: (batches, rows, milliseconds).
 pub fn parse_liveness_log(text: &str) -> (u64, u64, u64) {
-    let field = |line: &str, key: &str| -> Option<u64> {
-        let at = line.find(key)? + key.len();
-        line.get(at..)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-    };
     let mut out = (0, 0, 0);
     for line in text.lines().filter(|l| l.contains("liveness written")) {
-        if let (Some(n), Some(ms)) = (field(line, "nodes="), field(line, "elapsed_ms=")) {
+        if let (Some(n), Some(ms)) = (log_field(line, "nodes="), log_field(line, "elapsed_ms=")) {
             out.0 += 1;
             out.1 += n;
             out.2 += ms;
         }
     }
     out
+}
+
+/// The number after `key` in a log line (`nodes=16667`).
+fn log_field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(key)? + key.len();
+    line.get(at..)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// The `liveness written` lines of gateway `gateway`'s log with their times (the log line
+/// opens with an RFC 3339 UTC time, `2026-12-06T10:02:03.123456Z`).
+pub fn parse_batch_lines(text: &str, gateway: usize) -> Vec<Batch> {
+    text.lines()
+        .filter(|l| l.contains("liveness written"))
+        .filter_map(|line| {
+            Some(Batch {
+                gateway,
+                end_ms: ms_of_day(line.split_whitespace().next()?)?,
+                elapsed_ms: log_field(line, "elapsed_ms=")?,
+                rows: log_field(line, "nodes=")?,
+            })
+        })
+        .collect()
+}
+
+/// `2026-12-06T10:02:03.123456Z` → milliseconds since that day's midnight.
+fn ms_of_day(stamp: &str) -> Option<u64> {
+    let time = stamp.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.splitn(3, ':');
+    let h: u64 = parts.next()?.parse().ok()?;
+    let m: u64 = parts.next()?.parse().ok()?;
+    let seconds = parts.next()?;
+    let (sec, frac) = seconds.split_once('.').unwrap_or((seconds, "0"));
+    let s: u64 = sec.parse().ok()?;
+    let frac_ms: u64 = format!("{:0<3}", frac.get(..3).unwrap_or(frac)).parse().ok()?;
+    (h < 24 && m < 60 && s < 61).then_some(((h * 60 + m) * 60 + s) * 1000 + frac_ms)
+}
+
+/// `HH:MM:SS` of a Unix second, UTC.
+fn clock(unix_s: u64) -> String {
+    let d = unix_s % 86_400;
+    format!("{:02}:{:02}:{:02}", d / 3600, d / 60 % 60, d % 60)
+}
+
+/// Steal ticks of `cpuN` so far (`/proc/stat`, the eighth value).
+fn steal_ticks(cpu: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_steal(&stat, cpu)
+}
+
+fn parse_steal(stat: &str, cpu: usize) -> Option<u64> {
+    let name = format!("cpu{cpu}");
+    let line = stat.lines().find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    line.split_whitespace().nth(8)?.parse().ok()
+}
+
+/// Share of `secs` that `cpu` lost to steal between two readings.
+fn steal_share(before: Option<u64>, after: Option<u64>, secs: f64) -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    match (before, after) {
+        (Some(a), Some(b)) if hz > 0 && secs > 0.0 => b.saturating_sub(a) as f64 / hz as f64 / secs,
+        _ => 0.0,
+    }
 }
 
 fn log_len(path: &Path) -> u64 {
@@ -963,9 +1082,11 @@ async fn run_on(
     };
     let db0 = db_server.map(tree_cpu);
     f.db_nice = db_server.and_then(autogroup_nice);
+    f.db_cpus = db_server.and_then(allowed_cpus);
     let (cpu0, _) = fleet.sample()?;
     let load0 = load_cpu(&pool);
     let log0 = fleet.log_lens();
+    let steal0 = (steal_ticks(opts.fleet_cpu), steal_ticks(opts.load_cpu));
     let window_start = Instant::now();
     tokio::time::sleep(Duration::from_secs(opts.seconds)).await;
     for w in &mut pool {
@@ -973,6 +1094,10 @@ async fn run_on(
     }
     let secs = window_start.elapsed().as_secs_f64();
     let window_end = Instant::now();
+    f.steal = (
+        steal_share(steal0.0, steal_ticks(opts.fleet_cpu), secs),
+        steal_share(steal0.1, steal_ticks(opts.load_cpu), secs),
+    );
     let (cpu1, rss1) = fleet.sample()?;
     f.load_cpu_share = load_cpu(&pool).saturating_sub(load0).as_secs_f64() / secs;
     let log1 = fleet.log_lens();
@@ -999,6 +1124,11 @@ async fn run_on(
         let snap: Vec<(usize, u64)> = serde_json::from_value(v["latency"].clone())
             .with_context(|| format!("worker {k}: latency"))?;
         latency.add(&snap);
+        let slow: BTreeMap<u64, u64> = serde_json::from_value(v["slow"].clone())
+            .with_context(|| format!("worker {k}: slow acks"))?;
+        for (s, n) in slow {
+            *f.slow.entry(s).or_default() += n;
+        }
         if let Some(e) = v["first_error"].as_str() {
             f.first_error.get_or_insert(e.to_string());
         }
@@ -1008,6 +1138,7 @@ async fn run_on(
     f.p50 = latency.quantile(0.5);
     f.p99 = latency.quantile(0.99);
     f.p999 = latency.quantile(0.999);
+    f.batch_log = fleet.batch_log(&log0, &log1);
     let (batches, rows, ms) = fleet.liveness(&log0, &log1);
     f.batches = batches;
     f.write_capacity = if ms > 0 { rows as f64 * 1000.0 / ms as f64 } else { 0.0 };
@@ -1196,6 +1327,7 @@ pub async fn worker_main(w: WorkerOptions) -> anyhow::Result<()> {
         match cmd.trim() {
             "measure" => {
                 load.latency.reset();
+                load.slow.lock().unwrap_or_else(PoisonError::into_inner).clear();
                 load.sent.store(0, Ordering::Relaxed);
                 load.acked.store(0, Ordering::Relaxed);
                 load.measuring.store(true, Ordering::Relaxed);
@@ -1210,6 +1342,7 @@ pub async fn worker_main(w: WorkerOptions) -> anyhow::Result<()> {
                     "sent": load.sent.load(Ordering::Relaxed),
                     "acked": load.acked.load(Ordering::Relaxed),
                     "latency": load.latency.snapshot(),
+                    "slow": load.slow.lock().unwrap_or_else(PoisonError::into_inner).clone(),
                     "first_error": first_error,
                 }));
             }
@@ -1366,12 +1499,21 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
         "",
     );
     row(
-        "PostgreSQL server CPU (share of the fleet's core; its autogroup's nice)",
+        "PostgreSQL server CPU (share of one core; its CPUs; its autogroup's nice)",
         cols.iter()
             .map(|f| {
                 if f.backend == "postgres" {
                     let nice = f.db_nice.map_or("nice ?".into(), |n| format!("nice {n}"));
-                    format!("{:.0}% ({nice})", f.db_cpu * 100.0)
+                    let cpus = f.db_cpus.as_deref().unwrap_or("?");
+                    let shared =
+                        if f.db_cpus.as_deref() == Some(opts.fleet_cpu.to_string().as_str()) {
+                            ", the fleet's core"
+                        } else if f.db_cpus.as_deref() == Some(opts.load_cpu.to_string().as_str()) {
+                            ", the load's core"
+                        } else {
+                            ""
+                        };
+                    format!("{:.0}% (CPU {cpus}{shared}; {nice})", f.db_cpu * 100.0)
                 } else {
                     "-".into()
                 }
@@ -1379,6 +1521,34 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
             .collect(),
         "",
     );
+    row(
+        "heartbeats over 50 ms (seconds of the window with any)",
+        cols.iter()
+            .map(|f| {
+                let n = f.slow_total();
+                let share = if f.acked_rate > 0.0 {
+                    n as f64 / (f.acked_rate * opts.seconds as f64) * 100.0
+                } else {
+                    0.0
+                };
+                format!("{n} = {share:.2}% ({} of {} s)", f.slow.len(), opts.seconds)
+            })
+            .collect(),
+        "",
+    );
+    row(
+        "CPU stolen by the hypervisor (fleet core / load core)",
+        cols.iter()
+            .map(|f| format!("{:.1}% / {:.1}%", f.steal.0 * 100.0, f.steal.1 * 100.0))
+            .collect(),
+        "",
+    );
+    println!();
+    for f in &cols {
+        for line in slowest_seconds(f, 3) {
+            println!("  {}: {line}", f.backend);
+        }
+    }
     println!();
     println!(
         "Extrapolation to {EXTRAPOLATE_NODES} nodes (heartbeat every {} s):",
@@ -1394,6 +1564,39 @@ pub fn print_table(all: &[Figures], opts: &Options, load_note: &str) {
             println!("  {}: first error: {e}", f.backend);
         }
     }
+}
+
+/// The `n` seconds with the most acks over 50 ms (UTC), each with the liveness batches that
+/// were being written from a second before it to the end of the next.
+pub fn slowest_seconds(f: &Figures, n: usize) -> Vec<String> {
+    let mut worst: Vec<(u64, u64)> = f.slow.iter().map(|(s, c)| (*s, *c)).collect();
+    worst.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    worst
+        .into_iter()
+        .take(n)
+        .map(|(s, count)| {
+            let from = (s % 86_400) * 1000;
+            let (lo, hi) = (from.saturating_sub(1000), from + 2000);
+            let batches: Vec<String> = f
+                .batch_log
+                .iter()
+                .filter(|b| b.end_ms >= lo && b.end_ms.saturating_sub(b.elapsed_ms) <= hi)
+                .map(|b| {
+                    let start = b.end_ms.saturating_sub(b.elapsed_ms);
+                    format!(
+                        "g{} {} rows {}.{:03}+{} ms",
+                        b.gateway,
+                        b.rows,
+                        clock(start / 1000),
+                        start % 1000,
+                        b.elapsed_ms
+                    )
+                })
+                .collect();
+            let batches = if batches.is_empty() { "none".to_string() } else { batches.join(", ") };
+            format!("{} UTC: {count} acks over 50 ms; liveness batches then: {batches}", clock(s))
+        })
+        .collect()
 }
 
 /// What 200,000 nodes need of one fleet, from one backend's measurements.
@@ -1493,6 +1696,53 @@ mod tests {
     }
 
     #[test]
+    fn batch_lines_carry_their_time_and_others_are_skipped() {
+        let log = "2026-11-27T04:00:00.250Z DEBUG hearth_fleet::server: liveness written nodes=50000 elapsed_ms=812\n\
+                   2026-11-27T04:00:01Z  INFO hearth_fleet::session: session open node=n-1\n\
+                   2026-11-27T23:59:59Z DEBUG hearth_fleet::server: liveness written nodes=49000 elapsed_ms=788\n\
+                   2026-11-27T25:00:00Z DEBUG hearth_fleet::server: liveness written nodes=1 elapsed_ms=1\n\
+                   liveness written nodes=garbage\n";
+        let b = parse_batch_lines(log, 2);
+        assert_eq!(
+            b,
+            vec![
+                Batch { gateway: 2, end_ms: 4 * 3_600_000 + 250, elapsed_ms: 812, rows: 50_000 },
+                Batch { gateway: 2, end_ms: 86_399_000, elapsed_ms: 788, rows: 49_000 },
+            ]
+        );
+    }
+
+    #[test]
+    fn slowest_seconds_name_the_batches_around_them() {
+        let day = 20_000 * 86_400;
+        let f = Figures {
+            slow: BTreeMap::from([(day + 10, 5), (day + 20, 900), (day + 30, 40)]),
+            batch_log: vec![
+                Batch { gateway: 0, end_ms: 20_400, elapsed_ms: 300, rows: 16_000 },
+                Batch { gateway: 1, end_ms: 25_000, elapsed_ms: 100, rows: 15_000 },
+            ],
+            ..Figures::default()
+        };
+        let lines = slowest_seconds(&f, 2);
+        assert_eq!(
+            lines,
+            vec![
+                "00:00:20 UTC: 900 acks over 50 ms; liveness batches then: g0 16000 rows 00:00:20.100+300 ms",
+                "00:00:30 UTC: 40 acks over 50 ms; liveness batches then: none",
+            ]
+        );
+        assert_eq!(f.slow_total(), 945);
+    }
+
+    #[test]
+    fn steal_is_the_eighth_value_of_the_cpu_line() {
+        let stat = "cpu  1990 0 1378 12559 218 0 24 9 0 0\ncpu0 729 0 469 6880 4 0 4 3 0 0\ncpu1 1260 0 908 5678 213 0 19 6 0 0\n";
+        assert_eq!(parse_steal(stat, 0), Some(3));
+        assert_eq!(parse_steal(stat, 1), Some(6));
+        assert_eq!(parse_steal(stat, 2), None);
+    }
+
+    #[test]
     fn fd_margin_is_kept_and_processes_cover_the_sessions() {
         assert_eq!(sessions_allowed(20_000), 19_488);
         assert_eq!(sessions_allowed(100), 0);
@@ -1526,6 +1776,14 @@ mod tests {
         // 100 MiB + 200,000 × 20 KiB = 3.91 GiB.
         assert!(lines[1].starts_with("memory 3.91 GiB"), "{lines:?}");
         assert!(lines[2].contains("40000 rows/s") && lines[2].contains("takes 2.0 s"), "{lines:?}");
+    }
+
+    #[test]
+    fn reads_the_allowed_cpus() {
+        let status = "Name:\tpostgres\nCpus_allowed:\t2\nCpus_allowed_list:\t1\nMems_allowed:\t1\n";
+        assert_eq!(parse_allowed_cpus(status).as_deref(), Some("1"));
+        assert_eq!(parse_allowed_cpus("Cpus_allowed_list:\t0-1\n").as_deref(), Some("0-1"));
+        assert_eq!(parse_allowed_cpus("Name:\tx\n"), None);
     }
 
     #[test]
