@@ -14,7 +14,9 @@
 //!    ([`crate::hist::Histogram`]), the fleet's CPU and memory per session (`/proc`), and, read
 //!    from the registry itself every poll, how many node rows changed (durable liveness writes)
 //!    and how stale the oldest `last_seen_ms` is; the fleet's `liveness written` log lines give
-//!    its batch write time.
+//!    its batch write time; acks slower than the p99 goal are counted per second and the worst
+//!    seconds set beside the batches written then ([`slowest_seconds`]), with the hypervisor's
+//!    steal per core.
 //!
 //! Everything ends in one table ([`print_table`]) with both backends, the goals and the
 //! extrapolation to 200,000 nodes. Design and the scaling past one machine:
