@@ -473,16 +473,6 @@ impl Fleets {
         out.sort_by_key(|b| b.end_ms);
         out
     }
-
-    /// (batches, rows, ms) of liveness writes between two [`Fleets::log_lens`].
-    fn liveness(&self, from: &[u64], to: &[u64]) -> (u64, u64, u64) {
-        let mut out = (0, 0, 0);
-        for (((_, log), a), b) in self.procs.iter().zip(from).zip(to) {
-            let (n, rows, ms) = parse_liveness_log(&log_slice(log, *a, *b));
-            out = (out.0 + n, out.1 + rows, out.2 + ms);
-        }
-        out
-    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -734,15 +724,12 @@ fn poll_registry(
 
 /// The fleet's `liveness written` log lines in `text`: (batches, rows, milliseconds).
 pub fn parse_liveness_log(text: &str) -> (u64, u64, u64) {
-    let mut out = (0, 0, 0);
-    for line in text.lines().filter(|l| l.contains("liveness written")) {
-        if let (Some(n), Some(ms)) = (log_field(line, "nodes="), log_field(line, "elapsed_ms=")) {
-            out.0 += 1;
-            out.1 += n;
-            out.2 += ms;
-        }
-    }
-    out
+    batch_totals(&parse_batch_lines(text, 0))
+}
+
+/// (batches, rows, milliseconds) of `batches`.
+pub fn batch_totals(batches: &[Batch]) -> (u64, u64, u64) {
+    batches.iter().fold((0, 0, 0), |t, b| (t.0 + 1, t.1 + b.rows, t.2 + b.elapsed_ms))
 }
 
 /// The number after `key` in a log line (`nodes=16667`).
@@ -1141,7 +1128,7 @@ async fn run_on(
     f.p99 = latency.quantile(0.99);
     f.p999 = latency.quantile(0.999);
     f.batch_log = fleet.batch_log(&log0, &log1);
-    let (batches, rows, ms) = fleet.liveness(&log0, &log1);
+    let (batches, rows, ms) = batch_totals(&f.batch_log);
     f.batches = batches;
     f.write_capacity = if ms > 0 { rows as f64 * 1000.0 / ms as f64 } else { 0.0 };
 
