@@ -194,11 +194,20 @@ pub struct TunnelConfig {
     /// port is refused. Default none.
     #[serde(default)]
     pub expose_ports: Vec<u16>,
+    /// Most extra connections ("lanes") the node opens for the gateway's port streams when the
+    /// gateway offers them, so bulk transfers do not queue ahead of shells and control messages;
+    /// 0 keeps every stream on the one tunnel connection. 0..=8, default 2.
+    #[serde(default = "default_lanes")]
+    pub lanes: u8,
+}
+
+fn default_lanes() -> u8 {
+    2
 }
 
 impl Default for TunnelConfig {
     fn default() -> Self {
-        Self { enabled: true, exec: true, expose_ports: Vec::new() }
+        Self { enabled: true, exec: true, expose_ports: Vec::new(), lanes: default_lanes() }
     }
 }
 
@@ -480,6 +489,16 @@ impl Config {
         if self.tunnel.expose_ports.contains(&0) {
             return Err(invalid("tunnel.expose_ports", "port 0 is not a port".into()));
         }
+        if self.tunnel.lanes > hearth_proto::lane::MAX_LANES {
+            return Err(invalid(
+                "tunnel.lanes",
+                format!(
+                    "{} lanes asked; at most {} are allowed",
+                    self.tunnel.lanes,
+                    hearth_proto::lane::MAX_LANES
+                ),
+            ));
+        }
         if !self.state.dir.is_absolute() {
             return Err(invalid(
                 "state.dir",
@@ -649,6 +668,7 @@ mod tests {
             ("[api]\nsocket = \"relative.sock\"\n", "api.socket"),
             ("[state]\ndir = \"var/lib\"\n", "state.dir"),
             ("[tunnel]\nexpose_ports = [8080, 0]\n", "tunnel.expose_ports"),
+            ("[tunnel]\nlanes = 9\n", "tunnel.lanes"),
             ("[log]\nlevel = \"[[[\"\n", "log.level"),
             ("[sim]\nscenario = \"/nonexistent/scenario.toml\"\n", "sim.scenario"),
             ("[health]\npolicy = \"/nonexistent/health.toml\"\n", "health.policy"),

@@ -7,8 +7,8 @@
 //! - [`frame`] and [`control`]: the node ↔ fleet control session (binary frames, one versioned
 //!   postcard-encoded message enum on stream 0; see `docs/protocol.md`, `docs/0005-fleet.md`).
 //! - [`mux`]: the tunnel's data streams on the same session (credit-based flow control, fair
-//!   scheduling; see `docs/0006-tunnel.md`); [`shell`]: keystrokes and window sizes on a shell
-//!   stream.
+//!   scheduling; see `docs/0006-tunnel.md`); [`lane`]: the extra connections that carry a
+//!   tunnel's bulk streams; [`shell`]: keystrokes and window sizes on a shell stream.
 //! - [`fleet`]: the JSON bodies of the fleet's HTTPS API (enrollment, `hearthctl`).
 //! - [`rollout`]: staged rollouts of OS releases (`docs/0009-updates.md`).
 //! - [`exposition`]: metric expositions (OpenMetrics and the Prometheus text format) shared by
@@ -23,6 +23,7 @@ pub mod exposition;
 pub mod fleet;
 pub mod frame;
 pub mod gpu;
+pub mod lane;
 pub mod mux;
 pub mod rollout;
 pub mod shell;

@@ -6,8 +6,10 @@
 //! Targets ([`Target`]): the local API (relayed to the API's Unix socket), `exec` (a process with
 //! stdin, stdout and stderr on the stream; a non-zero exit comes back as the reset code
 //! [`reset::EXIT`]` + status` after all output), loopback ports in `tunnel.expose_ports`, and
-//! `echo` (diagnostics), and interactive login shells on a PTY ([`shell`]). A lost connection is retried with full-jitter backoff (1 s .. 60 s, reset after a
-//! minute up). Design: `docs/0006-tunnel.md`.
+//! `echo` (diagnostics), and interactive login shells on a PTY ([`shell`]). A lost connection is
+//! retried with full-jitter backoff (1 s .. 60 s, reset after a minute up). When the gateway
+//! offers lanes, up to `tunnel.lanes` extra connections carry its port streams
+//! ([`Lanes`]). Design: `docs/0006-tunnel.md`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use hearth_fleet_client::backoff::{Backoff, os_random};
 use hearth_fleet_client::https::Endpoint;
 use hearth_fleet_client::tls::ClientIdentity;
+use hearth_fleet_client::tunnel::lanes::{Lanes, Serve};
 use hearth_fleet_client::tunnel::{Incoming, TunnelConfig, TunnelStream, connect};
 use hearth_proto::mux::{Target, reset};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,6 +62,20 @@ pub async fn run(
                 tracing::info!(gateway = %ep.addr(), "tunnel up");
                 LinkStats::add(&stats.tunnel_connects, 1);
                 stats.tunnel_up.store(true, Ordering::Relaxed);
+                // Lanes the gateway offers carry its port streams; they close with this tunnel.
+                let serve: Serve = {
+                    let (targets, stats) = (targets.clone(), stats.clone());
+                    Arc::new(move |inc| {
+                        tokio::spawn(serve_counted(targets.clone(), inc, stats.clone()));
+                    })
+                };
+                let mut lanes = Lanes::new(
+                    ep.clone(),
+                    pin.clone(),
+                    identity.clone(),
+                    targets.policy.lanes,
+                    serve,
+                );
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => {
@@ -74,8 +91,12 @@ pub async fn run(
                             Some(inc) => { tokio::spawn(serve_counted(targets.clone(), inc, stats.clone())); }
                             None => break,
                         },
+                        Some(msg) = tunnel.control.recv() => {
+                            lanes.on_control(&msg);
+                        }
                     }
                 }
+                drop(lanes);
                 stats.tunnel_up.store(false, Ordering::Relaxed);
                 backoff.session_ended(started.elapsed());
             }

@@ -31,10 +31,12 @@ use hearth_agent::fleet::tunnel::{Targets, serve};
 use hearth_bench::Guarded;
 use hearth_fleet::ca::Role;
 use hearth_fleet::config::FleetConfig;
+use hearth_fleet::tunnel::LANES;
 use hearth_fleet_client::enroll::enroll;
 use hearth_fleet_client::https::{Endpoint, json};
 use hearth_fleet_client::identity::{csr_pem, generate_key_pem};
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
+use hearth_fleet_client::tunnel::lanes::{Lanes, Serve};
 use hearth_fleet_client::tunnel::{Tunnel, TunnelConfig, TunnelHandle, connect};
 use hearth_proto::fleet::{
     EnrollRequest, ExposeRequest, ExposeView, HardwareIdentity, TokenCreateRequest, TokenCreated,
@@ -67,6 +69,10 @@ struct Opts {
     /// Parallel stream counts of the Hearth throughput rows.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 64])]
     streams: Vec<usize>,
+    /// Lanes the Hearth node opens when the gateway offers them (the agent's `tunnel.lanes`,
+    /// default 2); the "one connection" row's node opens none.
+    #[arg(long, default_value_t = 2)]
+    lanes: u8,
 }
 
 impl Opts {
@@ -485,14 +491,104 @@ async fn bore(tools: &Path, dir: &Path, sink: u16, echo: u16) -> anyhow::Result<
 struct Hearth {
     op: TunnelHandle,
     node: String,
-    /// Customer ingress through the gateway (`hearthctl expose`): TCP → gateway → node.
+    /// Customer ingress through the gateway (`hearthctl expose`): TCP → gateway → node, on a node
+    /// that opens the lanes the gateway offers (`--lanes`).
     exposed: Relay,
-    _node_tunnel: TunnelHandle,
+    /// The same through a node that opens none: every stream on its one tunnel connection.
+    exposed_one: Relay,
+    /// Lanes the first node opened.
+    lanes: usize,
+    _nodes: Vec<TunnelHandle>,
     _running: hearth_fleet::server::RunningFleet,
     _dir: tempfile::TempDir,
 }
 
-async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::ServerConfig>)> {
+/// A node enrolled through the fleet's API, with its tunnel up and serving the agent's own target
+/// code (ports `sink` and `echo` allowed), opening up to `lanes` lanes; both ports exposed on the
+/// gateway. Returns the node's id, its tunnel and the gateway ports.
+#[allow(clippy::too_many_arguments)]
+async fn bench_node(
+    fleet: &hearth_fleet::server::Fleet,
+    ep: &Endpoint,
+    pin: &str,
+    http: &Arc<rustls::ClientConfig>,
+    name: &str,
+    serial: u8,
+    lanes: u8,
+    (sink, echo): (u16, u16),
+) -> anyhow::Result<(String, TunnelHandle, Relay)> {
+    let req =
+        TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
+    let token: TokenCreated = json(ep, http.clone(), "POST", "/v1/tokens", Some(&req)).await?;
+    let key = generate_key_pem()?;
+    let resp = enroll(
+        ep,
+        pin,
+        &EnrollRequest {
+            token: token.token,
+            csr_pem: csr_pem(&key, name)?,
+            hardware: HardwareIdentity {
+                dmi_uuid: format!("4c4c4544-0000-0000-0000-00000000b0{serial:02x}"),
+                board_serial: format!("BENCH{serial}"),
+                gpu_uuids: vec![],
+            },
+            hostname: name.into(),
+            gpus: vec![],
+            agent_version: "bench".into(),
+        },
+    )
+    .await?;
+    let node_id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
+    let mut node: Tunnel = connect(ep, pin, &node_id, TunnelConfig::default()).await?;
+    let node_handle = node.handle.clone();
+    let targets = Arc::new(Targets {
+        api_socket: PathBuf::from("/nonexistent/hearth-bench.sock"),
+        policy: Policy { enabled: true, exec: false, expose_ports: vec![sink, echo], lanes },
+    });
+    // The agent's own handling: streams on the tunnel and its lanes go to the target code.
+    let on_lane: Serve = {
+        let targets = targets.clone();
+        Arc::new(move |inc| {
+            tokio::spawn(serve(targets.clone(), inc));
+        })
+    };
+    let mut lane_set = Lanes::new(ep.clone(), pin.into(), node_id, lanes, on_lane);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                inc = node.incoming.recv() => match inc {
+                    Some(inc) => { tokio::spawn(serve(targets.clone(), inc)); }
+                    None => break,
+                },
+                Some(msg) = node.control.recv() => { lane_set.on_control(&msg); }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.gateway.node(&resp.node_id).is_none()
+        || fleet.gateway.lanes(&resp.node_id) < usize::from(lanes.min(LANES))
+    {
+        anyhow::ensure!(Instant::now() < deadline, "{name}: tunnel and lanes not up within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let expose = |port: u16| {
+        let (ep, http, node) = (ep.clone(), http.clone(), resp.node_id.clone());
+        async move {
+            let path = format!("/v1/nodes/{node}/expose");
+            let v: ExposeView =
+                json(&ep, http, "POST", &path, Some(&ExposeRequest { port })).await?;
+            Ok::<_, anyhow::Error>(v.gateway_port)
+        }
+    };
+    let exposed = Relay { sink: expose(sink).await?, echo: expose(echo).await?, procs: Vec::new() };
+    Ok((resp.node_id, node_handle, exposed))
+}
+
+async fn hearth(
+    sink: u16,
+    echo: u16,
+    lanes: u8,
+) -> anyhow::Result<(Hearth, Arc<rustls::ServerConfig>)> {
     let dir = tempfile::tempdir()?;
     let config = FleetConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -506,54 +602,13 @@ async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::Ser
     let ep = Endpoint::from_url(&format!("https://{}", running.addr), "hearth-fleet")?;
     let (c, k) = fleet.ca.operator_cert("bench", Role::Admin, Duration::from_secs(3600))?;
     let admin = ClientIdentity { cert_pem: c.cert_pem, key_pem: k };
-    let req =
-        TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
     let http = client_config(&pin, Some(&admin), b"http/1.1")?;
-    let token: TokenCreated = json(&ep, http.clone(), "POST", "/v1/tokens", Some(&req)).await?;
-    let key = generate_key_pem()?;
-    let resp = enroll(
-        &ep,
-        &pin,
-        &EnrollRequest {
-            token: token.token,
-            csr_pem: csr_pem(&key, "bench-node")?,
-            hardware: HardwareIdentity {
-                dmi_uuid: "4c4c4544-0000-0000-0000-00000000b001".into(),
-                board_serial: "BENCH1".into(),
-                gpu_uuids: vec![],
-            },
-            hostname: "bench-node".into(),
-            gpus: vec![],
-            agent_version: "bench".into(),
-        },
-    )
-    .await?;
-    let node_id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
-    let mut node: Tunnel = connect(&ep, &pin, &node_id, TunnelConfig::default()).await?;
-    let node_handle = node.handle.clone();
-    let targets = Arc::new(Targets {
-        api_socket: dir.path().join("none.sock"),
-        policy: Policy { enabled: true, exec: false, expose_ports: vec![sink, echo] },
-    });
-    tokio::spawn(async move {
-        while let Some(inc) = node.incoming.recv().await {
-            tokio::spawn(serve(targets.clone(), inc));
-        }
-    });
-    while fleet.gateway.node(&resp.node_id).is_none() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let ports = (sink, echo);
+    let (node, lane_node, exposed) =
+        bench_node(&fleet, &ep, &pin, &http, "bench-node", 1, lanes, ports).await?;
+    let (_, one_node, exposed_one) =
+        bench_node(&fleet, &ep, &pin, &http, "bench-node-one", 2, 0, ports).await?;
     let op = connect(&ep, &pin, &admin, TunnelConfig::default()).await?;
-    let expose = |port: u16| {
-        let (ep, http, node) = (ep.clone(), http.clone(), resp.node_id.clone());
-        async move {
-            let path = format!("/v1/nodes/{node}/expose");
-            let v: ExposeView =
-                json(&ep, http, "POST", &path, Some(&ExposeRequest { port })).await?;
-            Ok::<_, anyhow::Error>(v.gateway_port)
-        }
-    };
-    let exposed = Relay { sink: expose(sink).await?, echo: expose(echo).await?, procs: Vec::new() };
     // A TLS server with the fleet's certificate, for the direct-TLS row.
     let (issued, key_pem) = fleet.ca.server_cert("hearth-fleet")?;
     let mut chain = hearth_fleet_client::tls::certs_from_pem(&issued.cert_pem, "server")?;
@@ -565,9 +620,11 @@ async fn hearth(sink: u16, echo: u16) -> anyhow::Result<(Hearth, Arc<rustls::Ser
         .with_single_cert(chain, key)?;
     let h = Hearth {
         op: op.handle.clone(),
-        node: resp.node_id,
+        lanes: fleet.gateway.lanes(&node),
+        node,
         exposed,
-        _node_tunnel: node_handle,
+        exposed_one,
+        _nodes: vec![lane_node, one_node],
         _running: running,
         _dir: dir,
     };
@@ -635,7 +692,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let load_before = loadavg();
     let bytes = o.mib * 1024 * 1024;
     let (sink, echo) = (tcp_server(false).await?, tcp_server(true).await?);
-    let (h, tls_config) = hearth(sink, echo).await?;
+    let (h, tls_config) = hearth(sink, echo, o.lanes).await?;
     let ca = &h._running.fleet.ca;
     let pin = ca.pin();
     let work = tempfile::tempdir()?;
@@ -694,9 +751,21 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     }
 
     // Customer ingress, the peers' topology: TCP → gateway → the node's tunnel → the service.
+    // First through a node without lanes (every stream on one connection), the baseline of the
+    // lanes below.
+    if o.wants("expose") {
+        eprintln!("{EXPOSE_ONE}…");
+        let name = format!("{EXPOSE_ONE}, 1 stream(s)");
+        rows.push(measure_relay(&name, &h.exposed_one, &o).await.unwrap_or_else(|e| Row {
+            name,
+            failed: Some(format!("{e:#}")),
+            ..Row::default()
+        }));
+    }
+    let expose_name = format!("{EXPOSE}, {} lane(s)", h.lanes);
     for &streams in o.streams.iter().filter(|_| o.wants("expose")) {
-        eprintln!("{EXPOSE}, {streams} streams…");
-        let name = format!("{EXPOSE}, {streams} stream(s)");
+        eprintln!("{expose_name}, {streams} streams…");
+        let name = format!("{expose_name}, {streams} stream(s)");
         if streams == 1 {
             rows.push(measure_relay(&name, &h.exposed, &o).await.unwrap_or_else(|e| Row {
                 name,
@@ -763,6 +832,7 @@ const STUNNEL: &str = "stunnel4 pair (TCP → TLS 1.3 → TCP)";
 const RATHOLE: &str = "rathole, TLS transport";
 const HEARTH: &str = "hearth operator tunnel via gateway";
 const EXPOSE: &str = "hearth expose (TCP → gateway → node tunnel)";
+const EXPOSE_ONE: &str = "hearth expose, one connection (no lanes)";
 
 fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
     let gbit = |name: &str| rows.iter().find(|r| r.name == name).and_then(|r| r.gbit_s);
@@ -809,7 +879,8 @@ fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
         );
     }
     let find = |name: String| rows.iter().find(|r| r.name == name);
-    let ex = find(format!("{EXPOSE}, 1 stream(s)"));
+    let ex = rows.iter().find(|r| r.name.starts_with(EXPOSE) && r.name.ends_with(", 1 stream(s)"));
+    let one = find(format!("{EXPOSE_ONE}, 1 stream(s)"));
     let op = find(format!("{HEARTH}, 1 stream(s)"));
     let direct_rss = find("direct TCP".into()).and_then(|r| r.idle_rss);
     let best = rows
@@ -826,40 +897,48 @@ fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
     let p99 = |r: Option<&Row>| r.and_then(|r| r.loaded).map(|(_, p)| p);
     let us = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.0} µs"));
     // Memory per 1,000 streams: the operator rows hold no service sockets (the node's built-in
-    // echo); the ingress row's service and client sockets are the direct-TCP row's, subtracted.
+    // echo); the ingress rows' service and client sockets are the direct-TCP row's, subtracted.
     let per_1000 = |m: u64| (m as f64) * 1000.0 / (o.idle_streams.max(1) as f64);
     let mem_op = op.and_then(|r| r.idle_rss).map(per_1000);
-    let mem_ex =
-        ex.and_then(|r| r.idle_rss).zip(direct_rss).map(|(m, d)| per_1000(m.saturating_sub(d)));
+    let over_tcp = |r: Option<&Row>| {
+        r.and_then(|r| r.idle_rss).zip(direct_rss).map(|(m, d)| per_1000(m.saturating_sub(d)))
+    };
+    let (mem_ex, mem_one) = (over_tcp(ex), over_tcp(one));
     let mib = |m: Option<f64>| m.map_or("-".into(), |m| format!("{:.1} MiB", m / 1048576.0));
     println!(
-        "\n| goal (issue 6) | hearth expose, 1 stream (the peers' topology) | hearth operator \
-         tunnel, 1 stream | best hearth row | verdict (expose, 1 stream) |"
+        "\n| goal (issue 6) | hearth expose, 1 stream (the peers' topology) | hearth expose, one \
+         connection | hearth operator tunnel, 1 stream | best hearth row | verdict (expose, 1 \
+         stream) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| >= 90 % of the stunnel pair | {} | {} | {} | {} |",
+        "| >= 90 % of the stunnel pair | {} | {} | {} | {} | {} |",
         ratio(gbit(ex), stunnel),
+        ratio(gbit(one), stunnel),
         ratio(gbit(op), stunnel),
         ratio(best, stunnel),
         verdict(gbit(ex).zip(stunnel).map(|(g, s)| g >= 0.9 * s)),
     );
     println!(
-        "| >= 2x rathole-TLS | {} | {} | {} | {} |",
+        "| >= 2x rathole-TLS | {} | {} | {} | {} | {} |",
         ratio(gbit(ex), rathole),
+        ratio(gbit(one), rathole),
         ratio(gbit(op), rathole),
         ratio(best, rathole),
         verdict(gbit(ex).zip(rathole).map(|(g, s)| g >= 2.0 * s)),
     );
     println!(
-        "| round trip p99 < 1 ms under bulk | {} | {} | | {} |",
+        "| round trip p99 < 1 ms under bulk | {} | {} | {} | | {} |",
         us(p99(ex)),
+        us(p99(one)),
         us(p99(op)),
         verdict(p99(ex).map(|p| p < 1000.0)),
     );
     println!(
-        "| <= 32 MiB for 1,000 idle streams | {} (over direct TCP) | {} | | {} |",
+        "| <= 32 MiB for 1,000 idle streams | {} (over direct TCP) | {} (over direct TCP) | {} | \
+         | {} |",
         mib(mem_ex),
+        mib(mem_one),
         mib(mem_op),
         verdict(mem_ex.map(|m| m <= 32.0 * 1048576.0)),
     );

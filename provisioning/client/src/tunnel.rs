@@ -45,6 +45,13 @@ pub const COALESCE: usize = 64 * 1024;
 /// behind at most this much bulk data in the kernel).
 pub const NOTSENT_LOWAT: u32 = 64 * 1024;
 
+/// A tunnel's reader and writer tasks, and a relay direction, give their worker thread up after
+/// moving this many bytes while more is ready: a bulk transfer on one connection then delays a
+/// task woken on the same worker (another node's ping, a shell's keystroke, a small stream's
+/// reply) by one slice of this size (tens of microseconds), not by tokio's whole cooperative
+/// budget of reads (128 reads of up to 64 KiB, milliseconds of decryption and copying).
+pub const YIELD_AFTER: usize = 128 * 1024;
+
 /// TCP keepalive: idle time before the first probe, and the probe interval.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 
@@ -424,7 +431,12 @@ where
 {
     let mut buf = vec![0u8; 16 * 1024];
     let mut moved = 0u64;
+    let mut since_yield = 0usize;
     loop {
+        if since_yield >= YIELD_AFTER {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
         match from.read(&mut buf).await {
             Ok(0) => {
                 let _ = to.shutdown().await;
@@ -435,6 +447,7 @@ where
                     return moved;
                 }
                 moved += n as u64;
+                since_yield += n;
             }
             Err(e) => {
                 // What was relayed before the reset goes first (a reset overtakes queued data),
@@ -554,14 +567,19 @@ async fn read_loop<R: AsyncRead>(
     tokio::pin!(reader);
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut ended = shared.ended.subscribe();
+    let mut since_yield = 0usize;
     loop {
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
+        if since_yield >= YIELD_AFTER {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
         tokio::select! {
             r = reader.read_buf(&mut buf) => match r {
                 Ok(0) => return TunnelError::Eof,
-                Ok(_) => {}
+                Ok(n) => since_yield += n,
                 Err(e) => return TunnelError::Io(e.to_string()),
             },
             _ = ended.changed() => return TunnelError::Closed,
@@ -657,9 +675,14 @@ fn dispatch(st: &mut State, opened: &mut Vec<(StreamId, Target)>) {
 async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<(), TunnelError> {
     tokio::pin!(writer);
     let mut out = Vec::with_capacity(COALESCE + 64 * 1024);
+    let mut since_yield = 0usize;
     loop {
         shared.tx_ready.notified().await;
         loop {
+            if since_yield >= YIELD_AFTER {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
             out.clear();
             let (dead, more) = {
                 let mut st = shared.lock();
@@ -681,6 +704,7 @@ async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<()
                 break;
             }
             writer.write_all(&out).await.map_err(|e| TunnelError::Io(e.to_string()))?;
+            since_yield += out.len();
         }
         writer.flush().await.map_err(|e| TunnelError::Io(e.to_string()))?;
     }
@@ -782,7 +806,12 @@ where
         // Data is flowing: a full-size buffer until the direction goes quiet (`read` is
         // cancel-safe: a timed-out read has taken nothing).
         let mut big = vec![0u8; RELAY_BUF];
+        let mut since_yield = 0usize;
         loop {
+            if since_yield >= YIELD_AFTER {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
             let n = match tokio::time::timeout(RELAY_QUIET, from.read(&mut big)).await {
                 Ok(r) => r?,
                 Err(_) => break,
@@ -794,9 +823,12 @@ where
             to.write_all(&big[..n]).await?;
             to.flush().await?;
             total += n as u64;
+            since_yield += n;
         }
     }
 }
+
+pub mod lanes;
 
 #[cfg(test)]
 mod tests;

@@ -178,7 +178,7 @@ async fn record(fleet: &Fleet, node: &str, kind: &'static str, msg: String) {
 
 /// Relay one customer connection to the node's port.
 async fn forward(fleet: &Fleet, mut tcp: TcpStream, from: SocketAddr, e: &Exposure) {
-    let Some(handle) = fleet.gateway.node(&e.node_id) else {
+    let Some(handle) = fleet.gateway.route(&e.node_id, &Target::Port(e.node_port)) else {
         tracing::info!(node = %e.node_id, port = e.gateway_port, %from, "exposed node has no tunnel: connection closed");
         return;
     };

@@ -262,6 +262,7 @@ impl Fleet {
         config.alpn_protocols = vec![
             control::ALPN.to_vec(),
             hearth_proto::mux::TUNNEL_ALPN.to_vec(),
+            hearth_proto::lane::LANE_ALPN.to_vec(),
             b"http/1.1".to_vec(),
         ];
         Ok(Arc::new(config))
@@ -377,6 +378,9 @@ async fn accept_loop(
             } else if conn.alpn_protocol() == Some(hearth_proto::mux::TUNNEL_ALPN) {
                 hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
                 crate::tunnel::serve(fleet, tls, peer, cancel).await;
+            } else if conn.alpn_protocol() == Some(hearth_proto::lane::LANE_ALPN) {
+                hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
+                crate::tunnel::serve_lane(fleet, tls, peer, cancel).await;
             } else {
                 let svc = hyper_util::service::TowerToHyperService::new(
                     router.layer(axum::Extension(peer)),

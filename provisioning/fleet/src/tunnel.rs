@@ -10,15 +10,19 @@
 //!   exit status) back. Every stream is recorded as registry events (`tunnel-open` with operator,
 //!   node and target; `tunnel-close` with bytes and duration); every refusal is logged and recorded
 //!   as `tunnel-refused`.
+//! - **Lanes** (ALPN `hearth-lane/1`): the gateway offers each node tunnel [`LANES`] extra
+//!   connections; a lane presenting the offer's token joins that tunnel and carries its `Port`
+//!   streams ([`Gateway::route`]), so bulk transfers do not queue ahead of the rest.
 //!
 //! Design: `docs/0006-tunnel.md`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hearth_fleet_client::tunnel::{Incoming, Tunnel, TunnelConfig, TunnelHandle, splice};
+use hearth_proto::lane::{LaneMsg, TOKEN_LEN};
 use hearth_proto::mux::{Side, Target, reset};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -26,17 +30,64 @@ use tokio_util::sync::CancellationToken;
 use crate::ca::{Peer, Role};
 use crate::server::Fleet;
 
+/// Lanes the gateway offers each node tunnel (`hearth_proto::lane`): extra connections that carry
+/// the node's `Port` streams, so bulk transfers do not queue ahead of the tunnel's control
+/// messages, pings, shells and commands.
+pub const LANES: u8 = 2;
+
+/// How long a lane connection may take to present its token.
+pub const LANE_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One node's tunnel: the primary connection and its lanes.
+#[derive(Debug)]
+struct NodeTunnel {
+    generation: u64,
+    primary: TunnelHandle,
+    /// What the node's lanes present (sent on `primary` only).
+    token: [u8; TOKEN_LEN],
+    lanes: Vec<(u64, TunnelHandle)>,
+}
+
+impl NodeTunnel {
+    fn close(&self) {
+        self.primary.close();
+        for (_, lane) in &self.lanes {
+            lane.close();
+        }
+    }
+}
+
 /// The node tunnels connected to this fleet.
 #[derive(Debug, Default)]
 pub struct Gateway {
-    nodes: Mutex<HashMap<String, (u64, TunnelHandle)>>,
+    nodes: Mutex<HashMap<String, NodeTunnel>>,
     next: AtomicU64,
 }
 
 impl Gateway {
-    /// The tunnel of node `id`, if it has one.
+    /// The primary tunnel of node `id`, if it has one (control messages, shells, commands, the
+    /// node's API).
     pub fn node(&self, id: &str) -> Option<TunnelHandle> {
-        self.lock().get(id).map(|(_, h)| h.clone())
+        self.lock().get(id).map(|t| t.primary.clone())
+    }
+
+    /// The connection of node `id` that a new stream to `target` should use: a `Port` stream
+    /// (workload ingress, forwards; possibly bulk) goes on the lane with the fewest open streams,
+    /// everything else on the primary; the primary when the node has no lanes.
+    pub fn route(&self, id: &str, target: &Target) -> Option<TunnelHandle> {
+        let nodes = self.lock();
+        let t = nodes.get(id)?;
+        if matches!(target, Target::Port(_))
+            && let Some((_, lane)) = t.lanes.iter().min_by_key(|(_, l)| l.stream_count())
+        {
+            return Some(lane.clone());
+        }
+        Some(t.primary.clone())
+    }
+
+    /// Lanes node `id` has open now.
+    pub fn lanes(&self, id: &str) -> usize {
+        self.lock().get(id).map_or(0, |t| t.lanes.len())
     }
 
     /// Ids of the nodes with a tunnel.
@@ -46,14 +97,14 @@ impl Gateway {
         v
     }
 
-    /// End a node's tunnel now (revocation).
+    /// End a node's tunnel and its lanes now (revocation).
     pub fn disconnect(&self, id: &str) {
-        if let Some((_, h)) = self.lock().remove(id) {
-            h.close();
+        if let Some(t) = self.lock().remove(id) {
+            t.close();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, TunnelHandle)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeTunnel>> {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -90,10 +141,20 @@ where
     }
     let mut tunnel = Tunnel::spawn(stream, Side::Gateway, TunnelConfig::default());
     let generation = fleet.gateway.next.fetch_add(1, Ordering::Relaxed);
-    if let Some((_, old)) =
-        fleet.gateway.lock().insert(node.clone(), (generation, tunnel.handle.clone()))
-    {
+    let mut token = [0u8; TOKEN_LEN];
+    let lanes = if getrandom::fill(&mut token).is_ok() {
+        LANES
+    } else {
+        tracing::warn!(%node, "no OS randomness for a lane token: tunnel without lanes");
+        0
+    };
+    let entry = NodeTunnel { generation, primary: tunnel.handle.clone(), token, lanes: Vec::new() };
+    if let Some(old) = fleet.gateway.lock().insert(node.clone(), entry) {
         old.close();
+    }
+    if lanes > 0 {
+        // A node that does not know lanes ignores the offer.
+        let _ = tunnel.handle.send_control(&LaneMsg::Offer { count: lanes, token }.encode());
     }
     tracing::info!(%node, "node tunnel up");
     loop {
@@ -104,18 +165,97 @@ where
                 break;
             }
             inc = tunnel.incoming.recv() => match inc {
-                Some(Incoming { target, stream }) => {
-                    tracing::warn!(%node, target = %target.label(), "node opened a stream: refused");
-                    stream.refuse(reset::REFUSED, "the gateway accepts no streams from nodes");
-                }
+                Some(inc) => refuse_from_node(&node, inc),
                 None => break,
             },
         }
     }
     tunnel.handle.close();
     let mut nodes = fleet.gateway.lock();
-    if nodes.get(&node).is_some_and(|(g, _)| *g == generation) {
-        nodes.remove(&node);
+    if nodes.get(&node).is_some_and(|t| t.generation == generation)
+        && let Some(t) = nodes.remove(&node)
+    {
+        t.close();
+    }
+}
+
+fn refuse_from_node(node: &str, inc: Incoming) {
+    let Incoming { target, stream } = inc;
+    tracing::warn!(%node, target = %target.label(), "node opened a stream: refused");
+    stream.refuse(reset::REFUSED, "the gateway accepts no streams from nodes");
+}
+
+/// Serve one lane connection (ALPN `hearth-lane/1`): it must come with a node certificate and
+/// present, within [`LANE_JOIN_TIMEOUT`], the token that node's current tunnel was offered; it
+/// then carries streams the gateway routes to it ([`Gateway::route`]) until it ends, its tunnel
+/// ends (or is replaced) or the fleet stops.
+pub async fn serve_lane<S>(fleet: Arc<Fleet>, stream: S, peer: Peer, cancel: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let Peer::Node(node) = peer else {
+        tracing::info!("lane connection without a node certificate: closed");
+        return;
+    };
+    let mut lane = Tunnel::spawn(stream, Side::Gateway, TunnelConfig::default());
+    let join = tokio::select! {
+        () = cancel.cancelled() => None,
+        r = tokio::time::timeout(LANE_JOIN_TIMEOUT, lane.control.recv()) => match r {
+            Ok(Some(payload)) => Some(LaneMsg::decode(&payload)),
+            Ok(None) | Err(_) => None,
+        },
+    };
+    let token = match join {
+        Some(Ok(LaneMsg::Join { token })) => token,
+        Some(Ok(LaneMsg::Offer { .. })) => {
+            tracing::warn!(%node, "lane refused: it sent an offer instead of a join");
+            lane.handle.close();
+            return;
+        }
+        Some(Err(e)) => {
+            tracing::warn!(%node, error = %e, "lane refused: bad join message");
+            lane.handle.close();
+            return;
+        }
+        None => {
+            tracing::info!(%node, "lane refused: no join within {LANE_JOIN_TIMEOUT:?}");
+            lane.handle.close();
+            return;
+        }
+    };
+    let lane_id = fleet.gateway.next.fetch_add(1, Ordering::Relaxed);
+    let attached = {
+        let mut nodes = fleet.gateway.lock();
+        match nodes.get_mut(&node) {
+            Some(t) if t.token == token && t.lanes.len() < usize::from(LANES) => {
+                t.lanes.push((lane_id, lane.handle.clone()));
+                Some(t.lanes.len())
+            }
+            _ => None,
+        }
+    };
+    let Some(n) = attached else {
+        tracing::info!(%node, "lane refused: its token matches no current tunnel of the node, or the node has all its lanes");
+        lane.handle.close();
+        return;
+    };
+    tracing::info!(%node, lanes = n, "node tunnel lane up");
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            why = lane.handle.ended() => {
+                tracing::info!(%node, reason = %why, "node tunnel lane down");
+                break;
+            }
+            inc = lane.incoming.recv() => match inc {
+                Some(inc) => refuse_from_node(&node, inc),
+                None => break,
+            },
+        }
+    }
+    lane.handle.close();
+    if let Some(t) = fleet.gateway.lock().get_mut(&node) {
+        t.lanes.retain(|(id, _)| *id != lane_id);
     }
 }
 
@@ -176,7 +316,7 @@ async fn relay(fleet: &Arc<Fleet>, operator: &str, role: Role, inc: Incoming) {
         stream.refuse(code, &why);
         return;
     }
-    let Some(handle) = fleet.gateway.node(&node) else {
+    let Some(handle) = fleet.gateway.route(&node, &inner) else {
         let why = format!("node {node} has no tunnel (offline, or not in this fleet)");
         tracing::info!(operator, %node, target = %label, "tunnel stream refused: node not connected");
         record(fleet, Some(node), "tunnel-refused", format!("operator {operator}: {why}")).await;

@@ -1,17 +1,24 @@
 //! The fleet as tunnel gateway, end to end over real TLS on loopback: an enrolled node keeps a
 //! tunnel; operators reach it through the gateway by role; refusals, exit statuses and the
-//! session events come back; revocation ends the node's tunnel.
+//! session events come back; revocation ends the node's tunnel; lanes join only with their
+//! tunnel's token, carry its port streams and close with it.
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Db, TestResult, enroll_request, fleet_on};
+use hearth_fleet::tunnel::LANES;
 use hearth_fleet_client::enroll::enroll;
 use hearth_fleet_client::https::json;
 use hearth_fleet_client::tls::ClientIdentity;
-use hearth_fleet_client::tunnel::{StreamReset, Tunnel, TunnelConfig, TunnelError, connect};
+use hearth_fleet_client::tunnel::lanes::{Lanes, Serve, connect_lane};
+use hearth_fleet_client::tunnel::{
+    Incoming, StreamReset, Tunnel, TunnelConfig, TunnelError, connect,
+};
 use hearth_proto::fleet::{EventView, NodeView};
+use hearth_proto::lane::LaneMsg;
 use hearth_proto::mux::{Target, reset};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -151,4 +158,109 @@ async fn operators_reach_a_node_through_the_gateway_by_role() -> TestResult {
     assert!(matches!(why, TunnelError::Eof | TunnelError::Io(_)), "{why:?}");
     assert!(f.running.fleet.gateway.connected().is_empty());
     Ok(())
+}
+
+/// Wait up to 5 s for `cond`.
+async fn wait_until(what: &str, cond: impl Fn() -> bool) -> TestResult {
+    for _ in 0..250 {
+        if cond() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("{what}: not within 5 s").into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_carry_port_streams_and_close_with_their_tunnel() -> TestResult {
+    let Some(f) = fleet_on(Db::Sqlite).await else { return Ok(()) };
+    let gw = &f.running.fleet.gateway;
+    let token = f.token(1, 600).await;
+    let (req, key) = enroll_request(&token.token, 1);
+    let resp = enroll(&f.ep(), &f.pin(), &req).await?;
+    let node = resp.node_id.clone();
+    let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
+    let mut primary = connect(&f.ep(), &f.pin(), &id, TunnelConfig::default()).await?;
+
+    // The gateway offers its lanes on the primary tunnel, with a token.
+    let offer = tokio::time::timeout(Duration::from_secs(5), primary.control.recv())
+        .await?
+        .ok_or("no control message")?;
+    let LaneMsg::Offer { count, token: lane_token } = LaneMsg::decode(&offer)? else {
+        return Err("the first control message is not an offer".into());
+    };
+    assert_eq!(count, LANES);
+
+    // A lane with another token is closed, and never joins.
+    let stray = connect_lane(&f.ep(), &f.pin(), &id, [0x55; 16], TunnelConfig::default()).await?;
+    let why = tokio::time::timeout(Duration::from_secs(5), stray.handle.ended()).await?;
+    assert!(matches!(why, TunnelError::Eof | TunnelError::Io(_)), "{why:?}");
+    assert_eq!(gw.lanes(&node), 0);
+
+    // The node's side: the offer opens the lanes; a port stream on a lane answers "lane", the
+    // primary's streams answer "primary".
+    let on_lane: Serve = Arc::new(|inc: Incoming| {
+        tokio::spawn(answer(inc, "lane"));
+    });
+    let mut lanes = Lanes::new(f.ep(), f.pin(), id.clone(), 8, on_lane);
+    assert_eq!(lanes.on_control(&offer), LANES);
+    let primary_handle = primary.handle.clone();
+    let _served = tokio::spawn(async move {
+        while let Some(inc) = primary.incoming.recv().await {
+            tokio::spawn(answer(inc, "primary"));
+        }
+        primary
+    });
+    wait_until("both lanes up", || gw.lanes(&node) == usize::from(LANES)).await?;
+
+    // A lane beyond the offer's count is closed.
+    let extra = connect_lane(&f.ep(), &f.pin(), &id, lane_token, TunnelConfig::default()).await?;
+    let why = tokio::time::timeout(Duration::from_secs(5), extra.handle.ended()).await?;
+    assert!(matches!(why, TunnelError::Eof | TunnelError::Io(_)), "{why:?}");
+    assert_eq!(gw.lanes(&node), usize::from(LANES));
+
+    // Through the gateway: port streams go to the lanes, one to each while both are open; the
+    // node's API stays on the primary.
+    let admin = connect(&f.ep(), &f.pin(), &f.admin, TunnelConfig::default()).await?;
+    let via = |target| Target::Via { node: node.clone(), target: Box::new(target) };
+    let mut a = admin.handle.open(&via(Target::Port(9)))?;
+    let mut b = admin.handle.open(&via(Target::Port(9)))?;
+    for s in [&mut a, &mut b] {
+        s.write_all(b"hi").await?;
+    }
+    let mut ids = Vec::new();
+    for s in [&mut a, &mut b] {
+        let mut got = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .map_err(|_| "a port stream answered not as a lane")??;
+        let text = std::str::from_utf8(&got)?;
+        assert!(text.starts_with("lane "), "{text}");
+        ids.push(text[5..].trim().to_string());
+    }
+    // Each lane numbers the gateway's streams from 2: the same id twice means two lanes.
+    assert_eq!(ids[0], ids[1], "both port streams on one lane");
+    let mut api = admin.handle.open(&via(Target::LocalApi))?;
+    api.write_all(b"hi").await?;
+    let mut got = [0u8; 7];
+    api.read_exact(&mut got).await?;
+    assert_eq!(&got, b"primary");
+
+    // The primary ends: the gateway closes its lanes.
+    primary_handle.close();
+    wait_until("the lanes closed", || gw.lanes(&node) == 0).await?;
+    wait_until("the tunnel gone", || gw.connected().is_empty()).await?;
+    drop(lanes);
+    Ok(())
+}
+
+/// Answer a stream with `label` (and, for a lane, the stream's id, padded to 4 characters), then
+/// hold it open until the opener ends it.
+async fn answer(inc: Incoming, label: &'static str) {
+    let mut s = inc.stream;
+    let reply = if label == "lane" { format!("lane {:<4}", s.id()) } else { label.to_string() };
+    let _ = s.write_all(reply.as_bytes()).await;
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    let _ = s.shutdown().await;
 }

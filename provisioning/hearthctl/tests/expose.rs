@@ -62,7 +62,7 @@ async fn node_tunnel(
     let mut t = connect(&ep, &running.fleet.ca.pin(), id, TunnelConfig::default()).await?;
     let targets = Arc::new(Targets {
         api_socket: PathBuf::from("/nonexistent/api.sock"),
-        policy: Policy { enabled: true, exec: false, expose_ports },
+        policy: Policy { enabled: true, exec: false, expose_ports, ..Policy::default() },
     });
     tokio::spawn(async move {
         while let Some(inc) = t.incoming.recv().await {

@@ -95,7 +95,7 @@ async fn exec_and_api_through_the_gateway() -> TestResult {
     let mut t = connect(&ep, &pin, &id, TunnelConfig::default()).await?;
     let targets = Arc::new(Targets {
         api_socket: api_sock,
-        policy: Policy { enabled: true, exec: true, expose_ports: vec![] },
+        policy: Policy { enabled: true, exec: true, expose_ports: vec![], ..Policy::default() },
     });
     tokio::spawn(async move {
         while let Some(inc) = t.incoming.recv().await {

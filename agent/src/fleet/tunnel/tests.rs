@@ -21,7 +21,7 @@ fn node(policy: Policy, api_socket: PathBuf) -> TunnelHandle {
 }
 
 fn policy(exec: bool, ports: &[u16]) -> Policy {
-    Policy { enabled: true, exec, expose_ports: ports.to_vec() }
+    Policy { enabled: true, exec, expose_ports: ports.to_vec(), ..Policy::default() }
 }
 
 /// Read a stream to its end: the bytes, and the reset that ended it, if any.
