@@ -50,7 +50,7 @@ pub const NOTSENT_LOWAT: u32 = 64 * 1024;
 /// task woken on the same worker (another node's ping, a shell's keystroke, a small stream's
 /// reply) by one slice of this size (tens of microseconds), not by tokio's whole cooperative
 /// budget of reads (128 reads of up to 64 KiB, milliseconds of decryption and copying).
-pub const YIELD_AFTER: usize = 128 * 1024;
+pub const YIELD_AFTER: usize = 64 * 1024;
 
 /// TCP keepalive: idle time before the first probe, and the probe interval.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
