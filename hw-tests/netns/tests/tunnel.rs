@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use hearth_fleet_client::https::{Endpoint, json};
+use hearth_fleet_client::https::{Endpoint, json, request};
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
 use hearth_netns::{Netns, Proc, bin_dir, log_lines, missing_prerequisites, run};
 use hearth_proto::control::CommandKind;
@@ -211,6 +211,14 @@ fn tunnel_through_a_firewall_and_a_link_outage() -> anyhow::Result<()> {
         key_pem: std::fs::read_to_string(&ctl_cfg.key)?,
     };
     let http = client_config(&ctl_cfg.ca_sha256, Some(&id), b"http/1.1")?;
+    // The node opened the lanes its gateway offered (they carried the forward and the ingress).
+    let metrics = rt.block_on(request(&ep, http.clone(), "GET", "/metrics", None))?;
+    let text = String::from_utf8_lossy(&metrics.body);
+    let lanes = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hearth_fleet_tunnel_lanes "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    ensure!(lanes == Some(2.0), "the fleet reports lanes {lanes:?}, not 2: {text}");
     let path = format!("/v1/nodes/{node}/commands");
     let outage = ns.outage()?;
     let down = Instant::now();

@@ -43,6 +43,8 @@ pub struct LiveFigures {
     pub sessions: u64,
     /// Nodes with a tunnel.
     pub tunnels: u64,
+    /// Lanes of those tunnels (extra connections carrying port streams).
+    pub lanes: u64,
 }
 
 fn one(labels: Vec<(&'static str, String)>, value: f64) -> Sample {
@@ -120,6 +122,12 @@ pub fn render(nodes: &[NodeView], live: LiveFigures) -> Exposition {
         vec![one(vec![], live.sessions as f64)];
     e.family("hearth_fleet_tunnels", "Nodes with a tunnel to this fleet.", Kind::Gauge).samples =
         vec![one(vec![], live.tunnels as f64)];
+    e.family(
+        "hearth_fleet_tunnel_lanes",
+        "Lanes open on the node tunnels of this fleet (docs/0006-tunnel.md).",
+        Kind::Gauge,
+    )
+    .samples = vec![one(vec![], live.lanes as f64)];
     e.family("hearth_fleet_build_info", "The fleet's version (value 1).", Kind::Gauge).samples =
         vec![one(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1.0)];
     e
@@ -133,7 +141,11 @@ async fn views(fleet: &Arc<Fleet>) -> Result<Vec<NodeView>, ApiError> {
 
 fn live_figures(fleet: &Fleet) -> LiveFigures {
     let sessions = fleet.live().values().filter(|l| l.tx.is_some()).count() as u64;
-    LiveFigures { sessions, tunnels: fleet.gateway.connected().len() as u64 }
+    LiveFigures {
+        sessions,
+        tunnels: fleet.gateway.connected().len() as u64,
+        lanes: fleet.gateway.lane_total() as u64,
+    }
 }
 
 fn format_of(headers: &HeaderMap) -> Format {
@@ -324,7 +336,7 @@ mod tests {
             node("c", false, false, NodeState::Ready, Some(1000)),
             node("d", false, true, NodeState::Ready, None),
         ];
-        let text = render(&nodes, LiveFigures { sessions: 2, tunnels: 1 }).text();
+        let text = render(&nodes, LiveFigures { sessions: 2, tunnels: 1, lanes: 2 }).text();
         let parsed = parse_text(&text).expect("parses");
         let v = |name: &str, label: Option<(&str, &str)>| {
             parsed
@@ -347,6 +359,7 @@ mod tests {
         assert_eq!(v("hearth_fleet_power_budget_watts", None), Some(3500.0));
         assert_eq!(v("hearth_fleet_sessions", None), Some(2.0));
         assert_eq!(v("hearth_fleet_tunnels", None), Some(1.0));
+        assert_eq!(v("hearth_fleet_tunnel_lanes", None), Some(2.0));
     }
 
     #[test]

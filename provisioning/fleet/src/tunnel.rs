@@ -90,6 +90,11 @@ impl Gateway {
         self.lock().get(id).map_or(0, |t| t.lanes.len())
     }
 
+    /// Lanes open on all node tunnels.
+    pub fn lane_total(&self) -> usize {
+        self.lock().values().map(|t| t.lanes.len()).sum()
+    }
+
     /// Ids of the nodes with a tunnel.
     pub fn connected(&self) -> Vec<String> {
         let mut v: Vec<_> = self.lock().keys().cloned().collect();

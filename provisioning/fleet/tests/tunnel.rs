@@ -212,6 +212,7 @@ async fn lanes_carry_port_streams_and_close_with_their_tunnel() -> TestResult {
         primary
     });
     wait_until("both lanes up", || gw.lanes(&node) == usize::from(LANES)).await?;
+    assert_eq!(gw.lane_total(), usize::from(LANES));
 
     // A lane beyond the offer's count is closed.
     let extra = connect_lane(&f.ep(), &f.pin(), &id, lane_token, TunnelConfig::default()).await?;
