@@ -1,5 +1,6 @@
 //! The lane control messages (network input, `hearth_proto::lane`): any bytes never panic; a
-//! message that decodes re-encodes to the same bytes and offers 1..=MAX_LANES lanes.
+//! message that decodes offers 1..=MAX_LANES lanes and survives a re-encoding (postcard accepts
+//! non-minimal varints, so the bytes themselves may differ).
 #![no_main]
 
 use hearth_proto::lane::{LaneMsg, MAX_LANES};
@@ -10,6 +11,6 @@ fuzz_target!(|data: &[u8]| {
         if let LaneMsg::Offer { count, .. } = msg {
             assert!((1..=MAX_LANES).contains(&count));
         }
-        assert_eq!(msg.encode(), data);
+        assert_eq!(LaneMsg::decode(&msg.encode()).ok(), Some(msg));
     }
 });
