@@ -162,20 +162,7 @@ where
         let _ = tunnel.handle.send_control(&LaneMsg::Offer { count: lanes, token }.encode());
     }
     tracing::info!(%node, "node tunnel up");
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            why = tunnel.handle.ended() => {
-                tracing::info!(%node, reason = %why, "node tunnel down");
-                break;
-            }
-            inc = tunnel.incoming.recv() => match inc {
-                Some(inc) => refuse_from_node(&node, inc),
-                None => break,
-            },
-        }
-    }
-    tunnel.handle.close();
+    hold(&node, &mut tunnel, &cancel, "node tunnel down").await;
     let mut nodes = fleet.gateway.lock();
     if nodes.get(&node).is_some_and(|t| t.generation == generation)
         && let Some(t) = nodes.remove(&node)
@@ -184,10 +171,26 @@ where
     }
 }
 
-fn refuse_from_node(node: &str, inc: Incoming) {
-    let Incoming { target, stream } = inc;
-    tracing::warn!(%node, target = %target.label(), "node opened a stream: refused");
-    stream.refuse(reset::REFUSED, "the gateway accepts no streams from nodes");
+/// Hold a node's tunnel or lane until it ends or the fleet stops, refusing every stream the node
+/// opens (no node reaches anything through the gateway); then close it.
+async fn hold(node: &str, tunnel: &mut Tunnel, cancel: &CancellationToken, down: &'static str) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            why = tunnel.handle.ended() => {
+                tracing::info!(%node, reason = %why, "{down}");
+                break;
+            }
+            inc = tunnel.incoming.recv() => match inc {
+                Some(Incoming { target, stream }) => {
+                    tracing::warn!(%node, target = %target.label(), "node opened a stream: refused");
+                    stream.refuse(reset::REFUSED, "the gateway accepts no streams from nodes");
+                }
+                None => break,
+            },
+        }
+    }
+    tunnel.handle.close();
 }
 
 /// Serve one lane connection (ALPN `hearth-lane/1`): it must come with a node certificate and
@@ -245,20 +248,7 @@ where
         return;
     };
     tracing::info!(%node, lanes = n, "node tunnel lane up");
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            why = lane.handle.ended() => {
-                tracing::info!(%node, reason = %why, "node tunnel lane down");
-                break;
-            }
-            inc = lane.incoming.recv() => match inc {
-                Some(inc) => refuse_from_node(&node, inc),
-                None => break,
-            },
-        }
-    }
-    lane.handle.close();
+    hold(&node, &mut lane, &cancel, "node tunnel lane down").await;
     if let Some(t) = fleet.gateway.lock().get_mut(&node) {
         t.lanes.retain(|(id, _)| *id != lane_id);
     }
