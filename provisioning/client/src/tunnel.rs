@@ -52,6 +52,21 @@ pub const NOTSENT_LOWAT: u32 = 64 * 1024;
 /// budget of reads (128 reads of up to 64 KiB, milliseconds of decryption and copying).
 pub const YIELD_AFTER: usize = 64 * 1024;
 
+/// Bytes a loop moved since it last yielded its worker ([`YIELD_AFTER`]).
+#[derive(Debug, Default)]
+struct Fair(usize);
+
+impl Fair {
+    /// Count `n` bytes moved; yield the worker once [`YIELD_AFTER`] have gone by.
+    async fn moved(&mut self, n: usize) {
+        self.0 += n;
+        if self.0 >= YIELD_AFTER {
+            self.0 = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// TCP keepalive: idle time before the first probe, and the probe interval.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 
@@ -431,12 +446,8 @@ where
 {
     let mut buf = vec![0u8; 16 * 1024];
     let mut moved = 0u64;
-    let mut since_yield = 0usize;
+    let mut fair = Fair::default();
     loop {
-        if since_yield >= YIELD_AFTER {
-            since_yield = 0;
-            tokio::task::yield_now().await;
-        }
         match from.read(&mut buf).await {
             Ok(0) => {
                 let _ = to.shutdown().await;
@@ -447,7 +458,7 @@ where
                     return moved;
                 }
                 moved += n as u64;
-                since_yield += n;
+                fair.moved(n).await;
             }
             Err(e) => {
                 // What was relayed before the reset goes first (a reset overtakes queued data),
@@ -567,23 +578,19 @@ async fn read_loop<R: AsyncRead>(
     tokio::pin!(reader);
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut ended = shared.ended.subscribe();
-    let mut since_yield = 0usize;
+    let mut fair = Fair::default();
     loop {
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
-        if since_yield >= YIELD_AFTER {
-            since_yield = 0;
-            tokio::task::yield_now().await;
-        }
-        tokio::select! {
+        let n = tokio::select! {
             r = reader.read_buf(&mut buf) => match r {
                 Ok(0) => return TunnelError::Eof,
-                Ok(n) => since_yield += n,
+                Ok(n) => n,
                 Err(e) => return TunnelError::Io(e.to_string()),
             },
             _ = ended.changed() => return TunnelError::Closed,
-        }
+        };
         let mut opened = Vec::new();
         {
             let mut st = shared.lock();
@@ -605,6 +612,7 @@ async fn read_loop<R: AsyncRead>(
                 i.stream.refuse(reset::LIMIT, "the peer is not accepting streams");
             }
         }
+        fair.moved(n).await;
     }
 }
 
@@ -675,14 +683,10 @@ fn dispatch(st: &mut State, opened: &mut Vec<(StreamId, Target)>) {
 async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<(), TunnelError> {
     tokio::pin!(writer);
     let mut out = Vec::with_capacity(COALESCE + 64 * 1024);
-    let mut since_yield = 0usize;
+    let mut fair = Fair::default();
     loop {
         shared.tx_ready.notified().await;
         loop {
-            if since_yield >= YIELD_AFTER {
-                since_yield = 0;
-                tokio::task::yield_now().await;
-            }
             out.clear();
             let (dead, more) = {
                 let mut st = shared.lock();
@@ -704,7 +708,7 @@ async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<()
                 break;
             }
             writer.write_all(&out).await.map_err(|e| TunnelError::Io(e.to_string()))?;
-            since_yield += out.len();
+            fair.moved(out.len()).await;
         }
         writer.flush().await.map_err(|e| TunnelError::Io(e.to_string()))?;
     }
@@ -806,12 +810,8 @@ where
         // Data is flowing: a full-size buffer until the direction goes quiet (`read` is
         // cancel-safe: a timed-out read has taken nothing).
         let mut big = vec![0u8; RELAY_BUF];
-        let mut since_yield = 0usize;
+        let mut fair = Fair::default();
         loop {
-            if since_yield >= YIELD_AFTER {
-                since_yield = 0;
-                tokio::task::yield_now().await;
-            }
             let n = match tokio::time::timeout(RELAY_QUIET, from.read(&mut big)).await {
                 Ok(r) => r?,
                 Err(_) => break,
@@ -823,7 +823,7 @@ where
             to.write_all(&big[..n]).await?;
             to.flush().await?;
             total += n as u64;
-            since_yield += n;
+            fair.moved(n).await;
         }
     }
 }

@@ -146,8 +146,12 @@ async fn keep_lane(
                 backoff.session_ended(started.elapsed());
             }
             Err(e) => {
-                let e = error_chain(&e);
-                tracing::warn!(lane, error = %e, "tunnel lane connect failed");
+                // Recorded as an error, its sources are logged too.
+                tracing::warn!(
+                    lane,
+                    error = &e as &dyn std::error::Error,
+                    "tunnel lane connect failed"
+                );
             }
         }
         let wait = backoff.next_delay(os_random());
@@ -156,16 +160,4 @@ async fn keep_lane(
             () = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-/// An error and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
