@@ -196,6 +196,30 @@ async fn bytes_written_before_shutdown_and_drop_still_arrive() -> io::Result<()>
     Ok(())
 }
 
+/// A stream its owner finished and dropped still takes what the peer sends (read and discarded),
+/// so the peer's credit keeps coming back: the peer writes four windows and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_and_dropped_stream_still_takes_the_peers_bytes() -> io::Result<()> {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let gw = Tunnel::spawn(a, Side::Gateway, TunnelConfig::default());
+    let mut node = Tunnel::spawn(b, Side::Node, TunnelConfig::default());
+    let mut s = gw.handle.open(&Target::Exec { argv: vec!["true".into()] })?;
+    s.shutdown().await?;
+    drop(s);
+    let sent = tokio::spawn(async move {
+        let inc = node.incoming.recv().await.ok_or(ErrorKind::UnexpectedEof)?;
+        let mut st = inc.stream;
+        st.write_all(&pattern(3, 4 * hearth_proto::mux::INITIAL_WINDOW as usize)).await?;
+        st.shutdown().await?;
+        Ok::<_, io::Error>(node)
+    });
+    let done = tokio::time::timeout(Duration::from_secs(10), sent).await;
+    let node =
+        done.map_err(|_| io::Error::other("the peer's writes stalled: no credit came back"))?;
+    node.map_err(io::Error::other)??;
+    Ok(())
+}
+
 /// `relay` copies both ways, intact and in order, through several quiet periods (each gives the
 /// big buffer back), and an end of stream on one side reaches the other as an end of stream
 /// while the other direction keeps flowing.
