@@ -8,10 +8,13 @@
 //! → the service; the peers' own topology, so the goals are judged on it) and an operator's
 //! tunnel (TLS to the gateway → gateway relay → node tunnel → the service: two TLS legs).
 //!
-//! Figures: bulk throughput; 64-byte round trips p50/p99, idle and while a bulk stream runs on the
-//! same path; the memory of 1,000 idle streams; CPU-seconds per GB. CPU and memory count this
+//! Every path is set up first and all stay up together. Figures: bulk throughput, the median of
+//! `--rounds` interleaved rounds (each round measures every path once, so a path's samples are
+//! spread over the run; the table shows the median and the range), with the CPU-seconds per GB of
+//! the median sample; then, path by path, 64-byte round trips p50/p99, idle and while a bulk
+//! stream runs on the same path, and the memory of 1,000 idle streams. CPU and memory count this
 //! process (both ends, and for Hearth the gateway too) plus the peer's own processes. One table
-//! with ratios against stunnel and rathole-TLS, then the goals of issue 6.
+//! with ratios (of the medians) against stunnel and rathole-TLS, then the goals of issue 6.
 //!
 //! Run: `bench/tunnel` (builds this in release, installs rathole and bore into a cache outside
 //! the repository when missing, raises the open-files limit; docs/benchmarks.md).
@@ -73,6 +76,10 @@ struct Opts {
     /// default 2); the "one connection" row's node opens none.
     #[arg(long, default_value_t = 2)]
     lanes: u8,
+    /// Throughput samples per path, taken in interleaved rounds (every path once per round); the
+    /// table shows each path's median and the range.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 impl Opts {
@@ -177,6 +184,8 @@ struct Row {
     idle: Option<(f64, f64)>,
     loaded: Option<(f64, f64)>,
     idle_rss: Option<u64>,
+    /// Lowest and highest Gbit/s of the rounds (`gbit_s` is their median).
+    range: Option<(f64, f64)>,
     failed: Option<String>,
 }
 
@@ -281,17 +290,144 @@ impl Relay {
     }
 }
 
-/// Bulk, round trips and idle memory through a relay.
-async fn measure_relay(name: &str, relay: &Relay, o: &Opts) -> anyhow::Result<Row> {
-    let pids = relay.pids();
-    let mut r = Row { name: name.into(), ..Row::default() };
-    let (g, c) = bulk(|| tcp_connect(relay.sink), 1, o.mib * 1024 * 1024, &pids).await?;
-    (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
-    let (i, l) =
-        latency(|e| tcp_connect(if e { relay.echo } else { relay.sink }), o.round_trips).await?;
-    (r.idle, r.loaded) = (Some(i), Some(l));
-    r.idle_rss = Some(idle_rss(|| tcp_connect(relay.echo), o.idle_streams, &pids).await?);
-    Ok(r)
+/// How a row's connections are made.
+enum Way {
+    /// Plain TCP to a relay's ports: direct TCP, the peers, `expose`.
+    Relay(Relay),
+    /// TLS 1.3 straight to the TLS sink and echo servers (no relay).
+    Tls { config: Arc<rustls::ClientConfig>, sink: u16, echo: u16 },
+    /// Streams on the operator's tunnel through the gateway to the node's ports `sink` and `echo`.
+    Operator { op: TunnelHandle, node: String, sink: u16, echo: u16 },
+}
+
+/// `target` on the node `node`, through the gateway.
+fn via(node: &str, target: Target) -> Target {
+    Target::Via { node: node.into(), target: Box::new(target) }
+}
+
+async fn tls_connect(
+    config: Arc<rustls::ClientConfig>,
+    port: u16,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_connect(port).await?;
+    let name = rustls::pki_types::ServerName::try_from("hearth-fleet")?;
+    Ok(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
+}
+
+impl Way {
+    /// One throughput sample over `streams` parallel streams: (Gbit/s, CPU-s per GB).
+    async fn bulk(&self, streams: usize, bytes: u64) -> anyhow::Result<(f64, f64)> {
+        match self {
+            Way::Relay(relay) => {
+                bulk(|| tcp_connect(relay.sink), streams, bytes, &relay.pids()).await
+            }
+            Way::Tls { config, sink, .. } => {
+                bulk(|| tls_connect(config.clone(), *sink), streams, bytes, &[]).await
+            }
+            Way::Operator { op, node, sink, .. } => {
+                let t = via(node, Target::Port(*sink));
+                bulk(
+                    || {
+                        let s = op.open(&t);
+                        async move { Ok(s?) }
+                    },
+                    streams,
+                    bytes,
+                    &[],
+                )
+                .await
+            }
+        }
+    }
+
+    /// Round trips idle and under bulk into `row`, then, but for direct TLS, the memory of
+    /// `o.idle_streams` idle streams.
+    async fn latency_and_idle(&self, o: &Opts, row: &mut Row) -> anyhow::Result<()> {
+        match self {
+            Way::Relay(relay) => {
+                let (i, l) = latency(
+                    |e| tcp_connect(if e { relay.echo } else { relay.sink }),
+                    o.round_trips,
+                )
+                .await?;
+                (row.idle, row.loaded) = (Some(i), Some(l));
+                row.idle_rss = Some(
+                    idle_rss(|| tcp_connect(relay.echo), o.idle_streams, &relay.pids()).await?,
+                );
+            }
+            Way::Tls { config, sink, echo } => {
+                let (i, l) = latency(
+                    |e| tls_connect(config.clone(), if e { *echo } else { *sink }),
+                    o.round_trips,
+                )
+                .await?;
+                (row.idle, row.loaded) = (Some(i), Some(l));
+            }
+            Way::Operator { op, node, sink, echo } => {
+                let (te, ts) = (via(node, Target::Port(*echo)), via(node, Target::Port(*sink)));
+                let (i, l) = latency(
+                    |e| {
+                        let s = op.open(if e { &te } else { &ts });
+                        async move { Ok(s?) }
+                    },
+                    o.round_trips,
+                )
+                .await?;
+                (row.idle, row.loaded) = (Some(i), Some(l));
+                eprintln!("{} idle streams…", o.idle_streams);
+                let echo_target = via(node, Target::Echo);
+                row.idle_rss = Some(
+                    idle_rss(
+                        || {
+                            let s = op.open(&echo_target);
+                            async move { Ok(s?) }
+                        },
+                        o.idle_streams,
+                        &[],
+                    )
+                    .await?,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A row being measured: its path (`None` when the path could not be set up), the parallel
+/// streams of its throughput, whether its round trips (and idle memory) are measured too, and its
+/// throughput samples (Gbit/s, CPU-s per GB), one per round.
+struct Probe {
+    row: Row,
+    way: Option<Way>,
+    streams: usize,
+    latency: bool,
+    samples: Vec<(f64, f64)>,
+}
+
+impl Probe {
+    fn new(name: impl Into<String>, way: Way, streams: usize, latency: bool) -> Self {
+        let row = Row { name: name.into(), ..Row::default() };
+        Probe { row, way: Some(way), streams, latency, samples: Vec::new() }
+    }
+
+    /// Mark the row failed with `e`; it is skipped from then on.
+    fn fail(&mut self, e: &anyhow::Error) {
+        eprintln!("{}: {e:#}", self.row.name);
+        self.row.failed = Some(format!("{e:#}"));
+    }
+
+    /// Put the sample with the median Gbit/s (the lower middle of an even count) in the row, with
+    /// its CPU-s per GB, and the range of the samples.
+    fn settle(&mut self) {
+        let mut s = std::mem::take(&mut self.samples);
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if let (Some(lo), Some(hi), Some(mid)) =
+            (s.first(), s.last(), s.get(s.len().saturating_sub(1) / 2))
+        {
+            (self.row.gbit_s, self.row.cpu_s_per_gb) = (Some(mid.0), Some(mid.1));
+            self.row.range = Some((lo.0, hi.0));
+        }
+    }
 }
 
 /// A free loopback port (bound and released; the peer binds it right after).
@@ -670,21 +806,26 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Run a peer's measurement; a peer that cannot start becomes a row saying why.
-async fn peer_row<Fut>(name: &str, start: Fut, o: &Opts) -> Row
+/// Start a peer; a peer that cannot start becomes a row saying why.
+async fn start_peer<Fut>(name: &str, start: Fut) -> Probe
 where
     Fut: std::future::Future<Output = anyhow::Result<Relay>>,
 {
-    eprintln!("{name}…");
-    let result = async {
-        let relay = start.await?;
-        measure_relay(name, &relay, o).await
+    eprintln!("starting {name}…");
+    match start.await {
+        Ok(relay) => Probe::new(name, Way::Relay(relay), 1, true),
+        Err(e) => {
+            let mut p = Probe {
+                row: Row { name: name.into(), ..Row::default() },
+                way: None,
+                streams: 1,
+                latency: false,
+                samples: Vec::new(),
+            };
+            p.fail(&e);
+            p
+        }
     }
-    .await;
-    result.unwrap_or_else(|e| {
-        eprintln!("{name}: {e:#}");
-        Row { name: name.into(), failed: Some(format!("{e:#}")), ..Row::default() }
-    })
 }
 
 async fn run(o: Opts) -> anyhow::Result<()> {
@@ -711,120 +852,81 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let (tls_sink, tls_echo) =
         (tls_server(tls_config.clone(), false).await?, tls_server(tls_config, true).await?);
     let client_tls = client_config(&pin, None, b"bench")?;
-    let tls_connect = |port: u16| {
-        let cfg = client_tls.clone();
-        async move {
-            let tcp = tcp_connect(port).await?;
-            let name = rustls::pki_types::ServerName::try_from("hearth-fleet")?;
-            Ok::<_, anyhow::Error>(tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?)
-        }
-    };
-    let via =
-        |port: u16| Target::Via { node: h.node.clone(), target: Box::new(Target::Port(port)) };
-    let mut rows: Vec<Row> = Vec::new();
 
+    // Every path first, all kept up together (the peers' processes until the end of the run), in
+    // the table's order.
+    let mut probes: Vec<Probe> = Vec::new();
     if o.wants("tcp") {
         let direct = Relay { sink, echo, procs: Vec::new() };
-        rows.push(peer_row("direct TCP", async { Ok::<_, anyhow::Error>(direct) }, &o).await);
+        probes.push(Probe::new("direct TCP", Way::Relay(direct), 1, true));
     }
-
     if o.wants("tls") {
-        eprintln!("direct TLS…");
-        let mut r = Row { name: "direct TLS 1.3 (rustls, no relay)".into(), ..Row::default() };
-        let (g, c) = bulk(|| tls_connect(tls_sink), 1, bytes, &[]).await?;
-        (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
-        let (i, l) =
-            latency(|e| tls_connect(if e { tls_echo } else { tls_sink }), o.round_trips).await?;
-        (r.idle, r.loaded) = (Some(i), Some(l));
-        rows.push(r);
+        let way = Way::Tls { config: client_tls, sink: tls_sink, echo: tls_echo };
+        probes.push(Probe::new("direct TLS 1.3 (rustls, no relay)", way, 1, true));
     }
-
     let dir = work.path();
     if o.wants("stunnel") {
-        rows.push(peer_row(STUNNEL, stunnel(&o.tools, &pki, dir, sink, echo), &o).await);
+        probes.push(start_peer(STUNNEL, stunnel(&o.tools, &pki, dir, sink, echo)).await);
     }
     if o.wants("rathole") {
-        rows.push(peer_row(RATHOLE, rathole(&o.tools, &pki, dir, sink, echo), &o).await);
+        probes.push(start_peer(RATHOLE, rathole(&o.tools, &pki, dir, sink, echo)).await);
     }
     if o.wants("bore") {
-        rows.push(peer_row("bore (plain TCP)", bore(&o.tools, dir, sink, echo), &o).await);
+        probes.push(start_peer("bore (plain TCP)", bore(&o.tools, dir, sink, echo)).await);
     }
-
     // Customer ingress, the peers' topology: TCP → gateway → the node's tunnel → the service.
     // First through a node without lanes (every stream on one connection), the baseline of the
     // lanes below.
+    let ports = |r: &Relay| Way::Relay(Relay { sink: r.sink, echo: r.echo, procs: Vec::new() });
     if o.wants("expose") {
-        eprintln!("{EXPOSE_ONE}…");
-        let name = format!("{EXPOSE_ONE}, 1 stream(s)");
-        rows.push(measure_relay(&name, &h.exposed_one, &o).await.unwrap_or_else(|e| Row {
-            name,
-            failed: Some(format!("{e:#}")),
-            ..Row::default()
-        }));
-    }
-    let expose_name = format!("{EXPOSE}, {} lane(s)", h.lanes);
-    for &streams in o.streams.iter().filter(|_| o.wants("expose")) {
-        eprintln!("{expose_name}, {streams} streams…");
-        let name = format!("{expose_name}, {streams} stream(s)");
-        if streams == 1 {
-            rows.push(measure_relay(&name, &h.exposed, &o).await.unwrap_or_else(|e| Row {
-                name,
-                failed: Some(format!("{e:#}")),
-                ..Row::default()
-            }));
-            continue;
+        probes.push(Probe::new(
+            format!("{EXPOSE_ONE}, 1 stream(s)"),
+            ports(&h.exposed_one),
+            1,
+            true,
+        ));
+        let expose_name = format!("{EXPOSE}, {} lane(s)", h.lanes);
+        for &streams in &o.streams {
+            let name = format!("{expose_name}, {streams} stream(s)");
+            probes.push(Probe::new(name, ports(&h.exposed), streams, streams == 1));
         }
-        let mut r = Row { name, ..Row::default() };
-        let (g, c) = bulk(|| tcp_connect(h.exposed.sink), streams, bytes, &[]).await?;
-        (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
-        rows.push(r);
+    }
+    if o.wants("operator") {
+        for &streams in &o.streams {
+            let name = format!("{HEARTH}, {streams} stream(s)");
+            let way = Way::Operator { op: h.op.clone(), node: h.node.clone(), sink, echo };
+            probes.push(Probe::new(name, way, streams, streams == 1));
+        }
     }
 
-    for &streams in o.streams.iter().filter(|_| o.wants("operator")) {
-        eprintln!("hearth, {streams} streams…");
-        let mut r = Row { name: format!("{HEARTH}, {streams} stream(s)"), ..Row::default() };
-        let op = h.op.clone();
-        let t = via(sink);
-        let (g, c) = bulk(
-            || {
-                let s = op.open(&t);
-                async move { Ok(s?) }
-            },
-            streams,
-            bytes,
-            &[],
-        )
-        .await?;
-        (r.gbit_s, r.cpu_s_per_gb) = (Some(g), Some(c));
-        if streams == 1 {
-            let (te, ts) = (via(echo), via(sink));
-            let (i, l) = latency(
-                |e| {
-                    let s = h.op.open(if e { &te } else { &ts });
-                    async move { Ok(s?) }
-                },
-                o.round_trips,
-            )
-            .await?;
-            (r.idle, r.loaded) = (Some(i), Some(l));
-            eprintln!("{} idle streams…", o.idle_streams);
-            let echo_target = Target::Via { node: h.node.clone(), target: Box::new(Target::Echo) };
-            r.idle_rss = Some(
-                idle_rss(
-                    || {
-                        let s = h.op.open(&echo_target);
-                        async move { Ok(s?) }
-                    },
-                    o.idle_streams,
-                    &[],
-                )
-                .await?,
-            );
+    // Throughput in interleaved rounds, every path once per round, so that each path's samples
+    // spread over the run and the machine's slow and fast spells fall on all of them alike.
+    for round in 1..=o.rounds {
+        eprintln!("throughput, round {round}/{}…", o.rounds);
+        for p in &mut probes {
+            let Some(way) = p.way.as_ref().filter(|_| p.row.failed.is_none()) else { continue };
+            match way.bulk(p.streams, bytes).await {
+                Ok(sample) => p.samples.push(sample),
+                Err(e) => p.fail(&e),
+            }
         }
-        rows.push(r);
+    }
+    for p in &mut probes {
+        p.settle();
+    }
+
+    // Then round trips and idle memory, path by path.
+    for p in probes.iter_mut().filter(|p| p.latency && p.row.failed.is_none()) {
+        let Some(way) = &p.way else { continue };
+        eprintln!("{}: round trips…", p.row.name);
+        if let Err(e) = way.latency_and_idle(&o, &mut p.row).await {
+            p.fail(&e);
+        }
     }
     let load_after = loadavg();
+    let rows: Vec<Row> = probes.iter_mut().map(|p| std::mem::take(&mut p.row)).collect();
     print_table(&rows, &o, &load_before, &load_after);
+    drop(probes); // the peers' processes
     Ok(())
 }
 
@@ -838,20 +940,22 @@ fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
     let gbit = |name: &str| rows.iter().find(|r| r.name == name).and_then(|r| r.gbit_s);
     let (stunnel, rathole) = (gbit(STUNNEL), gbit(RATHOLE));
     println!(
-        "\nTunnel on loopback, {} MiB per throughput run, {} round trips of 64 B, {} idle streams \
-         ({}; load average {load_before} before, {load_after} after; {} CPUs)\n",
+        "\nTunnel on loopback, {} MiB per throughput run, {} interleaved throughput rounds per \
+         path (median shown), {} round trips of 64 B, {} idle streams ({}; load average \
+         {load_before} before, {load_after} after; {} CPUs)\n",
         o.mib,
+        o.rounds,
         o.round_trips,
         o.idle_streams,
         hearth_bench::today(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     println!(
-        "| path | Gbit/s | vs stunnel | vs rathole-TLS | CPU-s/GB | RTT p50 idle | RTT p99 idle \
-         | RTT p50 bulk | RTT p99 bulk | RSS, {} idle streams |",
-        o.idle_streams
+        "| path | Gbit/s | range of {} rounds | vs stunnel | vs rathole-TLS | CPU-s/GB | RTT p50 \
+         idle | RTT p99 idle | RTT p50 bulk | RTT p99 bulk | RSS, {} idle streams |",
+        o.rounds, o.idle_streams
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let us = |v: Option<(f64, f64)>, p99: bool| {
         v.map_or("-".into(), |(a, b)| format!("{:.0} µs", if p99 { b } else { a }))
     };
@@ -861,13 +965,14 @@ fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
     };
     for r in rows {
         if let Some(why) = &r.failed {
-            println!("| {} | not measured: {why} | | | | | | | | |", r.name);
+            println!("| {} | not measured: {why} | | | | | | | | | |", r.name);
             continue;
         }
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
             r.gbit_s.map_or("-".into(), |g| format!("{g:.2}")),
+            r.range.map_or("-".into(), |(lo, hi)| format!("{lo:.2}–{hi:.2}")),
             ratio(r.gbit_s, stunnel),
             ratio(r.gbit_s, rathole),
             r.cpu_s_per_gb.map_or("-".into(), |c| format!("{c:.2}")),
