@@ -26,10 +26,16 @@ fuzz_target!(|data: &[u8]| {
         for id in ids {
             let s = mux.stats(id).expect("listed stream");
             assert!(s.recv_buffered as u64 + s.recv_allowed <= s.recv_window);
-            if i % 2 == 0 {
+            if i % 4 == 0 {
                 let mut buf = [0u8; 1024];
                 let _ = mux.read(id, &mut buf, now);
                 let _ = mux.write(id, &buf[..16]);
+            } else if i % 4 == 2 {
+                // A relay's way: the queue handed over, a buffer queued whole.
+                let mut taken = Vec::new();
+                let _ = mux.read_vec(id, &mut taken, 4096, now);
+                taken.truncate(100);
+                let _ = mux.write_vec(id, &mut taken);
             }
         }
         while mux.poll_event().is_some() {}

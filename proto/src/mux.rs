@@ -22,6 +22,9 @@
 //!   at most one quantum per other busy stream.
 //! - **Coalescing.** [`Mux::poll_transmit`] appends whole frames to one buffer up to a byte budget,
 //!   so the driver hands rustls large writes that become full TLS records.
+//! - **Buffers change hands.** A relay queues the buffer it read as a chunk of the stream's send
+//!   queue ([`Mux::write_vec`]) and takes a stream's receive queue whole ([`Mux::read_vec`]), so
+//!   bulk bytes are not copied through the multiplexer on either side.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -276,10 +279,92 @@ pub enum MuxError {
     ControlTooLarge(usize),
 }
 
+/// A stream's send queue: chunks of bytes, in order. A buffer handed over whole
+/// ([`Mux::write_vec`]) is queued as it is; borrowed bytes ([`Mux::write`]) are copied into the
+/// last chunk's spare room or a new chunk. Framing copies from the front ([`Self::take_into`]),
+/// and a chunk sent in full is kept as the spare allocation for the next one.
+#[derive(Debug, Default)]
+struct SendQueue {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already framed.
+    head: usize,
+    /// Bytes queued.
+    len: usize,
+    /// An empty allocation, for the next chunk.
+    spare: Vec<u8>,
+}
+
+impl SendQueue {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push_slice(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        match self.chunks.back_mut() {
+            Some(back) if back.capacity() - back.len() >= data.len() => {
+                back.extend_from_slice(data);
+            }
+            _ => {
+                // Sized to the write: an idle stream keeps no more than its last message.
+                let mut chunk = std::mem::take(&mut self.spare);
+                chunk.reserve_exact(data.len());
+                chunk.extend_from_slice(data);
+                self.chunks.push_back(chunk);
+            }
+        }
+        self.len += data.len();
+    }
+
+    /// Queue `data` as a chunk; `data` gets the spare allocation (or none) back.
+    fn push_vec(&mut self, data: &mut Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        self.len += data.len();
+        let spare = std::mem::take(&mut self.spare);
+        self.chunks.push_back(std::mem::replace(data, spare));
+    }
+
+    /// Move the first `n` queued bytes onto `out`.
+    fn take_into(&mut self, out: &mut Vec<u8>, n: usize) {
+        let mut n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front() else { break };
+            let k = (front.len() - self.head).min(n);
+            out.extend_from_slice(&front[self.head..self.head + k]);
+            self.head += k;
+            n -= k;
+            if self.head == front.len() {
+                self.head = 0;
+                if let Some(mut sent) = self.chunks.pop_front()
+                    && sent.capacity() > self.spare.capacity()
+                {
+                    sent.clear();
+                    self.spare = sent;
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.head = 0;
+        self.len = 0;
+    }
+}
+
 #[derive(Debug)]
 struct Stream {
-    /// Bytes queued by [`Mux::write`], not yet framed.
-    send_buf: VecDeque<u8>,
+    /// Bytes queued by [`Mux::write`] and [`Mux::write_vec`], not yet framed.
+    send_buf: SendQueue,
     /// Bytes we may still send (the peer's window as we know it).
     send_credit: u64,
     /// Local FIN asked for.
@@ -311,7 +396,7 @@ struct Stream {
 impl Stream {
     fn new() -> Self {
         Self {
-            send_buf: VecDeque::new(),
+            send_buf: SendQueue::default(),
             send_credit: u64::from(INITIAL_WINDOW),
             fin_queued: false,
             fin_sent: false,
@@ -466,10 +551,40 @@ impl Mux {
             return Err(MuxError::SendClosed(id));
         }
         let n = data.len().min(limit.saturating_sub(s.send_buf.len()));
-        s.send_buf.extend(&data[..n]);
+        s.send_buf.push_slice(&data[..n]);
         if n < data.len() {
             s.want_writable = true;
         }
+        self.activate(id);
+        Ok(n)
+    }
+
+    /// [`Mux::write`] for bytes the caller owns: what is taken leaves `data`, and a vector of at
+    /// most half the send buffer is taken whole or not at all (0: wait for [`Event::Writable`],
+    /// which comes with room for it), so the caller never shifts a remainder. A vector taken
+    /// whole is queued as it is, and `data` gets an empty allocation back (one the stream has
+    /// sent from, when it has one): a relay's buffers go round without a copy or an allocation.
+    pub fn write_vec(&mut self, id: StreamId, data: &mut Vec<u8>) -> Result<usize, MuxError> {
+        let limit = self.config.send_buffer;
+        let s = self.streams.get_mut(&id).ok_or(MuxError::UnknownStream(id))?;
+        if s.fin_queued {
+            return Err(MuxError::SendClosed(id));
+        }
+        let n = data.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        if n > limit / 2 {
+            // Larger than the room a Writable event promises: taken piecewise.
+            let n = self.write(id, data)?;
+            data.drain(..n);
+            return Ok(n);
+        }
+        if n > limit.saturating_sub(s.send_buf.len()) {
+            s.want_writable = true;
+            return Ok(0);
+        }
+        s.send_buf.push_vec(data);
         self.activate(id);
         Ok(n)
     }
@@ -497,8 +612,6 @@ impl Mux {
     /// Take up to `buf.len()` received bytes from a stream; `now` drives window growth. 0 bytes
     /// with [`Event::Finished`] seen: the end of the stream.
     pub fn read(&mut self, id: StreamId, buf: &mut [u8], now: Instant) -> Result<usize, MuxError> {
-        let max_window = u64::from(self.config.max_window);
-        let rtt = self.rtt;
         // A stream that closed after its last bytes were read reads as the end.
         let Some(s) = self.live_stream_local(id)? else { return Ok(0) };
         let n = buf.len().min(s.recv_buf.len());
@@ -507,6 +620,43 @@ impl Mux {
         buf[..from_a].copy_from_slice(&a[..from_a]);
         buf[from_a..n].copy_from_slice(&b[..n - from_a]);
         s.recv_buf.drain(..n);
+        self.consumed(id, n, now);
+        Ok(n)
+    }
+
+    /// [`Mux::read`] of up to `max` bytes, appended to `buf`. When `buf` is empty and the stream
+    /// holds no more than `max`, its receive queue itself is handed over and the stream keeps
+    /// `buf`'s allocation: a relay takes bulk data without a copy.
+    pub fn read_vec(
+        &mut self,
+        id: StreamId,
+        buf: &mut Vec<u8>,
+        max: usize,
+        now: Instant,
+    ) -> Result<usize, MuxError> {
+        let Some(s) = self.live_stream_local(id)? else { return Ok(0) };
+        let n = s.recv_buf.len().min(max);
+        if buf.is_empty() && n == s.recv_buf.len() {
+            let spare = VecDeque::from(std::mem::take(buf));
+            // Moves nothing unless the queue wraps around its allocation.
+            *buf = Vec::from(std::mem::replace(&mut s.recv_buf, spare));
+        } else {
+            let (a, b) = s.recv_buf.as_slices();
+            let from_a = n.min(a.len());
+            buf.extend_from_slice(&a[..from_a]);
+            buf.extend_from_slice(&b[..n - from_a]);
+            s.recv_buf.drain(..n);
+        }
+        self.consumed(id, n, now);
+        Ok(n)
+    }
+
+    /// `n` bytes of `id` were read: grant credit back once half the window went by (growing or
+    /// shrinking the window), and close the stream when nothing is left on it.
+    fn consumed(&mut self, id: StreamId, n: usize, now: Instant) {
+        let max_window = u64::from(self.config.max_window);
+        let rtt = self.rtt;
+        let Some(s) = self.streams.get_mut(&id) else { return };
         s.recv_consumed += n as u64;
         let mut credit = None;
         if s.recv_consumed > 0
@@ -546,7 +696,6 @@ impl Mux {
         if closed {
             self.close(id);
         }
-        Ok(n)
     }
 
     /// The next thing that happened.
@@ -669,11 +818,7 @@ impl Mux {
                 out.extend_from_slice(
                     &Header { kind: FrameType::Data, flags, stream: id, len }.to_bytes(),
                 );
-                let (a, b) = s.send_buf.as_slices();
-                let from_a = n.min(a.len());
-                out.extend_from_slice(&a[..from_a]);
-                out.extend_from_slice(&b[..n - from_a]);
-                s.send_buf.drain(..n);
+                s.send_buf.take_into(out, n);
                 s.send_credit -= n as u64;
                 s.deficit = s.deficit.saturating_sub(n.max(1));
                 if fin {

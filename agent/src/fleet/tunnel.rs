@@ -177,7 +177,7 @@ async fn relay<T>(mut s: TunnelStream, local: &mut T, stats: &LinkStats)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match hearth_fleet_client::tunnel::relay(&mut s, &mut *local).await {
+    match hearth_fleet_client::tunnel::relay(&s, &mut *local).await {
         Ok((to_node, to_fleet)) => {
             LinkStats::add(&stats.tunnel_bytes_in, to_node);
             LinkStats::add(&stats.tunnel_bytes_out, to_fleet);

@@ -135,7 +135,8 @@ async fn sink_conn<S: AsyncRead + AsyncWrite + Unpin>(mut c: S) {
 async fn echo_conn<S: AsyncRead + AsyncWrite + Unpin>(mut c: S) {
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = c.read(&mut buf).await {
-        if n == 0 || c.write_all(&buf[..n]).await.is_err() {
+        // A TLS stream may keep written bytes until flushed.
+        if n == 0 || c.write_all(&buf[..n]).await.is_err() || c.flush().await.is_err() {
             break;
         }
     }
@@ -167,6 +168,9 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
     for _ in 0..n {
         let t = Instant::now();
         s.write_all(&msg).await?;
+        // A TLS stream may keep written bytes until flushed (tokio-rustls does when the socket
+        // would block): without this a round trip could wait forever.
+        s.flush().await?;
         s.read_exact(&mut back).await?;
         us.push(t.elapsed().as_secs_f64() * 1e6);
     }

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -275,7 +276,7 @@ impl TunnelHandle {
         st.waiters.insert(id, Waiters::default());
         drop(st);
         self.shared.tx_ready.notify_one();
-        Ok(TunnelStream { id, shared: self.shared.clone(), shut: false })
+        Ok(TunnelStream::new(id, self.shared.clone()))
     }
 
     /// Send a control message's payload (ahead of all stream data).
@@ -324,23 +325,115 @@ impl TunnelHandle {
 pub struct TunnelStream {
     id: StreamId,
     shared: Arc<Shared>,
-    shut: bool,
+    /// Finished (or refused) by this side: dropping it no longer resets it.
+    shut: AtomicBool,
 }
 
 impl TunnelStream {
+    fn new(id: StreamId, shared: Arc<Shared>) -> Self {
+        Self { id, shared, shut: AtomicBool::new(false) }
+    }
+
     /// The stream's id.
     pub fn id(&self) -> StreamId {
         self.id
     }
 
     /// Refuse (or abort) the stream with a [`reset`] code; the opener sees the reason.
-    pub fn refuse(mut self, code: u32, reason: &str) {
+    pub fn refuse(self, code: u32, reason: &str) {
         let mut st = self.shared.lock();
         let _ = st.mux.reset(self.id, code, reason);
         st.waiters.remove(&self.id);
         drop(st);
-        self.shut = true;
+        self.shut.store(true, Ordering::Relaxed);
         self.shared.tx_ready.notify_one();
+    }
+
+    /// No more bytes from this side (after those queued); what [`AsyncWriteExt::shutdown`]
+    /// does, through a shared reference.
+    pub fn finish(&self) {
+        if !self.shut.swap(true, Ordering::Relaxed) {
+            // Already gone (reset, or both sides done): nothing to finish.
+            let _ = self.shared.lock().mux.finish(self.id);
+            self.shared.tx_ready.notify_one();
+        }
+    }
+
+    /// Read up to `max` bytes into `buf` ([`Mux::read_vec`]: into an empty `buf` a queue of at
+    /// most `max` is handed over without a copy). `Ok(0)`: the end of the stream.
+    pub fn poll_read_vec(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_with(cx, |mux, id| mux.read_vec(id, buf, max, Instant::now()))
+    }
+
+    /// Queue `buf`'s bytes; what is taken leaves `buf` ([`Mux::write_vec`]: when the stream's
+    /// queue is empty, `buf` becomes the queue without a copy and gets an empty allocation back).
+    pub fn poll_write_vec(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
+        let want = !buf.is_empty();
+        self.poll_write_with(cx, want, |mux, id| mux.write_vec(id, buf))
+    }
+
+    fn poll_read_with(
+        &self,
+        cx: &mut Context<'_>,
+        read: impl FnOnce(&mut Mux, StreamId) -> Result<usize, MuxError>,
+    ) -> Poll<io::Result<usize>> {
+        let id = self.id;
+        let mut st = self.shared.lock();
+        let n = read(&mut st.mux, id).unwrap_or_default();
+        if n > 0 {
+            drop(st);
+            // Reading may have queued credit for the peer.
+            self.shared.tx_ready.notify_one();
+            return Poll::Ready(Ok(n));
+        }
+        if let Some(e) = Self::aborted(&st, id) {
+            return Poll::Ready(Err(e));
+        }
+        let gone = st.mux.stats(id).is_none();
+        match st.waiters.get_mut(&id) {
+            Some(w) if !w.finished && !gone => {
+                w.read = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            // Finished by the peer (or closed): end of stream.
+            _ => Poll::Ready(Ok(0)),
+        }
+    }
+
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        want: bool,
+        write: impl FnOnce(&mut Mux, StreamId) -> Result<usize, MuxError>,
+    ) -> Poll<io::Result<usize>> {
+        let id = self.id;
+        let mut st = self.shared.lock();
+        if let Some(e) = Self::aborted(&st, id) {
+            return Poll::Ready(Err(e));
+        }
+        match write(&mut st.mux, id) {
+            Ok(0) if want => {
+                if let Some(w) = st.waiters.get_mut(&id) {
+                    w.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                drop(st);
+                self.shared.tx_ready.notify_one();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))),
+        }
     }
 
     /// A handle that can reset this stream while its halves are in use elsewhere.
@@ -480,28 +573,14 @@ impl AsyncRead for TunnelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let id = self.id;
-        let mut st = self.shared.lock();
-        let n = st.mux.read(id, buf.initialize_unfilled(), Instant::now()).unwrap_or_default();
-        if n > 0 {
-            buf.advance(n);
-            drop(st);
-            // Reading may have queued credit for the peer.
-            self.shared.tx_ready.notify_one();
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(e) = Self::aborted(&st, id) {
-            return Poll::Ready(Err(e));
-        }
-        let gone = st.mux.stats(id).is_none();
-        match st.waiters.get_mut(&id) {
-            Some(w) if !w.finished && !gone => {
-                w.read = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            // Finished by the peer (or closed): end of stream.
-            _ => Poll::Ready(Ok(())),
-        }
+        let into = buf.initialize_unfilled();
+        let n = std::task::ready!(self.poll_read_with(cx, |mux, id| mux.read(
+            id,
+            into,
+            Instant::now()
+        )))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -511,54 +590,29 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let id = self.id;
-        let mut st = self.shared.lock();
-        if let Some(e) = Self::aborted(&st, id) {
-            return Poll::Ready(Err(e));
-        }
-        match st.mux.write(id, data) {
-            Ok(0) if !data.is_empty() => {
-                if let Some(w) = st.waiters.get_mut(&id) {
-                    w.write = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            Ok(n) => {
-                drop(st);
-                self.shared.tx_ready.notify_one();
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))),
-        }
+        self.poll_write_with(cx, !data.is_empty(), |mux, id| mux.write(id, data))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shut {
-            let id = self.id;
-            let mut st = self.shared.lock();
-            // Already gone (reset, or both sides done): nothing to finish.
-            let _ = st.mux.finish(id);
-            drop(st);
-            self.shut = true;
-            self.shared.tx_ready.notify_one();
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.finish();
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for TunnelStream {
     fn drop(&mut self) {
+        let shut = *self.shut.get_mut();
         let mut st = self.shared.lock();
-        if !self.shut {
+        if !shut {
             let _ = st.mux.reset(self.id, reset::CANCEL, "closed by the application");
         }
         // A finished stream lives on until its queued bytes are sent and the peer finishes too;
         // then its waiters go with it (see `dispatch`).
-        if !self.shut || st.mux.stats(self.id).is_none() {
+        if !shut || st.mux.stats(self.id).is_none() {
             st.waiters.remove(&self.id);
         } else if let Some(w) = st.waiters.get_mut(&self.id) {
             w.dropped = true;
@@ -603,7 +657,7 @@ async fn read_loop<R: AsyncRead>(
         }
         shared.tx_ready.notify_one();
         for (id, target) in opened {
-            let stream = TunnelStream { id, shared: shared.clone(), shut: false };
+            let stream = TunnelStream::new(id, shared.clone());
             if let Err(mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i)) =
                 incoming.try_send(Incoming { target, stream })
             {
@@ -766,71 +820,124 @@ async fn liveness(shared: &Arc<Shared>, every: Duration, dead_after: Duration) {
     }
 }
 
-/// Copy buffer of one relay direction while data flows.
+/// Read size of one relay direction while data flows.
 pub const RELAY_BUF: usize = 64 * 1024;
+
+/// Most bytes a relay direction takes from a stream at once: what it may hold, besides the
+/// stream's window, while its local side is slow to take them.
+pub const RELAY_TAKE: usize = 1024 * 1024;
 
 /// A relay direction quiet this long gives its [`RELAY_BUF`] buffer back.
 pub const RELAY_QUIET: Duration = Duration::from_millis(500);
 
-/// What a quiet relay direction waits on.
+/// What a quiet relay direction reads into.
 const RELAY_IDLE_BUF: usize = 512;
 
-/// Relays `a` and `b` both ways until both directions end (an end of stream on one side shuts
-/// down the other side's writing half), like `tokio::io::copy_bidirectional`, except that a quiet
-/// direction holds no copy buffer: it reads into [`RELAY_IDLE_BUF`] bytes, takes a [`RELAY_BUF`]
-/// buffer only when such a read comes back full (bulk data), and gives it back after
-/// [`RELAY_QUIET`]. So 1,000 idle
-/// forwarded connections cost about 1 MiB of buffers instead of 128 MiB. Returns the bytes
-/// copied a→b and b→a. Used by the gateway's `expose` relay and the node's port targets.
-pub async fn relay<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
+/// Relays a tunnel stream and a local connection (a customer's TCP connection on the gateway, a
+/// service's socket on the node) both ways until both directions end; an end of stream on one
+/// side shuts down the other side's writing half. Returns the bytes copied stream → local and
+/// local → stream.
+///
+/// Like `tokio::io::copy_bidirectional`, except:
+/// - **No copy through the tunnel's queues** while data flows: a buffer read from the local side
+///   is queued on the stream as it is (a chunk of its send queue; an allocation the stream has
+///   sent from comes back), and the stream's receive queue (up to [`RELAY_TAKE`]) becomes the
+///   buffer written to the local side ([`Mux::write_vec`], [`Mux::read_vec`]): buffers change
+///   hands, bytes are not copied. The bytes taken count as read, so a stream whose local side is
+///   slow holds up to [`RELAY_TAKE`] in the relay besides its window.
+/// - **A quiet direction holds no big buffer**: it reads into `RELAY_IDLE_BUF` (512) bytes, reads
+///   [`RELAY_BUF`] at a time only once such a read comes back full (bulk data), and gives its
+///   buffer back after [`RELAY_QUIET`]. So 1,000 idle forwarded connections cost about 1 MiB of
+///   buffers instead of 128 MiB.
+pub async fn relay<L>(stream: &TunnelStream, local: L) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    tokio::try_join!(pump(&mut ar, &mut bw), pump(&mut br, &mut aw))
+    let (mut rd, mut wr) = tokio::io::split(local);
+    tokio::try_join!(stream_to_local(stream, &mut wr), local_to_stream(&mut rd, stream))
 }
 
-/// One direction of [`relay`].
-async fn pump<R, W>(from: &mut R, to: &mut W) -> io::Result<u64>
+/// The stream → local direction of [`relay`].
+async fn stream_to_local<W>(stream: &TunnelStream, to: &mut W) -> io::Result<u64>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut total = 0u64;
-    let mut small = [0u8; RELAY_IDLE_BUF];
+    let mut buf = Vec::new();
+    let mut fair = Fair::default();
     loop {
-        let n = from.read(&mut small).await?;
+        let big = buf.capacity() > RELAY_IDLE_BUF;
+        let read = std::future::poll_fn(|cx| stream.poll_read_vec(cx, &mut buf, RELAY_TAKE));
+        let n = if big {
+            // Holding a bulk-sized buffer: give it back once the direction goes quiet (a read
+            // that timed out has taken nothing).
+            match tokio::time::timeout(RELAY_QUIET, read).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    buf = Vec::new();
+                    continue;
+                }
+            }
+        } else {
+            read.await?
+        };
         if n == 0 {
             to.shutdown().await?;
             return Ok(total);
         }
-        to.write_all(&small[..n]).await?;
-        to.flush().await?;
-        total += n as u64;
-        if n < RELAY_IDLE_BUF {
-            // A short message (a keystroke, a request, a 64-byte round trip): no buffer taken.
-            continue;
-        }
-        // Data is flowing: a full-size buffer until the direction goes quiet (`read` is
-        // cancel-safe: a timed-out read has taken nothing).
-        let mut big = vec![0u8; RELAY_BUF];
-        let mut fair = Fair::default();
-        loop {
-            let n = match tokio::time::timeout(RELAY_QUIET, from.read(&mut big)).await {
-                Ok(r) => r?,
-                Err(_) => break,
-            };
-            if n == 0 {
-                to.shutdown().await?;
-                return Ok(total);
-            }
-            to.write_all(&big[..n]).await?;
+        // The queue may hold a whole window (megabytes): written in slices, so a bulk stream
+        // gives its worker up as often as before (`Fair`).
+        for slice in buf.chunks(RELAY_BUF) {
+            to.write_all(slice).await?;
             to.flush().await?;
-            total += n as u64;
-            fair.moved(n).await;
+            fair.moved(slice.len()).await;
         }
+        buf.clear();
+        total += n as u64;
+    }
+}
+
+/// The local → stream direction of [`relay`].
+async fn local_to_stream<R>(from: &mut R, stream: &TunnelStream) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut total = 0u64;
+    let mut buf = Vec::new();
+    let mut flowing = false;
+    let mut fair = Fair::default();
+    loop {
+        // `buf` is empty here, with whatever allocation the last swap gave back.
+        let want = if flowing { RELAY_BUF } else { RELAY_IDLE_BUF };
+        if buf.capacity() < want {
+            buf.reserve_exact(want);
+        }
+        // At most `want` per read whatever the swapped-in allocation holds, so the scheduler's
+        // turns, not the size of a buffer, decide how much bulk data queues at once.
+        let mut limited = (&mut *from).take(want as u64);
+        let n = if flowing {
+            match tokio::time::timeout(RELAY_QUIET, limited.read_buf(&mut buf)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    flowing = false;
+                    buf = Vec::new();
+                    continue;
+                }
+            }
+        } else {
+            limited.read_buf(&mut buf).await?
+        };
+        if n == 0 {
+            stream.finish();
+            return Ok(total);
+        }
+        // A full small read: data is flowing (a keystroke or a request takes no big buffer).
+        flowing |= n >= want;
+        while !buf.is_empty() {
+            std::future::poll_fn(|cx| stream.poll_write_vec(cx, &mut buf)).await?;
+        }
+        total += n as u64;
+        fair.moved(n).await;
     }
 }
 

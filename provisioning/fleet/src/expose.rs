@@ -182,7 +182,7 @@ async fn forward(fleet: &Fleet, mut tcp: TcpStream, from: SocketAddr, e: &Exposu
         tracing::info!(node = %e.node_id, port = e.gateway_port, %from, "exposed node has no tunnel: connection closed");
         return;
     };
-    let mut stream = match handle.open(&Target::Port(e.node_port)) {
+    let stream = match handle.open(&Target::Port(e.node_port)) {
         Ok(s) => s,
         Err(err) => {
             tracing::info!(node = %e.node_id, port = e.gateway_port, %from, error = %err, "cannot open a stream to the exposed node");
@@ -191,8 +191,8 @@ async fn forward(fleet: &Fleet, mut tcp: TcpStream, from: SocketAddr, e: &Exposu
     };
     let started = Instant::now();
     // 64 KiB buffers while data flows, none while the connection is idle (`relay`).
-    match hearth_fleet_client::tunnel::relay(&mut tcp, &mut stream).await {
-        Ok((up, down)) => tracing::debug!(
+    match hearth_fleet_client::tunnel::relay(&stream, &mut tcp).await {
+        Ok((down, up)) => tracing::debug!(
             node = %e.node_id, port = e.gateway_port, %from, up, down,
             secs = started.elapsed().as_secs_f64(), "exposure connection closed"
         ),

@@ -220,66 +220,137 @@ async fn a_finished_and_dropped_stream_still_takes_the_peers_bytes() -> io::Resu
     Ok(())
 }
 
+/// A gateway and a node tunnel over an in-memory connection, with no one serving the node's
+/// streams: the test takes them from `incoming` itself.
+fn bare_pair() -> (Tunnel, Tunnel) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let gw = Tunnel::spawn(a, Side::Gateway, TunnelConfig::default());
+    let node = Tunnel::spawn(b, Side::Node, TunnelConfig::default());
+    (gw, node)
+}
+
+/// A stream opened by the gateway, relayed to a local in-memory connection; returns the relay's
+/// task, the local connection's far end and the node's end of the stream.
+async fn relayed_stream(
+    local_capacity: usize,
+) -> io::Result<(
+    tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+    tokio::io::DuplexStream,
+    TunnelStream,
+    (Tunnel, Tunnel),
+)> {
+    let (gw, mut node) = bare_pair();
+    let stream = gw.handle.open(&Target::Echo)?;
+    let far = node.incoming.recv().await.ok_or_else(|| io::Error::other("no incoming stream"))?;
+    let (local, a) = tokio::io::duplex(local_capacity);
+    let relayed = tokio::spawn(async move { relay(&stream, a).await });
+    Ok((relayed, local, far.stream, (gw, node)))
+}
+
 /// `relay` copies both ways, intact and in order, through several quiet periods (each gives the
 /// big buffer back), and an end of stream on one side reaches the other as an end of stream
 /// while the other direction keeps flowing.
 #[tokio::test]
-async fn relay_copies_both_ways_across_quiet_periods_and_half_closes() {
-    let (client, a) = tokio::io::duplex(4096);
-    let (b, server) = tokio::io::duplex(4096);
-    let relayed = tokio::spawn(relay(a, b));
-    let (mut c_rd, mut c_wr) = tokio::io::split(client);
-    let (mut s_rd, mut s_wr) = tokio::io::split(server);
+async fn relay_copies_both_ways_across_quiet_periods_and_half_closes() -> io::Result<()> {
+    let (relayed, local, mut far, _tunnels) = relayed_stream(4096).await?;
+    let (mut c_rd, mut c_wr) = tokio::io::split(local);
 
     let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let down: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
     let up2 = up.clone();
     let writer_up = tokio::spawn(async move {
         for (k, chunk) in up2.chunks(70_000).enumerate() {
-            c_wr.write_all(chunk).await.expect("client write");
+            c_wr.write_all(chunk).await?;
             if k % 2 == 0 {
                 // Longer than RELAY_QUIET: the direction goes idle and comes back.
                 tokio::time::sleep(RELAY_QUIET + Duration::from_millis(100)).await;
             }
         }
-        c_wr.shutdown().await.expect("client shutdown");
+        c_wr.shutdown().await
     });
-    // The client reads all along (the pipes hold 4 KiB: a writer nobody reads would stall).
+    // The local side reads all along (the pipe holds 4 KiB: a writer nobody reads would stall).
     let reader_down = tokio::spawn(async move {
         let mut got = Vec::new();
-        c_rd.read_to_end(&mut got).await.expect("client read");
-        got
+        c_rd.read_to_end(&mut got).await.map(|_| got)
     });
     let mut got_up = Vec::new();
-    s_rd.read_to_end(&mut got_up).await.expect("server read");
-    writer_up.await.expect("writer task");
-    assert_eq!(got_up, up, "client → server intact, then end of stream");
+    far.read_to_end(&mut got_up).await?;
+    writer_up.await.map_err(io::Error::other)??;
+    assert!(got_up == up, "local → stream intact, then end of stream ({} bytes)", got_up.len());
 
     // The other direction still flows after the first one ended.
-    s_wr.write_all(&down).await.expect("server write");
+    far.write_all(&down).await?;
     tokio::time::sleep(RELAY_QUIET + Duration::from_millis(100)).await;
-    s_wr.write_all(b"tail").await.expect("server write after a quiet period");
-    s_wr.shutdown().await.expect("server shutdown");
-    let got_down = reader_down.await.expect("reader task");
+    far.write_all(b"tail").await?;
+    far.shutdown().await?;
+    let got_down = reader_down.await.map_err(io::Error::other)??;
     assert_eq!(got_down.len(), down.len() + 4);
-    assert_eq!(&got_down[..down.len()], &down[..]);
+    assert!(got_down[..down.len()] == down[..], "stream → local intact");
     assert_eq!(&got_down[down.len()..], b"tail");
 
-    let (n_up, n_down) = relayed.await.expect("relay task").expect("relay result");
-    assert_eq!((n_up, n_down), (up.len() as u64, down.len() as u64 + 4));
+    let (n_down, n_up) = relayed.await.map_err(io::Error::other)??;
+    assert_eq!((n_down, n_up), (down.len() as u64 + 4, up.len() as u64));
+    Ok(())
 }
 
-/// An error on either side ends the relay with that error.
+/// Bulk data both ways at once through `relay`, with the far end reading and writing in uneven
+/// pieces: the buffers the relay swaps with the stream's queues never lose, repeat or reorder a
+/// byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_swaps_buffers_without_losing_a_byte_under_load() -> io::Result<()> {
+    let (relayed, local, far, _tunnels) = relayed_stream(256 * 1024).await?;
+    let (mut l_rd, mut l_wr) = tokio::io::split(local);
+    let (mut f_rd, mut f_wr) = tokio::io::split(far);
+    let up = pattern(3, 24 << 20);
+    let down = pattern(7, 24 << 20);
+    let (up2, down2) = (up.clone(), down.clone());
+    let push_up = tokio::spawn(async move {
+        for chunk in up2.chunks(100_003) {
+            l_wr.write_all(chunk).await?;
+        }
+        l_wr.shutdown().await
+    });
+    let push_down = tokio::spawn(async move {
+        for chunk in down2.chunks(33_333) {
+            f_wr.write_all(chunk).await?;
+        }
+        f_wr.shutdown().await
+    });
+    let mut got_up = Vec::new();
+    let mut got_down = Vec::new();
+    let (a, b) = tokio::join!(f_rd.read_to_end(&mut got_up), l_rd.read_to_end(&mut got_down));
+    a?;
+    b?;
+    push_up.await.map_err(io::Error::other)??;
+    push_down.await.map_err(io::Error::other)??;
+    assert!(got_up == up, "local → stream: {} of {} bytes, or reordered", got_up.len(), up.len());
+    assert!(
+        got_down == down,
+        "stream → local: {} of {} bytes, or reordered",
+        got_down.len(),
+        down.len()
+    );
+    let moved = relayed.await.map_err(io::Error::other)??;
+    assert_eq!(moved, (down.len() as u64, up.len() as u64));
+    Ok(())
+}
+
+/// An error on either side ends the relay with that error: the local side vanishing, or the
+/// stream's far end resetting it.
 #[tokio::test]
-async fn relay_reports_a_broken_side() {
-    let (client, a) = tokio::io::duplex(1024);
-    let (b, server) = tokio::io::duplex(1024);
-    let relayed = tokio::spawn(relay(a, b));
-    drop(server); // the far side vanishes: writing to it fails
-    let mut client = client;
-    client.write_all(b"hello").await.expect("client write");
-    let r = relayed.await.expect("relay task");
-    assert!(r.is_err(), "a relay whose far side is gone must fail, got {r:?}");
+async fn relay_reports_a_broken_side() -> io::Result<()> {
+    let (relayed, local, mut far, _tunnels) = relayed_stream(1024).await?;
+    drop(local); // the local side vanishes: writing to it fails
+    far.write_all(b"hello").await?;
+    let r = relayed.await.map_err(io::Error::other)?;
+    assert!(r.is_err(), "a relay whose local side is gone must fail, got {r:?}");
+
+    let (relayed, _local, far, _tunnels) = relayed_stream(1024).await?;
+    far.control().reset(reset::CANCEL, "far end gave up");
+    let r = relayed.await.map_err(io::Error::other)?;
+    let reason = r.as_ref().err().and_then(StreamReset::of).map(|r| r.reason.clone());
+    assert_eq!(reason.as_deref(), Some("far end gave up"), "got {r:?}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
