@@ -370,8 +370,8 @@ impl TunnelStream {
         self.poll_read_with(cx, |mux, id| mux.read_vec(id, buf, max, Instant::now()))
     }
 
-    /// Queue `buf`'s bytes; what is taken leaves `buf` ([`Mux::write_vec`]: when the stream's
-    /// queue is empty, `buf` becomes the queue without a copy and gets an empty allocation back).
+    /// Queue `buf`'s bytes; what is taken leaves `buf` ([`Mux::write_vec`]: a buffer that fits is
+    /// queued whole, without a copy, and `buf` gets an empty allocation back).
     pub fn poll_write_vec(
         &self,
         cx: &mut Context<'_>,
@@ -573,12 +573,8 @@ impl AsyncRead for TunnelStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let into = buf.initialize_unfilled();
-        let n = std::task::ready!(self.poll_read_with(cx, |mux, id| mux.read(
-            id,
-            into,
-            Instant::now()
-        )))?;
+        let (into, now) = (buf.initialize_unfilled(), Instant::now());
+        let n = std::task::ready!(self.poll_read_with(cx, |mux, id| mux.read(id, into, now)))?;
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
@@ -907,12 +903,12 @@ where
     let mut flowing = false;
     let mut fair = Fair::default();
     loop {
-        // `buf` is empty here, with whatever allocation the last swap gave back.
+        // `buf` is empty here, with whatever allocation the last hand-over gave back.
         let want = if flowing { RELAY_BUF } else { RELAY_IDLE_BUF };
         if buf.capacity() < want {
             buf.reserve_exact(want);
         }
-        // At most `want` per read whatever the swapped-in allocation holds, so the scheduler's
+        // At most `want` per read whatever the allocation given back holds, so the scheduler's
         // turns, not the size of a buffer, decide how much bulk data queues at once.
         let mut limited = (&mut *from).take(want as u64);
         let n = if flowing {
