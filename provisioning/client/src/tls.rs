@@ -55,7 +55,7 @@ pub enum TlsError {
 
 /// The crypto provider used everywhere (ring).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// SHA-256 of `bytes` as lowercase hex.
