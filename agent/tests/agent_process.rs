@@ -320,6 +320,27 @@ impl Agent {
         }
     }
 
+    /// Poll the power report until the controller's budget setting is `watts`.
+    fn budget_is(
+        &mut self,
+        watts: Option<u32>,
+        within: Duration,
+    ) -> Result<PowerReport, Box<dyn std::error::Error>> {
+        let t0 = Instant::now();
+        loop {
+            self.drain();
+            let p = self.power()?;
+            let now = p.control.as_ref().map(|c| c.settings.budget_w);
+            if now == Some(watts) {
+                return Ok(p);
+            }
+            if t0.elapsed() > within {
+                return Err(format!("budget {now:?}, not {watts:?}, after {within:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn hup(&self) {
         let pid = i32::try_from(self.child.id()).unwrap_or(0);
         // SAFETY: kill(2) with a PID we spawned and still own (not yet reaped).
@@ -342,7 +363,8 @@ fn power_budget_changes_by_cli_and_sighup_and_a_bad_reload_is_refused() -> TestR
     let out = agent.cli(&["power", "budget", "1600"])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     agent.limits_at_most(1600, Duration::from_secs(3))?;
-    let p = agent.power()?;
+    // Idle GPUs may already be capped under 1600 W in total: wait for the setting itself too.
+    let p = agent.budget_is(Some(1600), Duration::from_secs(3))?;
     let control = p.control.ok_or("no control in the report")?;
     assert_eq!(control.settings.budget_w, Some(1600));
     assert!(p.gpus.iter().all(|g| g.cap_w.is_some() && g.reason.is_some()), "{:?}", p.gpus);
