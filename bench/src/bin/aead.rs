@@ -42,58 +42,40 @@ fn nonce(seq: u64) -> [u8; 12] {
     n
 }
 
-struct Ring(ring::aead::LessSafeKey);
-struct AwsLc(aws_lc_rs::aead::LessSafeKey);
+/// The two libraries' AEAD APIs have the same names: one implementation for both.
+macro_rules! aead_lib {
+    ($ty:ident, $krate:ident, $name:literal) => {
+        struct $ty($krate::aead::LessSafeKey);
 
-impl Aead for Ring {
-    fn name(&self) -> &'static str {
-        "ring 0.17"
-    }
-    fn seal(&self, seq: u64, buf: &mut [u8]) -> anyhow::Result<[u8; 16]> {
-        use ring::aead::{Aad, Nonce};
-        let tag = self
-            .0
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce(seq)),
-                Aad::from(AAD),
-                buf,
-            )
-            .map_err(|_| anyhow!("ring: seal failed"))?;
-        tag.as_ref().try_into().context("ring: tag length")
-    }
-    fn open(&self, seq: u64, buf: &mut [u8]) -> anyhow::Result<usize> {
-        use ring::aead::{Aad, Nonce};
-        self.0
-            .open_in_place(Nonce::assume_unique_for_key(nonce(seq)), Aad::from(AAD), buf)
-            .map(|p| p.len())
-            .map_err(|_| anyhow!("ring: open failed"))
-    }
+        impl Aead for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn seal(&self, seq: u64, buf: &mut [u8]) -> anyhow::Result<[u8; 16]> {
+                use $krate::aead::{Aad, Nonce};
+                let tag = self
+                    .0
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce(seq)),
+                        Aad::from(AAD),
+                        buf,
+                    )
+                    .map_err(|_| anyhow!("{}: seal failed", $name))?;
+                tag.as_ref().try_into().with_context(|| format!("{}: tag length", $name))
+            }
+            fn open(&self, seq: u64, buf: &mut [u8]) -> anyhow::Result<usize> {
+                use $krate::aead::{Aad, Nonce};
+                self.0
+                    .open_in_place(Nonce::assume_unique_for_key(nonce(seq)), Aad::from(AAD), buf)
+                    .map(|p| p.len())
+                    .map_err(|_| anyhow!("{}: open failed", $name))
+            }
+        }
+    };
 }
 
-impl Aead for AwsLc {
-    fn name(&self) -> &'static str {
-        "aws-lc-rs 1"
-    }
-    fn seal(&self, seq: u64, buf: &mut [u8]) -> anyhow::Result<[u8; 16]> {
-        use aws_lc_rs::aead::{Aad, Nonce};
-        let tag = self
-            .0
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce(seq)),
-                Aad::from(AAD),
-                buf,
-            )
-            .map_err(|_| anyhow!("aws-lc-rs: seal failed"))?;
-        tag.as_ref().try_into().context("aws-lc-rs: tag length")
-    }
-    fn open(&self, seq: u64, buf: &mut [u8]) -> anyhow::Result<usize> {
-        use aws_lc_rs::aead::{Aad, Nonce};
-        self.0
-            .open_in_place(Nonce::assume_unique_for_key(nonce(seq)), Aad::from(AAD), buf)
-            .map(|p| p.len())
-            .map_err(|_| anyhow!("aws-lc-rs: open failed"))
-    }
-}
+aead_lib!(Ring, ring, "ring 0.17");
+aead_lib!(AwsLc, aws_lc_rs, "aws-lc-rs 1");
 
 /// One round of `records` seals then `records` opens: (seal GB/s, open GB/s). Each open takes a
 /// fresh copy of one sealed record (opening decrypts in place) and must authenticate; the time of
