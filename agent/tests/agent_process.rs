@@ -295,29 +295,43 @@ impl Agent {
         self.json(&["power", "--json"])
     }
 
+    /// Poll the power report every 50 ms until `ready` accepts it (`Err` says what is not there
+    /// yet, and is the error once `within` has passed).
+    fn power_until(
+        &mut self,
+        within: Duration,
+        ready: impl Fn(&PowerReport) -> Result<(), String>,
+    ) -> Result<PowerReport, Box<dyn std::error::Error>> {
+        let t0 = Instant::now();
+        loop {
+            self.drain();
+            let p = self.power()?;
+            match ready(&p) {
+                Ok(()) => return Ok(p),
+                Err(why) if t0.elapsed() > within => {
+                    return Err(format!("{why} after {within:?}: {p:?}").into());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Poll the power report until every GPU's limit in force sums to at most `watts`.
     fn limits_at_most(
         &mut self,
         watts: u32,
         within: Duration,
-    ) -> Result<Duration, Box<dyn std::error::Error>> {
-        let t0 = Instant::now();
-        loop {
-            self.drain();
-            let p = self.power()?;
+    ) -> Result<PowerReport, Box<dyn std::error::Error>> {
+        self.power_until(within, |p| {
             let sum: u32 = p.gpus.iter().filter_map(|g| g.limit_mw).sum();
             // Every GPU must be sampled with a limit in force (an empty report is not "under").
             let complete = !p.gpus.is_empty() && p.gpus.iter().all(|g| g.limit_mw.is_some());
             if complete && sum <= watts * 1000 {
-                return Ok(t0.elapsed());
+                Ok(())
+            } else {
+                Err(format!("limits {sum} mW not under {watts} W"))
             }
-            if t0.elapsed() > within {
-                return Err(
-                    format!("limits {sum} mW not under {watts} W after {within:?}: {p:?}").into()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// Poll the power report until the controller's budget setting is `watts`.
@@ -326,19 +340,10 @@ impl Agent {
         watts: Option<u32>,
         within: Duration,
     ) -> Result<PowerReport, Box<dyn std::error::Error>> {
-        let t0 = Instant::now();
-        loop {
-            self.drain();
-            let p = self.power()?;
+        self.power_until(within, |p| {
             let now = p.control.as_ref().map(|c| c.settings.budget_w);
-            if now == Some(watts) {
-                return Ok(p);
-            }
-            if t0.elapsed() > within {
-                return Err(format!("budget {now:?}, not {watts:?}, after {within:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if now == Some(watts) { Ok(()) } else { Err(format!("budget {now:?}, not {watts:?}")) }
+        })
     }
 
     fn hup(&self) {

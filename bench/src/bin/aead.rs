@@ -27,7 +27,7 @@ const RECORD: usize = 16 * 1024;
 /// What a TLS 1.3 record's additional data is: its 5-byte header.
 const AAD: [u8; 5] = [0x17, 0x03, 0x03, 0x40, 0x11];
 
-/// Seal and open throughput (GB/s) of one library.
+/// One library's AES-256-GCM, sealing and opening TLS 1.3 records in place.
 trait Aead {
     fn name(&self) -> &'static str;
     /// Seal `buf` in place under record number `seq`, returning the tag.
