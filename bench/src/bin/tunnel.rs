@@ -10,9 +10,10 @@
 //!
 //! Every path is set up first and all stay up together. Figures: bulk throughput, the median of
 //! `--rounds` interleaved rounds (each round measures every path once, so a path's samples are
-//! spread over the run; the table shows the median and the range), with the CPU-seconds per GB of
-//! the median sample; then, path by path, 64-byte round trips p50/p99, idle and while a bulk
-//! stream runs on the same path, and the memory of 1,000 idle streams. CPU and memory count this
+//! spread over the run; the table shows the median and the range, the progress output every
+//! sample), with the CPU-seconds per GB of the median sample; then, path by path, 64-byte round
+//! trips p50/p99, idle and while a bulk stream runs on the same path, and the memory of 1,000
+//! idle streams. CPU and memory count this
 //! process (both ends, and for Hearth the gateway too) plus the peer's own processes. One table
 //! with ratios (of the medians) against stunnel and rathole-TLS, then the goals of issue 6.
 //!
@@ -910,7 +911,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         for p in &mut probes {
             let Some(way) = p.way.as_ref().filter(|_| p.row.failed.is_none()) else { continue };
             match way.bulk(p.streams, bytes).await {
-                Ok(sample) => p.samples.push(sample),
+                Ok(sample) => {
+                    // Each sample on the progress output: a slow spell shows as one path's
+                    // sample with more CPU per byte, not as a change of its median.
+                    eprintln!("  {}: {:.2} Gbit/s, {:.2} CPU-s/GB", p.row.name, sample.0, sample.1);
+                    p.samples.push(sample);
+                }
                 Err(e) => p.fail(&e),
             }
         }
