@@ -13,9 +13,9 @@
 //! spread over the run; the table shows the median and the range, the progress output every
 //! sample), with the CPU-seconds per GB of the median sample; then, path by path, 64-byte round
 //! trips p50/p99, idle and while a bulk stream runs on the same path, and the memory of 1,000
-//! idle streams. CPU and memory count this
-//! process (both ends, and for Hearth the gateway too) plus the peer's own processes. One table
-//! with ratios (of the medians) against stunnel and rathole-TLS, then the goals of issue 6.
+//! idle streams. CPU and memory count this process (both ends, and for Hearth the gateway too)
+//! plus the peer's own processes. One table with ratios (of the medians) against stunnel and
+//! rathole-TLS, then the goals of issue 6.
 //!
 //! Run: `bench/tunnel` (builds this in release, installs rathole and bore into a cache outside
 //! the repository when missing, raises the open-files limit; docs/benchmarks.md).
