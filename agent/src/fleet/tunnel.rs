@@ -20,7 +20,9 @@ use hearth_fleet_client::backoff::{Backoff, os_random};
 use hearth_fleet_client::https::Endpoint;
 use hearth_fleet_client::tls::ClientIdentity;
 use hearth_fleet_client::tunnel::lanes::{Lanes, Serve};
-use hearth_fleet_client::tunnel::{Incoming, TunnelConfig, TunnelStream, connect};
+use hearth_fleet_client::tunnel::{
+    Incoming, TunnelConfig, TunnelStream, connect, connect_loopback,
+};
 use hearth_proto::mux::{Target, reset};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -141,7 +143,7 @@ async fn serve_stream(targets: &Targets, inc: Incoming, stats: &LinkStats) {
             ),
         },
         Target::Port(port) if targets.policy.expose_ports.contains(&port) => {
-            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            match connect_loopback(port).await {
                 Ok(mut tcp) => relay(stream, &mut tcp, stats).await,
                 Err(e) => stream.refuse(reset::UNREACHABLE, &format!("127.0.0.1:{port}: {e}")),
             }

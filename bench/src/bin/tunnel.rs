@@ -946,19 +946,27 @@ const HEARTH: &str = "hearth operator tunnel via gateway";
 const EXPOSE: &str = "hearth expose (TCP → gateway → node tunnel)";
 const EXPOSE_ONE: &str = "hearth expose, one connection (no lanes)";
 
+/// The kernel's default TCP congestion control, which every path's sockets use: BBR's pacing
+/// costs CPU per byte on loopback, more of it for the faster paths (`docs/benchmarks.md`).
+fn congestion_control() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+}
+
 fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
     let gbit = |name: &str| rows.iter().find(|r| r.name == name).and_then(|r| r.gbit_s);
     let (stunnel, rathole) = (gbit(STUNNEL), gbit(RATHOLE));
     println!(
         "\nTunnel on loopback, {} MiB per throughput run, {} interleaved throughput rounds per \
          path (median shown), {} round trips of 64 B, {} idle streams ({}; load average \
-         {load_before} before, {load_after} after; {} CPUs)\n",
+         {load_before} before, {load_after} after; {} CPUs; TCP congestion control {})\n",
         o.mib,
         o.rounds,
         o.round_trips,
         o.idle_streams,
         hearth_bench::today(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        congestion_control(),
     );
     println!(
         "| path | Gbit/s | range of {} rounds | vs stunnel | vs rathole-TLS | CPU-s/GB | RTT p50 \

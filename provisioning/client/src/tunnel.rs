@@ -108,6 +108,42 @@ pub fn tune_tcp(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
 }
 
+/// The congestion control a loopback connection gets instead of one that paces
+/// ([`connect_loopback`]): Linux's default.
+pub const LOOPBACK_CONGESTION: &str = "cubic";
+
+/// What a connection to a service on this host's loopback should use instead of congestion
+/// control `current`: `None` to keep it. BBR (any version) paces its sends with a kernel timer
+/// when no `fq` qdisc does it; a loopback connection has no bottleneck to pace for, so the
+/// pacing only costs timer interrupts (`docs/0006-tunnel.md`, "Pacing").
+pub fn loopback_congestion(current: &str) -> Option<&'static str> {
+    current.starts_with("bbr").then_some(LOOPBACK_CONGESTION)
+}
+
+/// Connect to a service on this host's loopback (the node's connection to an exposed port)
+/// without kernel pacing: when the system's congestion control is BBR, the socket gets
+/// [`LOOPBACK_CONGESTION`] before it connects, so BBR never runs on it (best effort: logged if
+/// refused). Any other congestion control is kept.
+pub async fn connect_loopback(port: u16) -> io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    #[cfg(target_os = "linux")]
+    {
+        let sock = socket2::SockRef::from(&socket);
+        match sock.tcp_congestion() {
+            Ok(name) => {
+                let current = String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned();
+                if let Some(to) = loopback_congestion(&current)
+                    && let Err(e) = sock.set_tcp_congestion(to.as_bytes())
+                {
+                    tracing::debug!(error = %e, from = %current, to, "cannot set TCP_CONGESTION");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read TCP_CONGESTION"),
+        }
+    }
+    socket.connect((std::net::Ipv4Addr::LOCALHOST, port).into()).await
+}
+
 /// Streams the peer opened that are not yet taken from [`Tunnel::incoming`].
 const INCOMING_QUEUE: usize = 256;
 

@@ -411,3 +411,35 @@ async fn tuned_sockets_keep_a_shallow_send_queue() -> io::Result<()> {
     assert!(c.nodelay()?);
     Ok(())
 }
+
+#[test]
+fn only_pacing_congestion_controls_are_replaced_on_loopback() {
+    assert_eq!(loopback_congestion("bbr"), Some(LOOPBACK_CONGESTION));
+    assert_eq!(loopback_congestion("bbr2"), Some(LOOPBACK_CONGESTION));
+    assert_eq!(loopback_congestion("cubic"), None);
+    assert_eq!(loopback_congestion("reno"), None);
+    assert_eq!(loopback_congestion(""), None);
+}
+
+/// The congestion control of a connected socket, without the kernel's padding.
+#[cfg(target_os = "linux")]
+fn congestion(c: &tokio::net::TcpStream) -> io::Result<String> {
+    let name = socket2::SockRef::from(c).tcp_congestion()?;
+    Ok(String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned())
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_loopback_connection_is_not_paced_by_bbr() -> io::Result<()> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    let c = connect_loopback(port).await?;
+    let (_accepted, from) = l.accept().await?;
+    assert_eq!(Some(from), c.local_addr().ok(), "connected to the listener");
+    // New sockets start with the system's default; only a pacing one is replaced.
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")?;
+    let default = default.trim();
+    let expected = loopback_congestion(default).unwrap_or(default);
+    assert_eq!(congestion(&c)?, expected, "system default {default}");
+    Ok(())
+}
