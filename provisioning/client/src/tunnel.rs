@@ -129,9 +129,8 @@ pub async fn connect_loopback(port: u16) -> io::Result<tokio::net::TcpStream> {
     #[cfg(target_os = "linux")]
     {
         let sock = socket2::SockRef::from(&socket);
-        match sock.tcp_congestion() {
-            Ok(name) => {
-                let current = String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned();
+        match congestion_of(&sock) {
+            Ok(current) => {
                 if let Some(to) = loopback_congestion(&current)
                     && let Err(e) = sock.set_tcp_congestion(to.as_bytes())
                 {
@@ -142,6 +141,13 @@ pub async fn connect_loopback(port: u16) -> io::Result<tokio::net::TcpStream> {
         }
     }
     socket.connect((std::net::Ipv4Addr::LOCALHOST, port).into()).await
+}
+
+/// A socket's congestion control by name, without the kernel's NUL padding.
+#[cfg(target_os = "linux")]
+fn congestion_of(sock: &socket2::SockRef<'_>) -> io::Result<String> {
+    let name = sock.tcp_congestion()?;
+    Ok(String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned())
 }
 
 /// Streams the peer opened that are not yet taken from [`Tunnel::incoming`].

@@ -421,13 +421,6 @@ fn only_pacing_congestion_controls_are_replaced_on_loopback() {
     assert_eq!(loopback_congestion(""), None);
 }
 
-/// The congestion control of a connected socket, without the kernel's padding.
-#[cfg(target_os = "linux")]
-fn congestion(c: &tokio::net::TcpStream) -> io::Result<String> {
-    let name = socket2::SockRef::from(c).tcp_congestion()?;
-    Ok(String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned())
-}
-
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_loopback_connection_is_not_paced_by_bbr() -> io::Result<()> {
@@ -440,6 +433,6 @@ async fn a_loopback_connection_is_not_paced_by_bbr() -> io::Result<()> {
     let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")?;
     let default = default.trim();
     let expected = loopback_congestion(default).unwrap_or(default);
-    assert_eq!(congestion(&c)?, expected, "system default {default}");
+    assert_eq!(congestion_of(&socket2::SockRef::from(&c))?, expected, "system default {default}");
     Ok(())
 }
