@@ -97,10 +97,15 @@ impl NbdServer {
     /// Cut the power: close the current connection and drop every unflushed write. Returns the
     /// sectors lost.
     pub fn power_cut(&self) -> Result<u64, DiskError> {
+        // The disk stays locked from before the connection closes until the cut is done: the
+        // server's own thread, seeing its connection end, cuts the power too (nothing left to
+        // lose by then), and must not drop these writes first.
+        let mut disk = lock(&self.shared.disk);
         if let Some(c) = lock(&self.shared.conn).take() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        let lost = lock(&self.shared.disk).power_cut()?;
+        let lost = disk.power_cut()?;
+        drop(disk);
         tracing::info!(lost_sectors = lost, "power cut");
         Ok(lost)
     }

@@ -14,6 +14,13 @@
 //! The mux sits behind a `std` mutex that is never held across an `.await`; a stream's reads and
 //! writes lock it briefly, so there is no per-stream task and no per-stream buffer beyond the
 //! mux's own (an idle stream costs a few hundred bytes).
+//!
+//! **No worker thread sleeps on a lock.** A stream's poll, and the reader and writer, take the
+//! mux with `Shared::poll_lock`: a task that finds it held waits as `Pending` and is woken when
+//! it is released. The connection's read and write halves ([`split`]) do the same for the TLS
+//! stream, whose polls (sealing or opening records, a system call) are the longest. With `std`
+//! locks and `tokio::io::split`, a worker slept on a futex while another held the lock, and the
+//! tasks queued on it waited too (`docs/0006-tunnel.md`, "Blocking").
 
 use std::collections::HashMap;
 use std::io;
@@ -214,14 +221,91 @@ struct State {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
+    /// Tasks that found `state` locked in a poll ([`Shared::poll_lock`]), woken when it is
+    /// released.
+    lock_waiters: Mutex<Vec<Waker>>,
+    /// `lock_waiters` is not empty (read after each release, so releasing costs no second lock).
+    lock_wanted: AtomicBool,
     /// Something was queued for the writer.
     tx_ready: Notify,
     ended: watch::Sender<Option<TunnelError>>,
 }
 
+/// The tunnel's state, locked; releasing it wakes the tasks [`Shared::poll_lock`] left waiting.
+struct Locked<'a> {
+    guard: Option<MutexGuard<'a, State>>,
+    shared: &'a Shared,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        // Only `drop` takes the guard.
+        self.guard.as_deref().unwrap_or_else(|| unreachable!("a released lock is not used"))
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_deref_mut().unwrap_or_else(|| unreachable!("a released lock is not used"))
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Pairs with the fence in `poll_lock`: either this release sees the flag a waiter set,
+        // or that waiter's second `try_lock` sees the state released.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.lock_wanted.load(Ordering::Relaxed) {
+            let waiters = {
+                let mut w = self.shared.lock_waiters.lock().unwrap_or_else(PoisonError::into_inner);
+                self.shared.lock_wanted.store(false, Ordering::Relaxed);
+                std::mem::take(&mut *w)
+            };
+            for w in waiters {
+                w.wake();
+            }
+        }
+    }
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> Locked<'_> {
+        let guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        Locked { guard: Some(guard), shared: self }
+    }
+
+    /// The state, or `Pending` (woken when it is released) while another task holds it: a
+    /// stream's poll, or the reader or writer, never puts its worker thread to sleep on the
+    /// lock while the holder copies a frame batch (see "Blocking" in `docs/0006-tunnel.md`).
+    fn poll_lock(&self, cx: &mut Context<'_>) -> Poll<Locked<'_>> {
+        if let Some(st) = self.try_lock() {
+            return Poll::Ready(st);
+        }
+        {
+            let mut w = self.lock_waiters.lock().unwrap_or_else(PoisonError::into_inner);
+            if !w.iter().any(|w| w.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            self.lock_wanted.store(true, Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // Released before the flag was seen: take it now (the waker left behind only causes a
+        // spurious wake-up).
+        match self.try_lock() {
+            Some(st) => Poll::Ready(st),
+            None => Poll::Pending,
+        }
+    }
+
+    fn try_lock(&self) -> Option<Locked<'_>> {
+        let guard = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Locked { guard: Some(guard), shared: self })
     }
 
     fn end(&self, why: TunnelError) {
@@ -271,9 +355,9 @@ impl Tunnel {
     /// [`TunnelHandle::close`] is called; [`TunnelHandle::ended`] tells why.
     pub fn spawn<S>(io: S, side: Side, config: TunnelConfig) -> Self
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (reader, writer) = tokio::io::split(io);
+        let (reader, writer) = split::split(io);
         let (in_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
         let (ctl_tx, control) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -286,6 +370,8 @@ impl Tunnel {
                 ping_sent: None,
                 control: ctl_tx,
             }),
+            lock_waiters: Mutex::new(Vec::new()),
+            lock_wanted: AtomicBool::new(false),
             tx_ready: Notify::new(),
             ended: watch::channel(None).0,
         });
@@ -429,7 +515,7 @@ impl TunnelStream {
         read: impl FnOnce(&mut Mux, StreamId) -> Result<usize, MuxError>,
     ) -> Poll<io::Result<usize>> {
         let id = self.id;
-        let mut st = self.shared.lock();
+        let mut st = std::task::ready!(self.shared.poll_lock(cx));
         let n = read(&mut st.mux, id).unwrap_or_default();
         if n > 0 {
             drop(st);
@@ -458,7 +544,7 @@ impl TunnelStream {
         write: impl FnOnce(&mut Mux, StreamId) -> Result<usize, MuxError>,
     ) -> Poll<io::Result<usize>> {
         let id = self.id;
-        let mut st = self.shared.lock();
+        let mut st = std::task::ready!(self.shared.poll_lock(cx));
         if let Some(e) = Self::aborted(&st, id) {
             return Poll::Ready(Err(e));
         }
@@ -569,8 +655,8 @@ impl StreamControl {
 /// moved `a → b` and `b → a`.
 pub async fn splice(a: TunnelStream, b: TunnelStream) -> (u64, u64) {
     let (ca, cb) = (a.control(), b.control());
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
+    let (ar, aw) = split::split(a);
+    let (br, bw) = split::split(b);
     tokio::join!(pipe(ar, bw, &cb), pipe(br, aw, &ca))
 }
 
@@ -684,7 +770,7 @@ async fn read_loop<R: AsyncRead>(
         };
         let mut opened = Vec::new();
         {
-            let mut st = shared.lock();
+            let mut st = std::future::poll_fn(|cx| shared.poll_lock(cx)).await;
             st.last_rx = Instant::now();
             let used = match st.mux.receive(&buf) {
                 Ok(used) => used,
@@ -779,7 +865,7 @@ async fn write_loop<W: AsyncWrite>(shared: &Arc<Shared>, writer: W) -> Result<()
         loop {
             out.clear();
             let (dead, more) = {
-                let mut st = shared.lock();
+                let mut st = std::future::poll_fn(|cx| shared.poll_lock(cx)).await;
                 if st.dead.is_some() {
                     (true, false)
                 } else {
@@ -891,7 +977,7 @@ pub async fn relay<L>(stream: &TunnelStream, local: L) -> io::Result<(u64, u64)>
 where
     L: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut rd, mut wr) = tokio::io::split(local);
+    let (mut rd, mut wr) = split::split(local);
     tokio::try_join!(stream_to_local(stream, &mut wr), local_to_stream(&mut rd, stream))
 }
 
@@ -980,6 +1066,7 @@ where
 }
 
 pub mod lanes;
+pub mod split;
 
 #[cfg(test)]
 mod tests;

@@ -117,7 +117,7 @@ impl Gateway {
 /// Serve one tunnel connection until it ends or the fleet stops.
 pub async fn serve<S>(fleet: Arc<Fleet>, stream: S, peer: Peer, cancel: CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match peer {
         Peer::Node(node) => serve_node(fleet, stream, node, cancel).await,
@@ -130,7 +130,7 @@ where
 
 async fn serve_node<S>(fleet: Arc<Fleet>, stream: S, node: String, cancel: CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = node.clone();
     match fleet.db(move |r| r.node(&id)).await {
@@ -199,7 +199,7 @@ async fn hold(node: &str, tunnel: &mut Tunnel, cancel: &CancellationToken, down:
 /// ends (or is replaced) or the fleet stops.
 pub async fn serve_lane<S>(fleet: Arc<Fleet>, stream: S, peer: Peer, cancel: CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Peer::Node(node) = peer else {
         tracing::info!("lane connection without a node certificate: closed");
@@ -261,7 +261,7 @@ async fn serve_operator<S>(
     role: Role,
     cancel: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut tunnel = Tunnel::spawn(stream, Side::Gateway, TunnelConfig::default());
     loop {

@@ -436,3 +436,46 @@ async fn a_loopback_connection_is_not_paced_by_bbr() -> io::Result<()> {
     assert_eq!(congestion_of(&socket2::SockRef::from(&c))?, expected, "system default {default}");
     Ok(())
 }
+
+/// Counts its wake-ups.
+#[derive(Default)]
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_waits_for_the_locked_tunnel_without_blocking_and_is_woken_on_release()
+-> io::Result<()> {
+    let (gw, _node) = pair(TunnelConfig::default());
+    let s = gw.handle.open(&Target::Echo)?;
+    let wakes = Arc::new(Wakes::default());
+    let waker = Waker::from(wakes.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut buf = Vec::new();
+    let mut data = b"ping".to_vec();
+    // The reader or writer holds the state (on this thread, so a blocking lock would deadlock).
+    let held = gw.handle.shared.lock();
+    assert!(s.poll_read_vec(&mut cx, &mut buf, 1024).is_pending(), "a read waits");
+    assert!(s.poll_write_vec(&mut cx, &mut data).is_pending(), "a write waits");
+    assert_eq!(data, b"ping", "and took nothing");
+    assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+    drop(held);
+    assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "one wake-up for the task, on release");
+    assert!(matches!(s.poll_write_vec(&mut cx, &mut data), Poll::Ready(Ok(4))));
+    // Released without waiters: nothing to wake.
+    drop(gw.handle.shared.lock());
+    assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+    let mut back = Vec::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        std::future::poll_fn(|cx| s.poll_read_vec(cx, &mut back, 1024)),
+    )
+    .await
+    .map_err(|_| io::Error::other("the echo never came back"))??;
+    assert_eq!(&back[..n], b"ping");
+    Ok(())
+}
