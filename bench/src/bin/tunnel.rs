@@ -953,19 +953,33 @@ fn congestion_control() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
 
+/// The CPU's model name (`/proc/cpuinfo`): the ratios depend on it (OpenSSL's and aws-lc's
+/// AES-GCM, the cost of a wake-up on the VM), so runs are compared on one model.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 fn print_table(rows: &[Row], o: &Opts, load_before: &str, load_after: &str) {
     let gbit = |name: &str| rows.iter().find(|r| r.name == name).and_then(|r| r.gbit_s);
     let (stunnel, rathole) = (gbit(STUNNEL), gbit(RATHOLE));
     println!(
         "\nTunnel on loopback, {} MiB per throughput run, {} interleaved throughput rounds per \
          path (median shown), {} round trips of 64 B, {} idle streams ({}; load average \
-         {load_before} before, {load_after} after; {} CPUs; TCP congestion control {})\n",
+         {load_before} before, {load_after} after; {} CPUs, {}; TCP congestion control {})\n",
         o.mib,
         o.rounds,
         o.round_trips,
         o.idle_streams,
         hearth_bench::today(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
         congestion_control(),
     );
     println!(
