@@ -11,22 +11,23 @@
 //! - **Liveness**: a ping every [`PING_INTERVAL`]; a session with nothing received for
 //!   [`DEAD_AFTER`] is dead, and every stream on it fails with `ConnectionAborted`.
 //!
-//! The mux sits behind a `std` mutex that is never held across an `.await`; a stream's reads and
+//! The mux sits behind a mutex that is never held across an `.await`; a stream's reads and
 //! writes lock it briefly, so there is no per-stream task and no per-stream buffer beyond the
 //! mux's own (an idle stream costs a few hundred bytes).
 //!
 //! **No worker thread sleeps on a lock.** A stream's poll, and the reader and writer, take the
-//! mux with `Shared::poll_lock`: a task that finds it held waits as `Pending` and is woken when
-//! it is released. The connection's read and write halves ([`split`]) do the same for the TLS
-//! stream, whose polls (sealing or opening records, a system call) are the longest. With `std`
-//! locks and `tokio::io::split`, a worker slept on a futex while another held the lock, and the
-//! tasks queued on it waited too (`docs/0006-tunnel.md`, "Blocking").
+//! mux with `Shared::poll_lock` (a `split::PollMutex`): a task that finds it held waits as
+//! `Pending` and is woken when it is released. The connection's read and write halves
+//! ([`split`]) share the TLS stream through the same kind of lock; their polls (sealing or
+//! opening records, a system call) are the longest. With `std` locks and `tokio::io::split`, a
+//! worker slept on a futex while another held the lock, and the tasks queued on it waited too
+//! (`docs/0006-tunnel.md`, "Blocking").
 
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::https::{ClientError, Endpoint, connect_tls};
 use crate::tls::{ClientIdentity, client_config};
+use split::{PollGuard, PollMutex};
 
 /// A ping is sent this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -220,92 +222,22 @@ struct State {
 
 #[derive(Debug)]
 struct Shared {
-    state: Mutex<State>,
-    /// Tasks that found `state` locked in a poll ([`Shared::poll_lock`]), woken when it is
-    /// released.
-    lock_waiters: Mutex<Vec<Waker>>,
-    /// `lock_waiters` is not empty (read after each release, so releasing costs no second lock).
-    lock_wanted: AtomicBool,
+    state: PollMutex<State>,
     /// Something was queued for the writer.
     tx_ready: Notify,
     ended: watch::Sender<Option<TunnelError>>,
 }
 
-/// The tunnel's state, locked; releasing it wakes the tasks [`Shared::poll_lock`] left waiting.
-struct Locked<'a> {
-    guard: Option<MutexGuard<'a, State>>,
-    shared: &'a Shared,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        // Only `drop` takes the guard.
-        self.guard.as_deref().unwrap_or_else(|| unreachable!("a released lock is not used"))
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.guard.as_deref_mut().unwrap_or_else(|| unreachable!("a released lock is not used"))
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        // Pairs with the fence in `poll_lock`: either this release sees the flag a waiter set,
-        // or that waiter's second `try_lock` sees the state released.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.shared.lock_wanted.load(Ordering::Relaxed) {
-            let waiters = {
-                let mut w = self.shared.lock_waiters.lock().unwrap_or_else(PoisonError::into_inner);
-                self.shared.lock_wanted.store(false, Ordering::Relaxed);
-                std::mem::take(&mut *w)
-            };
-            for w in waiters {
-                w.wake();
-            }
-        }
-    }
-}
-
 impl Shared {
-    fn lock(&self) -> Locked<'_> {
-        let guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        Locked { guard: Some(guard), shared: self }
+    fn lock(&self) -> PollGuard<'_, State> {
+        self.state.lock()
     }
 
     /// The state, or `Pending` (woken when it is released) while another task holds it: a
     /// stream's poll, or the reader or writer, never puts its worker thread to sleep on the
     /// lock while the holder copies a frame batch (see "Blocking" in `docs/0006-tunnel.md`).
-    fn poll_lock(&self, cx: &mut Context<'_>) -> Poll<Locked<'_>> {
-        if let Some(st) = self.try_lock() {
-            return Poll::Ready(st);
-        }
-        {
-            let mut w = self.lock_waiters.lock().unwrap_or_else(PoisonError::into_inner);
-            if !w.iter().any(|w| w.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
-            }
-            self.lock_wanted.store(true, Ordering::Relaxed);
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        // Released before the flag was seen: take it now (the waker left behind only causes a
-        // spurious wake-up).
-        match self.try_lock() {
-            Some(st) => Poll::Ready(st),
-            None => Poll::Pending,
-        }
-    }
-
-    fn try_lock(&self) -> Option<Locked<'_>> {
-        let guard = match self.state.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
-        Some(Locked { guard: Some(guard), shared: self })
+    fn poll_lock(&self, cx: &mut Context<'_>) -> Poll<PollGuard<'_, State>> {
+        self.state.poll_lock(cx)
     }
 
     fn end(&self, why: TunnelError) {
@@ -361,7 +293,7 @@ impl Tunnel {
         let (in_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
         let (ctl_tx, control) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
+            state: PollMutex::new(State {
                 mux: Mux::new(side, config.mux.clone()),
                 waiters: HashMap::new(),
                 dead: None,
@@ -370,8 +302,6 @@ impl Tunnel {
                 ping_sent: None,
                 control: ctl_tx,
             }),
-            lock_waiters: Mutex::new(Vec::new()),
-            lock_wanted: AtomicBool::new(false),
             tx_ready: Notify::new(),
             ended: watch::channel(None).0,
         });

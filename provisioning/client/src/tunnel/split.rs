@@ -1,5 +1,6 @@
 //! Read and write halves of one I/O object for two tasks, like [`tokio::io::split`], except that
-//! a half never blocks its worker thread.
+//! a half never blocks its worker thread; and [`PollMutex`], the lock that does it (the tunnel's
+//! state uses it too).
 //!
 //! `tokio::io::split` keeps the object behind a `std` mutex held for each whole poll. A tunnel's
 //! reader and writer poll a TLS stream, and a poll can take tens of microseconds (decrypting or
@@ -13,10 +14,108 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A `std` mutex whose [`PollMutex::poll_lock`] waits as `Pending` instead of putting the thread
+/// to sleep: a task that finds it held leaves its waker, and releasing the lock wakes it.
+#[derive(Debug)]
+pub(crate) struct PollMutex<T> {
+    value: Mutex<T>,
+    /// Tasks that found the value locked in [`PollMutex::poll_lock`].
+    waiters: Mutex<Vec<Waker>>,
+    /// `waiters` is not empty (read after each release, so releasing costs no second lock).
+    wanted: AtomicBool,
+}
+
+/// A locked [`PollMutex`]; releasing it wakes the tasks that wait for it.
+pub(crate) struct PollGuard<'a, T> {
+    guard: Option<MutexGuard<'a, T>>,
+    lock: &'a PollMutex<T>,
+}
+
+impl<T> PollMutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self {
+            value: Mutex::new(value),
+            waiters: Mutex::new(Vec::new()),
+            wanted: AtomicBool::new(false),
+        }
+    }
+
+    /// Lock, blocking the thread while another holds it (for calls outside a poll).
+    pub(crate) fn lock(&self) -> PollGuard<'_, T> {
+        PollGuard { guard: Some(lock(&self.value)), lock: self }
+    }
+
+    /// The value, or `Pending` (woken when it is released) while another task holds it.
+    pub(crate) fn poll_lock(&self, cx: &mut Context<'_>) -> Poll<PollGuard<'_, T>> {
+        if let Some(g) = self.try_lock() {
+            return Poll::Ready(g);
+        }
+        {
+            let mut w = lock(&self.waiters);
+            if !w.iter().any(|w| w.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            self.wanted.store(true, Ordering::Relaxed);
+        }
+        // Pairs with the fence in `PollGuard::drop`: either that release sees the flag, or this
+        // second try sees the value released (the waker left behind only wakes spuriously).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        match self.try_lock() {
+            Some(g) => Poll::Ready(g),
+            None => Poll::Pending,
+        }
+    }
+
+    fn try_lock(&self) -> Option<PollGuard<'_, T>> {
+        let guard = match self.value.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(PollGuard { guard: Some(guard), lock: self })
+    }
+}
+
+impl<T> std::ops::Deref for PollGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // Only `drop` takes the guard.
+        self.guard.as_deref().unwrap_or_else(|| unreachable!("a released lock is not used"))
+    }
+}
+
+impl<T> std::ops::DerefMut for PollGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.guard.as_deref_mut().unwrap_or_else(|| unreachable!("a released lock is not used"))
+    }
+}
+
+impl<T> Drop for PollGuard<'_, T> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.lock.wanted.load(Ordering::Relaxed) {
+            let waiters = {
+                let mut w = lock(&self.lock.waiters);
+                self.lock.wanted.store(false, Ordering::Relaxed);
+                std::mem::take(&mut *w)
+            };
+            for w in waiters {
+                w.wake();
+            }
+        }
+    }
+}
+
+fn lock<W>(m: &Mutex<W>) -> MutexGuard<'_, W> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Split `io` into a read half and a write half for two tasks (see the module docs).
 pub fn split<T>(io: T) -> (ReadHalf<T>, WriteHalf<T>)
@@ -24,27 +123,19 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let vectored = io.is_write_vectored();
-    let inner = Arc::new(Inner { io: Mutex::new(io), vectored, waiting: Default::default() });
-    (ReadHalf(Half { inner: inner.clone(), side: READ }), WriteHalf(Half { inner, side: WRITE }))
+    let inner = Arc::new(Inner { io: PollMutex::new(io), vectored });
+    (ReadHalf(Half(inner.clone())), WriteHalf(Half(inner)))
 }
-
-const READ: usize = 0;
-const WRITE: usize = 1;
 
 #[derive(Debug)]
 struct Inner<T> {
-    io: Mutex<T>,
+    io: PollMutex<T>,
     /// The object's own [`AsyncWrite::is_write_vectored`].
     vectored: bool,
-    /// Each half's waker while it waits for the other half's poll to end.
-    waiting: [Mutex<Option<Waker>>; 2],
 }
 
 #[derive(Debug)]
-struct Half<T> {
-    inner: Arc<Inner<T>>,
-    side: usize,
-}
+struct Half<T>(Arc<Inner<T>>);
 
 impl<T: Unpin> Half<T> {
     /// Run `f` on the object, or return `Pending` (and be woken) while the other half polls it.
@@ -53,38 +144,9 @@ impl<T: Unpin> Half<T> {
         cx: &mut Context<'_>,
         f: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        let mut io = match self.try_lock() {
-            Some(io) => io,
-            None => {
-                *lock(&self.inner.waiting[self.side]) = Some(cx.waker().clone());
-                // The other half may have ended its poll before it could see the waker: try
-                // again, so a wake-up is never lost (it looks after releasing the object).
-                match self.try_lock() {
-                    Some(io) => io,
-                    None => return Poll::Pending,
-                }
-            }
-        };
-        let r = f(Pin::new(&mut *io), cx);
-        drop(io);
-        let other = lock(&self.inner.waiting[1 - self.side]).take();
-        if let Some(w) = other {
-            w.wake();
-        }
-        r
+        let mut io = std::task::ready!(self.0.io.poll_lock(cx));
+        f(Pin::new(&mut *io), cx)
     }
-
-    fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
-        match self.inner.io.try_lock() {
-            Ok(io) => Some(io),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
-    }
-}
-
-fn lock<W>(m: &Mutex<W>) -> MutexGuard<'_, W> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The read half of [`split`].
@@ -123,7 +185,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteHalf<T> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.inner.vectored
+        self.0.0.vectored
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -137,7 +199,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteHalf<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use std::task::Wake;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -226,8 +288,8 @@ mod tests {
         let wr = Arc::try_unwrap(wr)
             .ok()
             .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner));
-        let inner = wr.map(|w| w.0.inner).and_then(|i| Arc::try_unwrap(i).ok());
-        let written = inner.map(|i| lock(&i.io).written.clone());
+        let inner = wr.map(|w| w.0.0).and_then(|i| Arc::try_unwrap(i).ok());
+        let written = inner.map(|i| i.io.lock().written.clone());
         assert_eq!(written.as_deref(), Some(&b"w"[..]), "one write went through, after the wait");
     }
 
