@@ -161,7 +161,9 @@ pub struct MuxConfig {
     /// Open streams allowed at once (both directions); more Opens are refused with
     /// [`reset::LIMIT`].
     pub max_streams: usize,
-    /// Bytes [`Mux::write`] queues per stream before it pushes back.
+    /// Bytes [`Mux::write`] queues per stream before it pushes back. Several times a relay's
+    /// read (the default, 1 MiB, holds four 256 KiB reads), so a bulk relay is not stopped after
+    /// each read to wait for room (`docs/0006-tunnel.md`, "Batch sizes").
     pub send_buffer: usize,
     /// Bytes a stream may send per scheduler turn.
     pub quantum: usize,
@@ -174,7 +176,7 @@ impl Default for MuxConfig {
         Self {
             max_window: 16 * 1024 * 1024,
             max_streams: 4096,
-            send_buffer: 256 * 1024,
+            send_buffer: 1024 * 1024,
             quantum: 16 * 1024,
             max_frame: 64 * 1024,
         }

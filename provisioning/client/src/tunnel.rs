@@ -59,8 +59,10 @@ pub const NOTSENT_LOWAT: u32 = 64 * 1024;
 /// moving this many bytes while more is ready: a bulk transfer on one connection then delays a
 /// task woken on the same worker (another node's ping, a shell's keystroke, a small stream's
 /// reply) by one slice of this size (tens of microseconds), not by tokio's whole cooperative
-/// budget of reads (128 reads of up to 64 KiB, milliseconds of decryption and copying).
-pub const YIELD_AFTER: usize = 64 * 1024;
+/// budget of reads (128 reads of up to 64 KiB, milliseconds of decryption and copying). 128 KiB:
+/// at 64 KiB the yields themselves cost throughput, at 256 KiB the round-trip tail under bulk
+/// grew toward 1 ms (`docs/0006-tunnel.md`, "Batch sizes").
+pub const YIELD_AFTER: usize = 128 * 1024;
 
 /// Bytes a loop moved since it last yielded its worker ([`YIELD_AFTER`]).
 #[derive(Debug, Default)]
@@ -874,8 +876,10 @@ async fn liveness(shared: &Arc<Shared>, every: Duration, dead_after: Duration) {
     }
 }
 
-/// Read size of one relay direction while data flows.
-pub const RELAY_BUF: usize = 64 * 1024;
+/// Read size of one relay direction while data flows (and the slice the stream → local direction
+/// writes). A quarter of the stream's send buffer ([`MuxConfig::send_buffer`]), so several reads
+/// queue before the relay waits for room (`docs/0006-tunnel.md`, "Batch sizes").
+pub const RELAY_BUF: usize = 256 * 1024;
 
 /// Most bytes a relay direction takes from a stream at once: what it may hold, besides the
 /// stream's window, while its local side is slow to take them.
@@ -902,7 +906,7 @@ const RELAY_IDLE_BUF: usize = 512;
 /// - **A quiet direction holds no big buffer**: it reads into `RELAY_IDLE_BUF` (512) bytes, reads
 ///   [`RELAY_BUF`] at a time only once such a read comes back full (bulk data), and gives its
 ///   buffer back after [`RELAY_QUIET`]. So 1,000 idle forwarded connections cost about 1 MiB of
-///   buffers instead of 128 MiB.
+///   buffers instead of 512 MiB.
 pub async fn relay<L>(stream: &TunnelStream, local: L) -> io::Result<(u64, u64)>
 where
     L: AsyncRead + AsyncWrite + Unpin,

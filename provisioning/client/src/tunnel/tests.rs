@@ -479,3 +479,24 @@ async fn a_stream_waits_for_the_locked_tunnel_without_blocking_and_is_woken_on_r
     assert_eq!(&back[..n], b"ping");
     Ok(())
 }
+
+/// A bulk relay's reads ([`RELAY_BUF`]) are queued on its stream whole, without a copy, four at a
+/// time before it waits for room: with a send buffer under twice a read, each read was copied in
+/// piecewise and the relay stopped after every one (`docs/0006-tunnel.md`, "Batch sizes").
+#[test]
+fn a_stream_takes_four_relay_reads_whole_before_it_pushes_back() -> Result<(), MuxError> {
+    let mut mux = Mux::new(Side::Gateway, MuxConfig::default());
+    let id = mux.open(&Target::Echo)?;
+    for read in 0..4 {
+        let mut buf = vec![read as u8; RELAY_BUF];
+        let ptr = buf.as_ptr();
+        assert_eq!(mux.write_vec(id, &mut buf)?, RELAY_BUF, "read {read} taken whole");
+        assert!(buf.is_empty(), "read {read}: the buffer itself was queued");
+        assert_ne!(buf.as_ptr(), ptr, "read {read}: the caller got another allocation back");
+    }
+    let mut fifth = vec![4u8; RELAY_BUF];
+    assert_eq!(mux.write_vec(id, &mut fifth)?, 0, "the fifth read waits for room");
+    assert_eq!(fifth.len(), RELAY_BUF, "and is left as it was");
+    assert_eq!(mux.stats(id).map(|s| s.send_queued), Some(4 * RELAY_BUF));
+    Ok(())
+}
