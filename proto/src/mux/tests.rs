@@ -19,6 +19,27 @@ fn events(m: &mut Mux) -> Vec<Event> {
     std::iter::from_fn(|| m.poll_event()).collect()
 }
 
+/// Move `id`'s queued bytes from `gw` to `node`, the node reading them and credit going back,
+/// until `gw` reports `Writable` for it (its queue drained below half the send buffer); returns
+/// whether it did within 64 turns, and the bytes the node read.
+fn drain_until_writable(
+    gw: &mut Mux,
+    node: &mut Mux,
+    id: StreamId,
+    now: Instant,
+) -> Result<(bool, Vec<u8>), MuxError> {
+    let mut got = Vec::new();
+    for _ in 0..64 {
+        pump(gw, node)?;
+        if events(gw).contains(&Event::Writable(id)) {
+            return Ok((true, got));
+        }
+        got.extend(read_all(node, id, now)?);
+        pump(node, gw)?;
+    }
+    Ok((false, got))
+}
+
 fn read_all(m: &mut Mux, id: StreamId, now: Instant) -> Result<Vec<u8>, MuxError> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -370,17 +391,7 @@ fn writes_push_back_and_report_writable() -> R {
     assert_eq!(gw.write(id, &big)?, 0);
     // `Writable` once the queue has drained below half the send buffer (more than the first
     // window): the peer reads, credit comes back, more leaves.
-    let now = Instant::now();
-    let mut writable = false;
-    for _ in 0..64 {
-        pump(&mut gw, &mut node)?;
-        if events(&mut gw).contains(&Event::Writable(id)) {
-            writable = true;
-            break;
-        }
-        read_all(&mut node, id, now)?;
-        pump(&mut node, &mut gw)?;
-    }
+    let (writable, _) = drain_until_writable(&mut gw, &mut node, id, Instant::now())?;
     assert!(writable, "Writable once the queue drained");
     Ok(())
 }
@@ -412,19 +423,7 @@ fn owned_buffers_are_queued_whole_or_not_at_all() -> R {
     assert_eq!(sent, limit / chunk * chunk, "as many whole chunks as fit");
     // Room comes back (`Writable`) once the queue has drained below half the send buffer: the
     // peer reads, so credit returns and more leaves.
-    let mut got = Vec::new();
-    let mut writable = false;
-    for _ in 0..64 {
-        pump(&mut gw, &mut node)?;
-        if events(&mut gw).contains(&Event::Writable(id)) {
-            writable = true;
-            break;
-        }
-        let mut into = Vec::new();
-        node.read_vec(id, &mut into, usize::MAX, now)?;
-        got.extend_from_slice(&into);
-        pump(&mut node, &mut gw)?;
-    }
+    let (writable, mut got) = drain_until_writable(&mut gw, &mut node, id, now)?;
     assert!(writable, "Writable once the queue drained below half the send buffer");
     let mut v = data[sent..sent + chunk].to_vec();
     assert_eq!(gw.write_vec(id, &mut v)?, chunk, "room came back with Writable");
