@@ -10,7 +10,8 @@
 //! update client in-process (`docs/0009-updates.md`). It renews the certificate at half-life;
 //! revoked, it stops and says so. READY never waits for it. The seed may name several gateways:
 //! after a failure the next one is tried, and a network change ([`netwatch`]) cuts the retry wait
-//! short (`docs/0006-tunnel.md`). Design: `docs/0005-fleet.md`.
+//! short; a session silent through an outage starts over when its tunnel reconnects
+//! ([`stalled_behind_tunnel`]; `docs/0006-tunnel.md`, "Liveness"). Design: `docs/0005-fleet.md`.
 
 pub mod commands;
 pub mod hardware;
@@ -55,6 +56,19 @@ pub const UPDATE_REPORT_POLL: Duration = Duration::from_secs(1);
 
 /// How often to look for a seed when there is none.
 pub const SEED_POLL: Duration = Duration::from_secs(30);
+
+/// Whether a session that has heard nothing from the fleet for `silent` should start over now
+/// that its tunnel (to the same gateway) has just reconnected, with heartbeats every `interval`.
+///
+/// The fleet answers every heartbeat, so a healthy session hears something at least once an
+/// interval. The tunnel reconnects only after its connection failed (15 s of silence, a reset),
+/// so a session silent for one and a half intervals rode out the same outage on its own TCP
+/// connection, whose retransmission timer has backed off meanwhile: after a 30 s outage it
+/// resends 14–18 s after the path returns (`docs/0006-tunnel.md`, "Liveness"). The tunnel's
+/// reconnection proves the path works, so a new connection gets the session back at once.
+pub fn stalled_behind_tunnel(silent: Duration, interval: Duration) -> bool {
+    silent > interval + interval / 2
+}
 
 /// The fleet subsystem.
 #[derive(Debug)]
@@ -482,11 +496,15 @@ impl Fleet {
                             if started.elapsed() > Duration::from_secs(60) {
                                 attempt = 0;
                             }
+                            // A stalled session's gateway is reachable (its tunnel just
+                            // reconnected): the next try goes to it again; after any other
+                            // failure, to the seed's next gateway (docs/0006-tunnel.md).
+                            if !matches!(err, SessionError::Stalled { .. }) {
+                                gateway = gateway.wrapping_add(1);
+                            }
                             let msg = format!("{:#}", anyhow::Error::new(err));
                             let wait = backoff(attempt);
                             attempt = attempt.saturating_add(1);
-                            // The next try goes to the seed's next gateway (docs/0006-tunnel.md).
-                            gateway = gateway.wrapping_add(1);
                             tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, gateways = endpoints.len(), "fleet session ended");
                             self.publish(|s| {
                                 s.state = "disconnected".into();
@@ -521,7 +539,9 @@ impl Fleet {
             st.state = "connected".into();
             st.last_error = None;
         });
-        // The tunnel lives as long as this session (docs/0006-tunnel.md).
+        // The tunnel lives as long as this session (docs/0006-tunnel.md); it counts its
+        // connections on `tunnel_up` (a reconnection can tell this session it is stalled).
+        let (tunnel_up_tx, mut tunnel_up) = tokio::sync::watch::channel(0u64);
         let lane = self.agent.config.tunnel.enabled.then(|| {
             let targets = Arc::new(tunnel::Targets {
                 api_socket: self.agent.config.api.socket.clone(),
@@ -536,6 +556,7 @@ impl Fleet {
                 stop.clone(),
                 self.agent.link_stats.clone(),
                 self.netwatch.subscribe(),
+                tunnel_up_tx.clone(),
             ));
             (stop, task)
         });
@@ -626,6 +647,11 @@ impl Fleet {
                         break Err(e);
                     }
                     *self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = marker;
+                }
+                Ok(()) = tunnel_up.changed() => {
+                    if stalled_behind_tunnel(heard.elapsed(), interval) {
+                        break Err(SessionError::Stalled { silent_s: heard.elapsed().as_secs() });
+                    }
                 }
                 m = rx.recv() => {
                     let m = match m {
@@ -827,5 +853,26 @@ async fn next_saved(
         Ok(s) => Some(s),
         Err(RecvError::Lagged(_)) => None,
         Err(RecvError::Closed) => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_restarts_on_a_tunnel_reconnection_only_after_missing_heartbeat_answers() {
+        let every = Duration::from_secs(10);
+        // Heard within the last interval, or a little late: a healthy session whose tunnel alone
+        // reconnected (a gateway's tunnel restarted) keeps its connection.
+        assert!(!stalled_behind_tunnel(Duration::ZERO, every));
+        assert!(!stalled_behind_tunnel(Duration::from_secs(12), every));
+        assert!(!stalled_behind_tunnel(Duration::from_secs(15), every));
+        // Silent through an outage the tunnel needed 15 s to notice: start over.
+        assert!(stalled_behind_tunnel(Duration::from_millis(15_001), every));
+        assert!(stalled_behind_tunnel(Duration::from_secs(31), every));
+        // The threshold follows the interval the fleet sets.
+        assert!(!stalled_behind_tunnel(Duration::from_secs(40), Duration::from_secs(30)));
+        assert!(stalled_behind_tunnel(Duration::from_secs(46), Duration::from_secs(30)));
     }
 }

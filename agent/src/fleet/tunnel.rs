@@ -42,7 +42,9 @@ pub struct Targets {
 }
 
 /// Keep a tunnel to the fleet until `cancel`: connect, serve, and on loss retry with backoff, at
-/// once when `net` reports a network change.
+/// once when `net` reports a network change. `up` counts the connections made (the control
+/// session learns from a reconnection that the path works again).
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different part of the node
 pub async fn run(
     ep: Endpoint,
     pin: String,
@@ -51,6 +53,7 @@ pub async fn run(
     cancel: CancellationToken,
     stats: Arc<LinkStats>,
     mut net: tokio::sync::watch::Receiver<u64>,
+    up: tokio::sync::watch::Sender<u64>,
 ) {
     let mut backoff = Backoff::default();
     loop {
@@ -64,6 +67,7 @@ pub async fn run(
                 tracing::info!(gateway = %ep.addr(), "tunnel up");
                 LinkStats::add(&stats.tunnel_connects, 1);
                 stats.tunnel_up.store(true, Ordering::Relaxed);
+                up.send_modify(|n| *n += 1);
                 // Lanes the gateway offers carry its port streams; they close with this tunnel.
                 let serve: Serve = {
                     let (targets, stats) = (targets.clone(), stats.clone());

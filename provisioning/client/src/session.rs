@@ -45,6 +45,16 @@ pub enum SessionError {
     /// The peer sent something else than the protocol expects.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Nothing came from the fleet for `silent_s` seconds while another connection to the same
+    /// gateway got through: this connection waits out TCP's retransmission backoff (tens of
+    /// seconds after a long outage), so a new one should replace it now.
+    #[error(
+        "nothing from the fleet for {silent_s} s on this connection while the path works again"
+    )]
+    Stalled {
+        /// Seconds since the last message from the fleet.
+        silent_s: u64,
+    },
 }
 
 /// Read one control message (header first, so an oversized frame is refused before its payload).
