@@ -64,7 +64,7 @@ pub const SEED_POLL: Duration = Duration::from_secs(30);
 /// interval. The tunnel reconnects only after its connection failed (15 s of silence, a reset),
 /// so a session silent for one and a half intervals rode out the same outage on its own TCP
 /// connection, whose retransmission timer has backed off meanwhile: after a 30 s outage it
-/// resends 14–18 s after the path returns (`docs/0006-tunnel.md`, "Liveness"). The tunnel's
+/// resent 9–18 s after the path returned (`docs/0006-tunnel.md`, "Liveness"). The tunnel's
 /// reconnection proves the path works, so a new connection gets the session back at once.
 pub fn stalled_behind_tunnel(silent: Duration, interval: Duration) -> bool {
     silent > interval + interval / 2
@@ -649,8 +649,9 @@ impl Fleet {
                     *self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = marker;
                 }
                 Ok(()) = tunnel_up.changed() => {
-                    if stalled_behind_tunnel(heard.elapsed(), interval) {
-                        break Err(SessionError::Stalled { silent_s: heard.elapsed().as_secs() });
+                    let silent = heard.elapsed();
+                    if stalled_behind_tunnel(silent, interval) {
+                        break Err(SessionError::Stalled { silent_s: silent.as_secs() });
                     }
                 }
                 m = rx.recv() => {
