@@ -83,10 +83,13 @@ async fn power_budget_is_held_persisted_left_safe_at_stop_and_restored()
             std::thread::sleep(Duration::from_millis(50));
         }
     };
+    // Held at budget `b`: the controller runs with `b` (a draw that merely dips into the band
+    // under an older, higher budget does not count) and the draw sits just under it.
     let held = |b: u64| {
         move |p: &hearth_proto::api::PowerReport| {
-            p.control.as_ref().is_some_and(|c| c.mode == PowerMode::Budget)
-                && p.total_draw_mw <= b * 1020
+            p.control.as_ref().is_some_and(|c| {
+                c.mode == PowerMode::Budget && c.settings.budget_w.map(u64::from) == Some(b)
+            }) && p.total_draw_mw <= b * 1020
                 && p.total_draw_mw >= b * 850
         }
     };
