@@ -1,6 +1,8 @@
 //! Several gateways: the seed names two fleet processes (one registry, one CA); the node's
-//! session and tunnel are on the first; when it stops, both come up on the second within the
-//! backoff bound (the first retry's ceiling, 1 s, plus the connect and the handshake).
+//! session and tunnel are on the first, the session carried by the tunnel (one connection); when
+//! it stops, both come up on the second within the backoff bound (the first retry's ceiling, 1 s,
+//! plus the connect and the handshake). The second has `tunnel_sessions` off, like a fleet from
+//! before it: there the node keeps a separate session beside its tunnel.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 async fn gateway(
     dir: &std::path::Path,
     id: &str,
+    tunnel_sessions: bool,
 ) -> Result<RunningFleet, Box<dyn std::error::Error + Send + Sync>> {
     Ok(hearth_fleet::server::start(FleetConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -31,6 +34,7 @@ async fn gateway(
         registry: Some(format!("sqlite:{}", dir.join("registry.db").display())),
         flush_interval_ms: 200,
         gateway_id: Some(id.to_string()),
+        tunnel_sessions,
         ..FleetConfig::default()
     })
     .await?)
@@ -50,9 +54,9 @@ async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> D
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_and_tunnel_fail_over_to_the_seeds_next_gateway() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let first = gateway(dir.path(), "g1").await?;
+    let first = gateway(dir.path(), "g1", true).await?;
     // The second loads the first's CA from the shared state directory.
-    let second = gateway(dir.path(), "g2").await?;
+    let second = gateway(dir.path(), "g2", false).await?;
     let (op, key) = first.fleet.ca.operator_cert("t", Role::Admin, Duration::from_secs(600))?;
     let admin = client_config(
         &first.fleet.ca.pin(),
@@ -93,6 +97,7 @@ async fn session_and_tunnel_fail_over_to_the_seeds_next_gateway() -> TestResult 
     let node = agent.fleet_status().borrow().node_id.clone().ok_or("no node id")?;
     let (f1, f2) = (first.fleet.clone(), second.fleet.clone());
     wait_for("the tunnel on the first gateway", limit, || f1.gateway.node(&node).is_some()).await;
+    assert!(f1.gateway.carries_session(&node), "the session does not ride the tunnel");
     assert_eq!(
         agent.fleet_status().borrow().fleet_url.as_deref(),
         Some(format!("https://{}", first.addr).as_str())
@@ -113,6 +118,8 @@ async fn session_and_tunnel_fail_over_to_the_seeds_next_gateway() -> TestResult 
     })
     .await;
     assert!(took < bound, "failover took {took:?}");
+    assert!(!f2.gateway.carries_session(&node), "a gateway without tunnel_sessions took one");
+    assert!(f2.live().get(&node).is_some_and(|l| l.tx.is_some()), "no session on the second");
     sup.shutdown(Duration::from_secs(2)).await;
     second.stop().await;
     Ok(())

@@ -81,6 +81,10 @@ pub enum Target {
         /// What to reach there.
         target: Box<Target>,
     },
+    /// Node → gateway, first on a [`TUNNEL_SESSION_ALPN`] tunnel: the node's control session
+    /// (`hearth/1` frames in the stream's bytes). The gateway takes one per tunnel and refuses
+    /// it on any other connection; nodes refuse it.
+    Session,
 }
 
 impl Target {
@@ -89,7 +93,9 @@ impl Target {
         match self {
             Self::LocalApi => false,
             Self::Via { target, .. } => target.needs_admin(),
-            Self::Exec { .. } | Self::Shell { .. } | Self::Port(_) | Self::Echo => true,
+            Self::Exec { .. } | Self::Shell { .. } | Self::Port(_) | Self::Echo | Self::Session => {
+                true
+            }
         }
     }
 
@@ -102,6 +108,7 @@ impl Target {
             Self::Port(p) => format!("port {p}"),
             Self::Echo => "echo".into(),
             Self::Via { node, target } => format!("{} on {node}", target.label()),
+            Self::Session => "session".into(),
         }
     }
 }
@@ -110,6 +117,13 @@ impl Target {
 /// (node certificate) or an operator's (operator certificate, streams opened with
 /// [`Target::Via`]).
 pub const TUNNEL_ALPN: &[u8] = b"hearth-tunnel/1";
+
+/// The ALPN id of a node's tunnel that also carries its control session: the node opens a
+/// [`Target::Session`] stream first and speaks `hearth/1` on it (the same frames, Hello first),
+/// so a node keeps one connection to the fleet (plus lanes) and the session has a stream's
+/// credit and its turn in the scheduler. A node offers it before [`TUNNEL_ALPN`]; a gateway that
+/// picks [`TUNNEL_ALPN`] needs a separate `hearth/1` session.
+pub const TUNNEL_SESSION_ALPN: &[u8] = b"hearth-tunnel/2";
 
 /// Reset codes (the first 4 bytes of a [`FrameType::Reset`] payload).
 pub mod reset {

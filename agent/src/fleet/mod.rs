@@ -3,8 +3,10 @@
 //! It finds the seed ([`seed`]), generates the node key at first boot (`state.dir/fleet/node.key`,
 //! 0600, never sent), enrolls with the token, a CSR and the hardware identity ([`hardware`]),
 //! retrying with full-jitter exponential backoff, and persists its [`state::Membership`]. Then it
-//! holds one outbound mTLS session (ALPN `hearth/1`, the CA pinned by SHA-256, the fleet name from
-//! the seed): a heartbeat every 10 s, desired state published on the agent's `desired` watch
+//! holds one outbound mTLS session (the CA pinned by SHA-256, the fleet name from the seed), on
+//! the node's tunnel when it is on and the gateway carries sessions (ALPN `hearth-tunnel/2`: one
+//! connection, `docs/0006-tunnel.md`, "One connection"), else on its own (ALPN `hearth/1`): a
+//! heartbeat every 10 s, desired state published on the agent's `desired` watch
 //! channel, commands acked (reboot through [`reboot::Rebooter`]; drain and diagnostics are acked
 //! "not supported yet"); a desired state naming `update_version` (a staged rollout) starts the
 //! update client in-process (`docs/0009-updates.md`). It renews the certificate at half-life;
@@ -30,6 +32,7 @@ use hearth_fleet_client::https::Endpoint;
 use hearth_fleet_client::seed::Seed;
 use hearth_fleet_client::session::{Session, SessionError, read_message};
 use hearth_fleet_client::tls::ClientIdentity;
+use hearth_fleet_client::tunnel::TunnelConfig;
 use hearth_proto::api::{FleetStatus, GpuVerdict};
 use hearth_proto::control::{
     CommandAck, CommandKind, CommandOutcome, ControlMessage, DesiredState, HealthSummary,
@@ -42,10 +45,14 @@ use crate::persist::{self, Store};
 use crate::supervisor::{BoxRun, RunCtx, Subsystem};
 use state::Membership;
 
-/// Backoff of enrollment and reconnection: 1 s doubling to 5 min, full jitter.
+/// Backoff of enrollment and renewal: 1 s doubling to 5 min, full jitter.
 pub const BACKOFF_BASE_MS: u64 = 1000;
 /// See [`BACKOFF_BASE_MS`].
 pub const BACKOFF_CAP_MS: u64 = 300_000;
+/// Reconnection after a session (and the tunnel carrying it) ended: 1 s doubling to 60 s, full
+/// jitter, from 1 s again after a session that lasted a minute or a network change
+/// (`docs/0006-tunnel.md`, "Liveness").
+pub const RECONNECT_CAP_MS: u64 = 60_000;
 /// How long enrollment waits for the GPU layer's first inventory.
 pub const INVENTORY_WAIT: Duration = Duration::from_secs(30);
 
@@ -503,7 +510,12 @@ impl Fleet {
                                 gateway = gateway.wrapping_add(1);
                             }
                             let msg = format!("{:#}", anyhow::Error::new(err));
-                            let wait = backoff(attempt);
+                            let wait = Duration::from_millis(state::backoff_ms(
+                                attempt,
+                                BACKOFF_BASE_MS,
+                                RECONNECT_CAP_MS,
+                                rand_unit(),
+                            ));
                             attempt = attempt.saturating_add(1);
                             tracing::warn!(error = %msg, retry_in_ms = wait.as_millis() as u64, gateways = endpoints.len(), "fleet session ended");
                             self.publish(|s| {
@@ -531,34 +543,75 @@ impl Fleet {
         identity: &ClientIdentity,
         renew_at_ms: u64,
     ) -> Result<(), SessionError> {
-        let s = Session::open(ep, pin, identity, env!("CARGO_PKG_VERSION")).await?;
+        let version = env!("CARGO_PKG_VERSION");
+        let targets = Arc::new(tunnel::Targets {
+            api_socket: self.agent.config.api.socket.clone(),
+            policy: self.agent.config.tunnel.clone(),
+        });
+        // With the tunnel on, the session rides it when the gateway can (one connection, and the
+        // tunnel's pings and reconnection are the session's); an older gateway needs a separate
+        // `hearth/1` session (docs/0006-tunnel.md, "One connection").
+        let mut carried = None;
+        if self.agent.config.tunnel.enabled {
+            let (t, with_session) = hearth_fleet_client::tunnel::connect_node(
+                ep,
+                pin,
+                identity,
+                TunnelConfig::default(),
+            )
+            .await?;
+            if with_session {
+                match Session::on_tunnel(&t.handle, version).await {
+                    Ok(s) => carried = Some((s, t)),
+                    Err(e) => {
+                        t.handle.close();
+                        return Err(e);
+                    }
+                }
+            } else {
+                tracing::info!(gateway = %ep.addr(), "the gateway does not carry the session on the tunnel: a separate session");
+                t.handle.close();
+            }
+        }
+        // The tunnel lives as long as this session (docs/0006-tunnel.md). A separate tunnel
+        // counts its connections on `tunnel_up` (a reconnection can tell this session it is
+        // stalled); one that carries the session ends it when it ends.
+        let (tunnel_up_tx, mut tunnel_up) = tokio::sync::watch::channel(0u64);
+        let stop = ctx.cancel.child_token();
+        let (s, lane) = match carried {
+            Some((s, mut t)) => {
+                let (ep, pin, identity) = (ep.clone(), pin.to_string(), identity.clone());
+                let (stats, stop) = (self.agent.link_stats.clone(), stop.clone());
+                let task = tokio::spawn(async move {
+                    tunnel::serve_tunnel(&mut t, &ep, &pin, &identity, &targets, &stats, &stop)
+                        .await;
+                    t.handle.close();
+                });
+                (s, Some(task))
+            }
+            None => {
+                let s = Session::open(ep, pin, identity, version).await?;
+                let task = self.agent.config.tunnel.enabled.then(|| {
+                    tokio::spawn(tunnel::run(
+                        ep.clone(),
+                        pin.to_string(),
+                        identity.clone(),
+                        targets,
+                        stop.clone(),
+                        self.agent.link_stats.clone(),
+                        self.netwatch.subscribe(),
+                        tunnel_up_tx.clone(),
+                    ))
+                });
+                (s, task)
+            }
+        };
         let Session { mut reader, mut writer, welcome } = s;
         tracing::info!(node = %welcome.node_id, version = welcome.protocol_version, "fleet session open");
         self.load_commands(&welcome.node_id);
         self.publish(|st| {
             st.state = "connected".into();
             st.last_error = None;
-        });
-        // The tunnel lives as long as this session (docs/0006-tunnel.md); it counts its
-        // connections on `tunnel_up` (a reconnection can tell this session it is stalled).
-        let (tunnel_up_tx, mut tunnel_up) = tokio::sync::watch::channel(0u64);
-        let lane = self.agent.config.tunnel.enabled.then(|| {
-            let targets = Arc::new(tunnel::Targets {
-                api_socket: self.agent.config.api.socket.clone(),
-                policy: self.agent.config.tunnel.clone(),
-            });
-            let stop = ctx.cancel.child_token();
-            let task = tokio::spawn(tunnel::run(
-                ep.clone(),
-                pin.to_string(),
-                identity.clone(),
-                targets,
-                stop.clone(),
-                self.agent.link_stats.clone(),
-                self.netwatch.subscribe(),
-                tunnel_up_tx.clone(),
-            ));
-            (stop, task)
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let stats = self.agent.link_stats.clone();
@@ -673,8 +726,8 @@ impl Fleet {
         };
         reader_task.abort();
         stats.session_up.store(false, std::sync::atomic::Ordering::Relaxed);
-        if let Some((stop, task)) = lane {
-            stop.cancel();
+        stop.cancel();
+        if let Some(task) = lane {
             let _ = task.await;
         }
         result

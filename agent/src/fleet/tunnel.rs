@@ -1,7 +1,10 @@
 //! The node's end of the secure tunnel: while the node is enrolled it keeps one outbound tunnel
-//! connection to the fleet (ALPN `hearth-tunnel/1`, the node certificate, the pinned CA, TCP
-//! keepalive and user timeout) and serves the streams the gateway opens on it. Nothing listens on
-//! the node: every stream arrives over the connection the node made.
+//! connection to the fleet (the node certificate, the pinned CA, TCP keepalive and user timeout)
+//! and serves the streams the gateway opens on it ([`serve_tunnel`]). Nothing listens on the
+//! node: every stream arrives over the connection the node made. The control session connects it
+//! (`hearth_fleet_client::tunnel::connect_node`) and rides it when the gateway takes ALPN
+//! `hearth-tunnel/2`; with an older gateway, [`run`] keeps a `hearth-tunnel/1` tunnel of its own
+//! beside the session.
 //!
 //! Targets ([`Target`]): the local API (relayed to the API's Unix socket), `exec` (a process with
 //! stdin, stdout and stderr on the stream; a non-zero exit comes back as the reset code
@@ -21,7 +24,7 @@ use hearth_fleet_client::https::Endpoint;
 use hearth_fleet_client::tls::ClientIdentity;
 use hearth_fleet_client::tunnel::lanes::{Lanes, Serve};
 use hearth_fleet_client::tunnel::{
-    Incoming, TunnelConfig, TunnelStream, connect, connect_loopback,
+    Incoming, Tunnel, TunnelConfig, TunnelStream, connect, connect_loopback,
 };
 use hearth_proto::mux::{Target, reset};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,46 +67,14 @@ pub async fn run(
         };
         match outcome {
             Ok(mut tunnel) => {
-                tracing::info!(gateway = %ep.addr(), "tunnel up");
-                LinkStats::add(&stats.tunnel_connects, 1);
-                stats.tunnel_up.store(true, Ordering::Relaxed);
                 up.send_modify(|n| *n += 1);
-                // Lanes the gateway offers carry its port streams; they close with this tunnel.
-                let serve: Serve = {
-                    let (targets, stats) = (targets.clone(), stats.clone());
-                    Arc::new(move |inc| {
-                        tokio::spawn(serve_counted(targets.clone(), inc, stats.clone()));
-                    })
-                };
-                let mut lanes = Lanes::new(
-                    ep.clone(),
-                    pin.clone(),
-                    identity.clone(),
-                    targets.policy.lanes,
-                    serve,
-                );
-                loop {
-                    tokio::select! {
-                        () = cancel.cancelled() => {
-                            tunnel.handle.close();
-                            stats.tunnel_up.store(false, Ordering::Relaxed);
-                            return;
-                        }
-                        why = tunnel.handle.ended() => {
-                            tracing::warn!(reason = %why, "tunnel down");
-                            break;
-                        }
-                        inc = tunnel.incoming.recv() => match inc {
-                            Some(inc) => { tokio::spawn(serve_counted(targets.clone(), inc, stats.clone())); }
-                            None => break,
-                        },
-                        Some(msg) = tunnel.control.recv() => {
-                            lanes.on_control(&msg);
-                        }
-                    }
+                let cancelled =
+                    serve_tunnel(&mut tunnel, &ep, &pin, &identity, &targets, &stats, &cancel)
+                        .await;
+                tunnel.handle.close();
+                if cancelled {
+                    return;
                 }
-                drop(lanes);
-                stats.tunnel_up.store(false, Ordering::Relaxed);
                 backoff.session_ended(started.elapsed());
             }
             Err(e) => {
@@ -118,6 +89,49 @@ pub async fn run(
             super::netwatch::Retry::Waited => {}
         }
     }
+}
+
+/// Serve the streams the gateway opens on one connected tunnel, and the lanes it offers (they
+/// close with it), until the tunnel ends (false) or `cancel` (true). The caller closes it.
+pub async fn serve_tunnel(
+    tunnel: &mut Tunnel,
+    ep: &Endpoint,
+    pin: &str,
+    identity: &ClientIdentity,
+    targets: &Arc<Targets>,
+    stats: &Arc<LinkStats>,
+    cancel: &CancellationToken,
+) -> bool {
+    tracing::info!(gateway = %ep.addr(), "tunnel up");
+    LinkStats::add(&stats.tunnel_connects, 1);
+    stats.tunnel_up.store(true, Ordering::Relaxed);
+    let serve: Serve = {
+        let (targets, stats) = (targets.clone(), stats.clone());
+        Arc::new(move |inc| {
+            tokio::spawn(serve_counted(targets.clone(), inc, stats.clone()));
+        })
+    };
+    let mut lanes =
+        Lanes::new(ep.clone(), pin.to_string(), identity.clone(), targets.policy.lanes, serve);
+    let cancelled = loop {
+        tokio::select! {
+            () = cancel.cancelled() => break true,
+            why = tunnel.handle.ended() => {
+                tracing::warn!(reason = %why, "tunnel down");
+                break false;
+            }
+            inc = tunnel.incoming.recv() => match inc {
+                Some(inc) => { tokio::spawn(serve_counted(targets.clone(), inc, stats.clone())); }
+                None => break false,
+            },
+            Some(msg) = tunnel.control.recv() => {
+                lanes.on_control(&msg);
+            }
+        }
+    };
+    drop(lanes);
+    stats.tunnel_up.store(false, Ordering::Relaxed);
+    cancelled
 }
 
 /// Serve one stream the gateway opened.
@@ -166,6 +180,7 @@ async fn serve_stream(targets: &Targets, inc: Incoming, stats: &LinkStats) {
         Target::Exec { argv } => exec(stream, argv).await,
         Target::Shell { rows, cols, term } => shell::serve(stream, rows, cols, term).await,
         Target::Via { .. } => stream.refuse(reset::REFUSED, "a node relays nothing"),
+        Target::Session => stream.refuse(reset::REFUSED, "the node opens its session itself"),
     }
 }
 

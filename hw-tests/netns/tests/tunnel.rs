@@ -7,16 +7,17 @@
 //!    fail), yet `hearthctl exec`, `hearthctl api` and the ingress paths (`hearthctl forward` and
 //!    a gateway port made by `hearthctl expose`, both to a TCP echo server on the node) work
 //!    through the tunnel the node opened.
-//! 2. The link goes down for 30 s while 1,000 numbered commands are queued through the fleet's
-//!    API; after it returns the tunnel is back within the backoff bound (the agent's largest
-//!    scheduled retry plus the connect timeout), every command is acknowledged within
-//!    [`SESSION_AFTER_TUNNEL`] of the tunnel (the control session, stalled on a connection whose
-//!    retransmission timer backed off during the outage, starts over once the tunnel is back),
-//!    exactly once (one ack recorded per command at the fleet), and the node ran each exactly
-//!    once, in order (its log). The recovery times are printed (`docs/benchmarks.md`).
+//! 2. The node's control session rides its tunnel (the fleet counts one tunnel carrying a
+//!    session), and the gateway's lanes are open. The link goes down for 30 s while 1,000
+//!    numbered commands are queued through the fleet's API; after it returns the tunnel is back
+//!    within the backoff bound (the agent's largest scheduled retry plus the connect timeout),
+//!    every command is acknowledged within [`SESSION_AFTER_TUNNEL`] of the tunnel, exactly once
+//!    (one ack recorded per command at the fleet), and the node ran each exactly once, in order
+//!    (its log). The recovery times are printed (`docs/benchmarks.md`).
 //!
 //! Needs root, `ip netns` and `nft`: `#[ignore]`d; `scripts/test` runs it as root:
-//! `cargo nextest run -p hearth-netns --run-ignored only --no-capture`.
+//! `cargo nextest run -p hearth-netns --run-ignored only --no-capture` (`HEARTH_NETNS_KEEP=1`
+//! keeps the processes' logs).
 
 // The measured recovery times are the test's report.
 #![allow(clippy::print_stdout)]
@@ -37,11 +38,26 @@ const OUTAGE: Duration = Duration::from_secs(30);
 const COMMANDS: usize = 1000;
 /// The client's TCP connect timeout (`hearth_fleet_client::https::CONNECT_TIMEOUT`).
 const CONNECT_TIMEOUT: Duration = hearth_fleet_client::https::CONNECT_TIMEOUT;
-/// The most the last command's ack may lag the tunnel's return: the session's first retry (full
-/// jitter under the 1 s backoff base), its handshake and 1,000 acks (0.2–1.0 s in all on a
-/// 2-core machine), with room for a slower one. Riding the old connection's retransmission
-/// backoff instead lagged 8.5–17 s.
+/// The most the last command's ack may lag the tunnel's return: the session's Hello and Welcome
+/// on the new tunnel and 1,000 acks (0.2–1.0 s on a 2-core machine), with room for a slower
+/// one. A session on a connection of its own, riding that connection's retransmission backoff,
+/// lagged 8.5–17 s.
 const SESSION_AFTER_TUNNEL: Duration = Duration::from_secs(5);
+
+/// The test's directory: removed at the end, or kept (`HEARTH_NETNS_KEEP`).
+enum Kept {
+    Temp(tempfile::TempDir),
+    Dir(std::path::PathBuf),
+}
+
+impl Kept {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Self::Temp(t) => t.path(),
+            Self::Dir(p) => p,
+        }
+    }
+}
 
 fn echo_roundtrip(addr: &str, timeout: Duration) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
@@ -96,6 +112,14 @@ fn tunnel_through_a_firewall_and_a_link_outage() -> anyhow::Result<()> {
     }
     let bin = bin_dir()?;
     let dir = tempfile::tempdir()?;
+    // HEARTH_NETNS_KEEP=1 keeps the processes' logs (the directory is printed).
+    let dir = if std::env::var_os("HEARTH_NETNS_KEEP").is_some() {
+        let kept = dir.keep();
+        println!("logs kept in {}", kept.display());
+        Kept::Dir(kept)
+    } else {
+        Kept::Temp(dir)
+    };
     let d = dir.path();
     let tag = std::process::id() % 10_000;
     let ns = Netns::create(tag)?;
@@ -226,6 +250,14 @@ fn tunnel_through_a_firewall_and_a_link_outage() -> anyhow::Result<()> {
         .find_map(|l| l.strip_prefix("hearth_fleet_tunnel_lanes "))
         .and_then(|v| v.trim().parse::<f64>().ok());
     ensure!(lanes == Some(2.0), "the fleet reports lanes {lanes:?}, not 2: {text}");
+    let carried = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hearth_fleet_tunnel_sessions "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    ensure!(
+        carried == Some(1.0),
+        "the fleet reports {carried:?} tunnels carrying a session, not 1"
+    );
     let path = format!("/v1/nodes/{node}/commands");
     let outage = ns.outage()?;
     let down = Instant::now();
@@ -253,8 +285,11 @@ fn tunnel_through_a_firewall_and_a_link_outage() -> anyhow::Result<()> {
     tunnel_up(Duration::from_secs(90))?;
     let tunnel_recovery = up.elapsed();
     let agent_log = node_dir.join("agent.log");
-    let retries: Vec<u64> = log_lines(&agent_log, "tunnel reconnect scheduled")
+    // The session and its tunnel reconnect together ("fleet session ended"); a tunnel of its own
+    // (a gateway that does not carry sessions) logs its retries apart.
+    let retries: Vec<u64> = ["tunnel reconnect scheduled", "fleet session ended"]
         .iter()
+        .flat_map(|m| log_lines(&agent_log, m))
         .filter_map(|f| f.get("retry_in_ms").and_then(serde_json::Value::as_u64))
         .collect();
     let bound = Duration::from_millis(retries.iter().copied().max().unwrap_or(0))

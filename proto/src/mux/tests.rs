@@ -179,6 +179,45 @@ fn a_bulk_stream_does_not_starve_a_shell_or_control() -> R {
 }
 
 #[test]
+fn a_nodes_session_stream_opens_and_waits_at_most_a_quantum_behind_bulk() -> R {
+    let (mut gw, mut node) = pair();
+    let session = node.open(&Target::Session)?;
+    let mut out = Vec::new();
+    node.poll_transmit(&mut out, 1 << 20);
+    gw.receive(&out)?;
+    let mut opened = None;
+    while let Some(e) = gw.poll_event() {
+        if let Event::Opened { id, target } = e {
+            opened = Some((id, target));
+        }
+    }
+    assert_eq!(opened, Some((session, Target::Session)));
+    assert_eq!(Target::Session.label(), "session");
+    // The gateway's bulk stream and the session's next message: the message leaves within one
+    // quantum of bulk bytes (the fair scheduler), like a shell's.
+    let bulk = gw.open(&Target::Port(8080))?;
+    pump(&mut gw, &mut node)?;
+    gw.write(bulk, &vec![7u8; 256 * 1024])?;
+    gw.write(session, b"welcome")?;
+    let mut out = Vec::new();
+    gw.poll_transmit(&mut out, 1 << 20);
+    let mut at = 0;
+    let mut session_at = None;
+    while let Some((h, _, n)) = frame::decode(&out[at..])? {
+        if h.kind == FrameType::Data && h.stream == session {
+            session_at = Some(at);
+        }
+        at += n;
+    }
+    let session_at = session_at.ok_or(MuxError::UnknownStream(session))?;
+    assert!(
+        session_at <= MuxConfig::default().quantum + 2 * HEADER_LEN,
+        "session data at byte {session_at}"
+    );
+    Ok(())
+}
+
+#[test]
 fn equal_streams_get_equal_shares() -> R {
     let (mut gw, mut node) = pair();
     let ids: Vec<_> = (0..8).map(|_| gw.open(&Target::Echo)).collect::<Result<_, _>>()?;

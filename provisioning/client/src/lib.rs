@@ -5,7 +5,8 @@
 //!   and check the fleet *name* from the seed, so a fleet reached at a bare IP address works.
 //! - [`https`]: one JSON request over HTTPS (HTTP/1.1), optionally through an HTTPS proxy.
 //! - [`session`]: the `hearth/1` control session: frame I/O shared with the fleet, and
-//!   [`session::Session`], one mTLS connection carrying control messages.
+//!   [`session::Session`], control messages on an mTLS connection of its own or in a stream of
+//!   the node's tunnel ([`session::Session::on_tunnel`]).
 //! - [`tunnel`]: data streams multiplexed on the session (`hearth_proto::mux` driven by two tasks,
 //!   each stream an `AsyncRead + AsyncWrite`), with pings and dead-session detection;
 //!   [`backoff`]: the reconnect schedule. Design: `docs/0006-tunnel.md`.

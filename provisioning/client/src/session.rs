@@ -1,17 +1,30 @@
 //! The `hearth/1` control session: frame I/O (shared with the fleet) and the node-side
-//! [`Session`]: one outbound mTLS connection (ALPN `hearth/1`) carrying
-//! [`ControlMessage`]s on stream 0.
+//! [`Session`]: [`ControlMessage`]s as Control frames on one outbound mTLS connection of its own
+//! (ALPN `hearth/1`, [`Session::open`]), or the same frames in a [`Target::Session`] stream of
+//! the node's tunnel ([`Session::on_tunnel`], ALPN
+//! [`hearth_proto::mux::TUNNEL_SESSION_ALPN`]), so both ends run the same session code on
+//! either, and on the tunnel the session has a stream's flow control.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hearth_proto::control::{self, ControlMessage, Hello, Welcome};
 use hearth_proto::frame::{self, FrameType, HEADER_LEN, Header};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
+use hearth_proto::mux::Target;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::https::{ClientError, Endpoint, connect_tls};
 use crate::tls::{ClientIdentity, client_config};
+use crate::tunnel::TunnelHandle;
+
+/// How long a session opened on a tunnel waits for the fleet's Welcome (the tunnel's pings keep
+/// it alive, so silence alone would never end it).
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The read half of a session's connection.
+pub type SessionReader = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a session's connection.
+pub type SessionWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Why the session failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,14 +95,19 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 }
 
 /// A node's open control session.
-#[derive(Debug)]
 pub struct Session {
     /// Messages from the fleet.
-    pub reader: ReadHalf<TlsStream<TcpStream>>,
+    pub reader: SessionReader,
     /// Messages to the fleet.
-    pub writer: WriteHalf<TlsStream<TcpStream>>,
+    pub writer: SessionWriter,
     /// The fleet's welcome.
     pub welcome: Welcome,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("welcome", &self.welcome).finish_non_exhaustive()
+    }
 }
 
 impl Session {
@@ -114,7 +132,38 @@ impl Session {
         version: u16,
     ) -> Result<Self, SessionError> {
         let tls = connect_tls(ep, config).await?;
-        let (mut reader, mut writer) = tokio::io::split(tls);
+        Self::hello(tls, agent_version, version).await
+    }
+
+    /// Open the session on a node's tunnel that carries it (connected with
+    /// [`crate::tunnel::connect_node`], the gateway took
+    /// [`hearth_proto::mux::TUNNEL_SESSION_ALPN`]): a [`Target::Session`] stream, Hello, and the
+    /// Welcome within [`WELCOME_TIMEOUT`]. The session ends when the tunnel does.
+    pub async fn on_tunnel(
+        tunnel: &TunnelHandle,
+        agent_version: &str,
+    ) -> Result<Self, SessionError> {
+        let stream = tunnel.open(&Target::Session)?;
+        tokio::time::timeout(
+            WELCOME_TIMEOUT,
+            Self::hello(stream, agent_version, control::PROTOCOL_VERSION),
+        )
+        .await
+        .map_err(|_| {
+            SessionError::Protocol(format!(
+                "no Welcome on the tunnel within {} s",
+                WELCOME_TIMEOUT.as_secs()
+            ))
+        })?
+    }
+
+    async fn hello<S>(stream: S, agent_version: &str, version: u16) -> Result<Self, SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        let mut reader: SessionReader = Box::new(reader);
+        let mut writer: SessionWriter = Box::new(writer);
         let hello = ControlMessage::Hello(Hello {
             protocol_version: version,
             agent_version: agent_version.to_string(),

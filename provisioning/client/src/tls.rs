@@ -230,6 +230,15 @@ pub fn client_config(
     identity: Option<&ClientIdentity>,
     alpn: &[u8],
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_alpns(pin, identity, &[alpn])
+}
+
+/// [`client_config`] offering several ALPN ids, most preferred first (the server picks).
+pub fn client_config_alpns(
+    pin: &str,
+    identity: Option<&ClientIdentity>,
+    alpns: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = Arc::new(PinnedCaVerifier::new(pin)?);
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -242,7 +251,7 @@ pub fn client_config(
         )?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

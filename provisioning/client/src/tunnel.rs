@@ -32,13 +32,14 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hearth_proto::mux::{
-    Event, Mux, MuxConfig, MuxError, Side, StreamId, TUNNEL_ALPN, Target, reset,
+    Event, Mux, MuxConfig, MuxError, Side, StreamId, TUNNEL_ALPN, TUNNEL_SESSION_ALPN, Target,
+    reset,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::https::{ClientError, Endpoint, connect_tls};
-use crate::tls::{ClientIdentity, client_config};
+use crate::tls::{ClientIdentity, client_config, client_config_alpns};
 use split::{PollGuard, PollMutex};
 
 /// A ping is sent this often.
@@ -98,6 +99,23 @@ pub async fn connect(
     let tls = connect_tls(ep, tls_config).await?;
     tune_tcp(tls.get_ref().0);
     Ok(Tunnel::spawn(tls, Side::Node, config))
+}
+
+/// Connect a node's tunnel that can carry its control session: offers [`TUNNEL_SESSION_ALPN`]
+/// first, then [`TUNNEL_ALPN`]; like [`connect`] otherwise. The flag tells whether the gateway
+/// took the session (the node then opens a [`Target::Session`] stream on it,
+/// `crate::session::Session::on_tunnel`); if not, the node needs a separate `hearth/1` session.
+pub async fn connect_node(
+    ep: &Endpoint,
+    pin: &str,
+    identity: &ClientIdentity,
+    config: TunnelConfig,
+) -> Result<(Tunnel, bool), ClientError> {
+    let tls_config = client_config_alpns(pin, Some(identity), &[TUNNEL_SESSION_ALPN, TUNNEL_ALPN])?;
+    let tls = connect_tls(ep, tls_config).await?;
+    let carries_session = tls.get_ref().1.alpn_protocol() == Some(TUNNEL_SESSION_ALPN);
+    tune_tcp(tls.get_ref().0);
+    Ok((Tunnel::spawn(tls, Side::Node, config), carries_session))
 }
 
 /// Keepalive, user timeout and a shallow send queue on a tunnel's TCP connection (either end;
@@ -349,6 +367,23 @@ impl TunnelHandle {
         drop(st);
         self.shared.tx_ready.notify_one();
         Ok(())
+    }
+
+    /// Wait until everything queued has been handed to the connection (or the tunnel ended),
+    /// at most `limit`: last bytes go out before [`Self::close`].
+    pub async fn drained(&self, limit: Duration) {
+        let wait = async {
+            loop {
+                {
+                    let st = self.shared.lock();
+                    if st.dead.is_some() || st.mux.is_idle() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 
     /// The last measured round trip (from pings).

@@ -98,6 +98,11 @@ pub struct FleetConfig {
     /// LAST); the lowest free one is taken. Default `[20000, 20999]`.
     #[serde(default = "default_expose_ports")]
     pub expose_ports: [u16; 2],
+    /// Carry each node's control session on its tunnel (ALPN `hearth-tunnel/2`): one connection
+    /// per node, whose pings and reconnection the session shares. False: nodes keep a separate
+    /// `hearth/1` session, as with fleets before it. Default true.
+    #[serde(default = "default_true")]
+    pub tunnel_sessions: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -124,6 +129,9 @@ fn default_expose_bind() -> std::net::IpAddr {
 fn default_expose_ports() -> [u16; 2] {
     [20000, 20999]
 }
+fn default_true() -> bool {
+    true
+}
 
 impl Default for FleetConfig {
     fn default() -> Self {
@@ -141,6 +149,7 @@ impl Default for FleetConfig {
             reuse_port: false,
             expose_bind: default_expose_bind(),
             expose_ports: default_expose_ports(),
+            tunnel_sessions: true,
         }
     }
 }

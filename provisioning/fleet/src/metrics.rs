@@ -45,6 +45,8 @@ pub struct LiveFigures {
     pub tunnels: u64,
     /// Lanes of those tunnels (extra connections carrying port streams).
     pub lanes: u64,
+    /// Tunnels that carry their node's control session (one connection per node).
+    pub sessions_on_tunnel: u64,
 }
 
 fn one(labels: Vec<(&'static str, String)>, value: f64) -> Sample {
@@ -128,6 +130,12 @@ pub fn render(nodes: &[NodeView], live: LiveFigures) -> Exposition {
         Kind::Gauge,
     )
     .samples = vec![one(vec![], live.lanes as f64)];
+    e.family(
+        "hearth_fleet_tunnel_sessions",
+        "Node tunnels that carry their node's control session (docs/0006-tunnel.md).",
+        Kind::Gauge,
+    )
+    .samples = vec![one(vec![], live.sessions_on_tunnel as f64)];
     e.family("hearth_fleet_build_info", "The fleet's version (value 1).", Kind::Gauge).samples =
         vec![one(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1.0)];
     e
@@ -145,6 +153,7 @@ fn live_figures(fleet: &Fleet) -> LiveFigures {
         sessions,
         tunnels: fleet.gateway.connected().len() as u64,
         lanes: fleet.gateway.lane_total() as u64,
+        sessions_on_tunnel: fleet.gateway.session_total() as u64,
     }
 }
 
@@ -336,7 +345,11 @@ mod tests {
             node("c", false, false, NodeState::Ready, Some(1000)),
             node("d", false, true, NodeState::Ready, None),
         ];
-        let text = render(&nodes, LiveFigures { sessions: 2, tunnels: 1, lanes: 2 }).text();
+        let text = render(
+            &nodes,
+            LiveFigures { sessions: 2, tunnels: 1, lanes: 2, sessions_on_tunnel: 1 },
+        )
+        .text();
         let parsed = parse_text(&text).expect("parses");
         let v = |name: &str, label: Option<(&str, &str)>| {
             parsed
@@ -359,6 +372,7 @@ mod tests {
         assert_eq!(v("hearth_fleet_power_budget_watts", None), Some(3500.0));
         assert_eq!(v("hearth_fleet_sessions", None), Some(2.0));
         assert_eq!(v("hearth_fleet_tunnels", None), Some(1.0));
+        assert_eq!(v("hearth_fleet_tunnel_sessions", None), Some(1.0));
         assert_eq!(v("hearth_fleet_tunnel_lanes", None), Some(2.0));
     }
 

@@ -259,12 +259,17 @@ impl Fleet {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![
-            control::ALPN.to_vec(),
+        // The server's order decides: a node offering both tunnel ids gets the one that carries
+        // its session, unless `tunnel_sessions` is off.
+        config.alpn_protocols = vec![control::ALPN.to_vec()];
+        if self.config.tunnel_sessions {
+            config.alpn_protocols.push(hearth_proto::mux::TUNNEL_SESSION_ALPN.to_vec());
+        }
+        config.alpn_protocols.extend([
             hearth_proto::mux::TUNNEL_ALPN.to_vec(),
             hearth_proto::lane::LANE_ALPN.to_vec(),
             b"http/1.1".to_vec(),
-        ];
+        ]);
         Ok(Arc::new(config))
     }
 }
@@ -377,7 +382,10 @@ async fn accept_loop(
                 crate::session::serve(fleet, tls, peer, cancel).await;
             } else if conn.alpn_protocol() == Some(hearth_proto::mux::TUNNEL_ALPN) {
                 hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
-                crate::tunnel::serve(fleet, tls, peer, cancel).await;
+                crate::tunnel::serve(fleet, tls, peer, false, cancel).await;
+            } else if conn.alpn_protocol() == Some(hearth_proto::mux::TUNNEL_SESSION_ALPN) {
+                hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
+                crate::tunnel::serve(fleet, tls, peer, true, cancel).await;
             } else if conn.alpn_protocol() == Some(hearth_proto::lane::LANE_ALPN) {
                 hearth_fleet_client::tunnel::tune_tcp(tls.get_ref().0);
                 crate::tunnel::serve_lane(fleet, tls, peer, cancel).await;

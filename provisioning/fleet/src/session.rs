@@ -29,6 +29,9 @@ pub const QUEUE: usize = 64;
 async fn refuse<S: AsyncWrite + Unpin>(w: &mut S, reason: String, revoked: bool) {
     tracing::info!(%reason, "session refused");
     let _ = write_message(w, &ControlMessage::Refused(Refusal { reason, revoked })).await;
+    // The refusal is the last message: end the direction (on a tunnel's session stream, so the
+    // stream is finished after it, not reset ahead of it).
+    let _ = w.shutdown().await;
 }
 
 /// Serve one session until the node goes, the session is replaced or the fleet stops.

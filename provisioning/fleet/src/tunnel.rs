@@ -3,7 +3,10 @@
 //! - A **node** (node certificate, not revoked) keeps one tunnel here, registered in the
 //!   [`Gateway`] under its id; a newer tunnel of the same node replaces the older one. The gateway
 //!   opens streams on it; it refuses every stream a node opens, so no node can reach the gateway's
-//!   other nodes through it.
+//!   other nodes through it. A tunnel with ALPN `hearth-tunnel/2` also carries the node's control
+//!   session: the first [`Target::Session`] stream the node opens, served by
+//!   [`crate::session::serve`]; the tunnel and the session end together, and a revoked or unknown
+//!   node is told so on it before it closes.
 //! - An **operator** (operator certificate) opens streams with [`Target::Via`]: the gateway checks
 //!   the role (admin for exec, shell, ports; viewer or admin for the node's local API), opens the
 //!   inner target on that node's tunnel and relays the two streams, passing a reset (a refusal, an
@@ -38,6 +41,10 @@ pub const LANES: u8 = 2;
 /// How long a lane connection may take to present its token.
 pub const LANE_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a tunnel whose control session ended may take to send the session's last messages
+/// (a refusal) before it closes.
+pub const SESSION_DRAIN: Duration = Duration::from_secs(2);
+
 /// One node's tunnel: the primary connection and its lanes.
 #[derive(Debug)]
 struct NodeTunnel {
@@ -46,6 +53,8 @@ struct NodeTunnel {
     /// What the node's lanes present (sent on `primary` only).
     token: [u8; TOKEN_LEN],
     lanes: Vec<(u64, TunnelHandle)>,
+    /// It carries the node's control session (ALPN `hearth-tunnel/2`).
+    session: bool,
 }
 
 impl NodeTunnel {
@@ -85,6 +94,16 @@ impl Gateway {
         Some(t.primary.clone())
     }
 
+    /// Whether node `id`'s tunnel carries its control session (one connection per node).
+    pub fn carries_session(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|t| t.session)
+    }
+
+    /// Node tunnels that carry their node's control session.
+    pub fn session_total(&self) -> usize {
+        self.lock().values().filter(|t| t.session).count()
+    }
+
     /// Lanes node `id` has open now.
     pub fn lanes(&self, id: &str) -> usize {
         self.lock().get(id).map_or(0, |t| t.lanes.len())
@@ -114,13 +133,19 @@ impl Gateway {
     }
 }
 
-/// Serve one tunnel connection until it ends or the fleet stops.
-pub async fn serve<S>(fleet: Arc<Fleet>, stream: S, peer: Peer, cancel: CancellationToken)
-where
+/// Serve one tunnel connection until it ends or the fleet stops; a node's `with_session`
+/// (ALPN `hearth-tunnel/2`) carries its control session too.
+pub async fn serve<S>(
+    fleet: Arc<Fleet>,
+    stream: S,
+    peer: Peer,
+    with_session: bool,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match peer {
-        Peer::Node(node) => serve_node(fleet, stream, node, cancel).await,
+        Peer::Node(node) => serve_node(fleet, stream, node, with_session, cancel).await,
         Peer::Operator { name, role } => serve_operator(fleet, stream, name, role, cancel).await,
         Peer::Anonymous | Peer::Unknown => {
             tracing::info!("tunnel connection without a node or operator certificate: closed");
@@ -128,23 +153,44 @@ where
     }
 }
 
-async fn serve_node<S>(fleet: Arc<Fleet>, stream: S, node: String, cancel: CancellationToken)
-where
+async fn serve_node<S>(
+    fleet: Arc<Fleet>,
+    stream: S,
+    node: String,
+    with_session: bool,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = node.clone();
-    match fleet.db(move |r| r.node(&id)).await {
-        Ok(Some(n)) if !n.revoked => {}
+    let allowed = match fleet.db(move |r| r.node(&id)).await {
+        Ok(Some(n)) if !n.revoked => true,
         Ok(_) => {
             tracing::info!(%node, "tunnel refused: node revoked or unknown");
-            return;
+            false
         }
         Err(e) => {
             tracing::warn!(%node, error = %format!("{e:#}"), "tunnel refused: registry unavailable");
-            return;
+            false
         }
+    };
+    if !allowed && !with_session {
+        return;
     }
     let mut tunnel = Tunnel::spawn(stream, Side::Gateway, TunnelConfig::default());
+    if !allowed {
+        // The session refuses the Hello with the reason (a revoked node stops for good), then
+        // the tunnel closes; nothing else is served, and a node that opens no session is not
+        // held.
+        let on = Some(&fleet);
+        let _ = tokio::time::timeout(
+            crate::session::HELLO_TIMEOUT * 2,
+            hold(&node, &mut tunnel, on, &cancel, "node tunnel down"),
+        )
+        .await;
+        tunnel.handle.close();
+        return;
+    }
     let generation = fleet.gateway.next.fetch_add(1, Ordering::Relaxed);
     let mut token = [0u8; TOKEN_LEN];
     let lanes = if getrandom::fill(&mut token).is_ok() {
@@ -153,7 +199,13 @@ where
         tracing::warn!(%node, "no OS randomness for a lane token: tunnel without lanes");
         0
     };
-    let entry = NodeTunnel { generation, primary: tunnel.handle.clone(), token, lanes: Vec::new() };
+    let entry = NodeTunnel {
+        generation,
+        primary: tunnel.handle.clone(),
+        token,
+        lanes: Vec::new(),
+        session: with_session,
+    };
     if let Some(old) = fleet.gateway.lock().insert(node.clone(), entry) {
         old.close();
     }
@@ -161,8 +213,9 @@ where
         // A node that does not know lanes ignores the offer.
         let _ = tunnel.handle.send_control(&LaneMsg::Offer { count: lanes, token }.encode());
     }
-    tracing::info!(%node, "node tunnel up");
-    hold(&node, &mut tunnel, &cancel, "node tunnel down").await;
+    tracing::info!(%node, session = with_session, "node tunnel up");
+    let on = with_session.then_some(&fleet);
+    hold(&node, &mut tunnel, on, &cancel, "node tunnel down").await;
     let mut nodes = fleet.gateway.lock();
     if nodes.get(&node).is_some_and(|t| t.generation == generation)
         && let Some(t) = nodes.remove(&node)
@@ -171,17 +224,42 @@ where
     }
 }
 
-/// Hold a node's tunnel or lane until it ends or the fleet stops, refusing every stream the node
-/// opens (no node reaches anything through the gateway); then close it.
-async fn hold(node: &str, tunnel: &mut Tunnel, cancel: &CancellationToken, down: &'static str) {
+/// Hold a node's tunnel or lane until it ends, the control session it carries ends (after its
+/// last bytes are sent) or the fleet stops, refusing every stream the node opens (no node
+/// reaches anything through the gateway) but, with `session` (a `hearth-tunnel/2` tunnel), the
+/// first [`Target::Session`], which `fleet` serves as the node's control session; then close it.
+async fn hold(
+    node: &str,
+    tunnel: &mut Tunnel,
+    session: Option<&Arc<Fleet>>,
+    cancel: &CancellationToken,
+    down: &'static str,
+) {
+    let mut takes_session = session;
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
+            Some(_) = sessions.join_next() => {
+                tracing::info!(%node, "control session on the tunnel ended: tunnel closed");
+                tunnel.handle.drained(SESSION_DRAIN).await;
+                break;
+            }
             why = tunnel.handle.ended() => {
                 tracing::info!(%node, reason = %why, "{down}");
                 break;
             }
+            Some(_) = tunnel.control.recv() => {
+                // Nodes send the gateway no control message after a lane's join.
+                tracing::debug!(%node, "control message from a node: ignored");
+            }
             inc = tunnel.incoming.recv() => match inc {
+                Some(Incoming { target: Target::Session, stream }) if takes_session.is_some() => {
+                    if let Some(fleet) = takes_session.take() {
+                        let peer = Peer::Node(node.to_string());
+                        sessions.spawn(crate::session::serve(fleet.clone(), stream, peer, cancel.clone()));
+                    }
+                }
                 Some(Incoming { target, stream }) => {
                     tracing::warn!(%node, target = %target.label(), "node opened a stream: refused");
                     stream.refuse(reset::REFUSED, "the gateway accepts no streams from nodes");
@@ -190,6 +268,9 @@ async fn hold(node: &str, tunnel: &mut Tunnel, cancel: &CancellationToken, down:
             },
         }
     }
+    // A session still running ends on its own once the tunnel is closed (its stream fails),
+    // through its own cleanup: not aborted here.
+    sessions.detach_all();
     tunnel.handle.close();
 }
 
@@ -248,7 +329,7 @@ where
         return;
     };
     tracing::info!(%node, lanes = n, "node tunnel lane up");
-    hold(&node, &mut lane, &cancel, "node tunnel lane down").await;
+    hold(&node, &mut lane, None, &cancel, "node tunnel lane down").await;
     if let Some(t) = fleet.gateway.lock().get_mut(&node) {
         t.lanes.retain(|(id, _)| *id != lane_id);
     }
@@ -268,6 +349,8 @@ async fn serve_operator<S>(
         let inc = tokio::select! {
             () = cancel.cancelled() => break,
             _ = tunnel.handle.ended() => break,
+            // Operators send the gateway no control messages: read and dropped, not held.
+            Some(_) = tunnel.control.recv() => continue,
             inc = tunnel.incoming.recv() => match inc {
                 Some(inc) => inc,
                 None => break,
@@ -297,6 +380,8 @@ async fn relay(fleet: &Arc<Fleet>, operator: &str, role: Role, inc: Incoming) {
     let label = inner.label();
     let refusal = if matches!(*inner, Target::Via { .. }) {
         Some((reset::REFUSED, "a relay cannot name another relay".to_string()))
+    } else if matches!(*inner, Target::Session) {
+        Some((reset::REFUSED, "a node's control session is not reachable by relay".to_string()))
     } else if inner.needs_admin() && role != Role::Admin {
         Some((
             reset::REFUSED,

@@ -1,5 +1,6 @@
 //! End to end on a real fleet: enroll with a token, open the mTLS `hearth/1` session, heartbeat,
-//! receive desired state and commands, ack them; on SQLite and on PostgreSQL.
+//! receive desired state and commands, ack them; on SQLite and on PostgreSQL; the same session
+//! carried by the node's tunnel.
 
 mod common;
 
@@ -8,14 +9,17 @@ use std::time::Duration;
 use common::{Db, TestResult, enroll_request, fleet_on};
 use hearth_fleet_client::enroll::enroll;
 use hearth_fleet_client::https::json;
-use hearth_fleet_client::session::Session;
+use hearth_fleet_client::session::{Session, SessionError};
 use hearth_fleet_client::tls::ClientIdentity;
+use hearth_fleet_client::tunnel::{TunnelConfig, connect, connect_node};
 use hearth_proto::api::NodeState;
 use hearth_proto::control::{
     CommandAck, CommandKind, CommandOutcome, ControlMessage, HealthSummary, Heartbeat,
     PowerSummary, Versions,
 };
 use hearth_proto::fleet::{CommandRequest, CommandView, DrainRequest, NodeView};
+use hearth_proto::mux::Target;
+use tokio::io::AsyncReadExt;
 
 fn heartbeat(seq: u64, gen_: u64) -> ControlMessage {
     ControlMessage::Heartbeat(Heartbeat {
@@ -239,4 +243,120 @@ async fn unacked_commands_resent_on_sqlite() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_commands_resent_on_postgres() -> TestResult {
     unacked_commands_resent_in_order(Db::Postgres).await
+}
+
+/// The session rides the node's tunnel (ALPN `hearth-tunnel/2`): Hello, Welcome, desired state,
+/// heartbeats and commands go as Session frames on the one connection; when the tunnel ends, the
+/// session ends with it; a revoked node is told so on its tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_rides_the_nodes_tunnel_and_ends_with_it() -> TestResult {
+    let Some(f) = fleet_on(Db::Sqlite).await else { return Ok(()) };
+    let token = f.token(1, 600).await;
+    let (req, key) = enroll_request(&token.token, 3);
+    let resp = enroll(&f.ep(), &f.pin(), &req).await?;
+    let node = resp.node_id.clone();
+    let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
+    let on_tunnel = || async {
+        let (t, with_session) =
+            connect_node(&f.ep(), &f.pin(), &id, TunnelConfig::default()).await?;
+        assert!(with_session, "the fleet did not take the session on the tunnel");
+        let s = Session::on_tunnel(&t.handle, "0.1.0").await;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((t, s))
+    };
+
+    let (t, s) = on_tunnel().await?;
+    let mut s = s?;
+    assert_eq!(s.welcome.node_id, node);
+    let ControlMessage::Desired(d) = recv(&mut s).await? else { panic!("expected Desired") };
+    assert_eq!(d.generation, 1);
+    s.send(&heartbeat(1, 1)).await?;
+    assert_eq!(recv(&mut s).await?, ControlMessage::HeartbeatAck { seq: 1 });
+    let gw = &f.running.fleet.gateway;
+    assert_eq!(gw.connected(), vec![node.clone()]);
+    assert!(gw.carries_session(&node));
+    assert_eq!(gw.session_total(), 1);
+
+    // One session per tunnel: a second Session stream is refused, as is one on a tunnel that
+    // carries no session and one an operator asks the gateway to relay.
+    let refused = |mut st: hearth_fleet_client::tunnel::TunnelStream| async move {
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(5), st.read(&mut b)).await;
+        matches!(r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused(t.handle.open(&Target::Session)?).await, "a second session stream");
+    let admin_tunnel = connect(&f.ep(), &f.pin(), &f.admin, TunnelConfig::default()).await?;
+    let via = Target::Via { node: node.clone(), target: Box::new(Target::Session) };
+    assert!(refused(admin_tunnel.handle.open(&via)?).await, "a relayed session stream");
+    admin_tunnel.handle.close();
+    s.send(&heartbeat(2, 1)).await?;
+    assert_eq!(
+        recv(&mut s).await?,
+        ControlMessage::HeartbeatAck { seq: 2 },
+        "the session lives on"
+    );
+
+    // A command reaches the node on the tunnel and its ack is recorded.
+    let admin = f.http(Some(&f.admin));
+    let path = format!("/v1/nodes/{node}/commands");
+    let c: CommandView = json(
+        &f.ep(),
+        admin.clone(),
+        "POST",
+        &path,
+        Some(&CommandRequest { kind: CommandKind::Reboot }),
+    )
+    .await?;
+    let ControlMessage::Command(cmd) = recv(&mut s).await? else { panic!("expected Command") };
+    assert_eq!(cmd.id, c.id);
+    s.send(&ControlMessage::CommandAck(CommandAck { id: cmd.id, outcome: CommandOutcome::Done }))
+        .await?;
+    let mut acked = false;
+    for _ in 0..100 {
+        let cs: Vec<CommandView> =
+            json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
+        if cs.iter().any(|x| x.id == c.id && x.outcome == Some(CommandOutcome::Done)) {
+            acked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(acked, "the ack sent on the tunnel was not recorded");
+
+    // The tunnel ends: so does the session, on both ends.
+    t.handle.close();
+    assert!(recv(&mut s).await.is_err(), "the session outlived its tunnel");
+    let live = || f.running.fleet.live().get(&node).is_some_and(|l| l.tx.is_some());
+    for _ in 0..250 {
+        if !live() && gw.connected().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!live(), "the fleet kept a session whose tunnel ended");
+    assert!(gw.connected().is_empty());
+
+    // A node tunnel without the session (`hearth-tunnel/1`, as a node of an older fleet would
+    // connect): a Session stream on it is refused.
+    let old_style = connect(&f.ep(), &f.pin(), &id, TunnelConfig::default()).await?;
+    assert!(
+        refused(old_style.handle.open(&Target::Session)?).await,
+        "a session on hearth-tunnel/1"
+    );
+    old_style.handle.close();
+
+    // Revoked: the node learns it on the tunnel (and stops), and the tunnel closes.
+    let _: NodeView =
+        json::<(), _>(&f.ep(), admin.clone(), "POST", &format!("/v1/nodes/{node}/revoke"), None)
+            .await?;
+    let (t, s) = on_tunnel().await?;
+    match s {
+        Err(SessionError::Refused { revoked: true, reason }) => {
+            assert!(reason.contains("revoked"), "{reason}")
+        }
+        other => panic!("a revoked node's session on its tunnel: {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), t.handle.ended()).await?;
+    assert!(gw.connected().is_empty(), "a revoked node's tunnel was registered");
+    f.running.stop().await;
+    Ok(())
 }
