@@ -37,6 +37,24 @@ async fn recv(s: &mut Session) -> Result<ControlMessage, Box<dyn std::error::Err
     Ok(tokio::time::timeout(Duration::from_secs(5), s.recv()).await??)
 }
 
+/// Whether the fleet records `outcome` for command `id` (at `path`) within 2.5 s.
+async fn recorded(
+    f: &common::TestFleet,
+    admin: &std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+    id: u64,
+    outcome: CommandOutcome,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    for _ in 0..50 {
+        let cs: Vec<CommandView> = json::<(), _>(&f.ep(), admin.clone(), "GET", path, None).await?;
+        if cs.iter().any(|x| x.id == id && x.outcome.as_ref() == Some(&outcome)) {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
+}
+
 async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
     let Some(f) = fleet_on(db).await else { return Ok(()) };
     let token = f.token(1, 600).await;
@@ -99,16 +117,7 @@ async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
         outcome: CommandOutcome::Accepted,
     }))
     .await?;
-    let mut acked = false;
-    for _ in 0..50 {
-        let cs: Vec<CommandView> =
-            json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
-        if cs.iter().any(|x| x.id == c.id && x.outcome == Some(CommandOutcome::Accepted)) {
-            acked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let acked = recorded(&f, &admin, &path, c.id, CommandOutcome::Accepted).await?;
     assert!(acked, "command ack recorded");
 
     // Renewal with the node's own certificate: same node, new certificate; an operator
@@ -310,16 +319,7 @@ async fn a_session_rides_the_nodes_tunnel_and_ends_with_it() -> TestResult {
     assert_eq!(cmd.id, c.id);
     s.send(&ControlMessage::CommandAck(CommandAck { id: cmd.id, outcome: CommandOutcome::Done }))
         .await?;
-    let mut acked = false;
-    for _ in 0..100 {
-        let cs: Vec<CommandView> =
-            json::<(), _>(&f.ep(), admin.clone(), "GET", &path, None).await?;
-        if cs.iter().any(|x| x.id == c.id && x.outcome == Some(CommandOutcome::Done)) {
-            acked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let acked = recorded(&f, &admin, &path, c.id, CommandOutcome::Done).await?;
     assert!(acked, "the ack sent on the tunnel was not recorded");
 
     // The tunnel ends: so does the session, on both ends.
