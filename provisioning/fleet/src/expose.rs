@@ -16,6 +16,15 @@
 //! node refuses, or that arrive while it has no tunnel, are closed and logged; a refusal is
 //! recorded as an `expose-refused` event (at most one a minute per exposure).
 //!
+//! With several gateway processes (`gateway_id`), an exposure's port is bound by the process that
+//! holds its node's tunnel, so every connection lands where it can be forwarded: [`sync_node`]
+//! binds a node's exposures when its tunnel registers here (retrying while the process that held
+//! it before lets the port go) and releases them when it leaves; an exposure created or removed
+//! through another process reaches the holder through the registry's outbox, within a second
+//! ([`crate::server::deliver_notifications`]); every [`RECONCILE`] each process matches all its
+//! listeners to the registry and its tunnels ([`sync_all`]), for a notice that reached the
+//! node's previous gateway while its tunnel moved.
+//!
 //! Design: `docs/0006-tunnel.md`.
 
 use std::collections::{HashMap, HashSet};
@@ -40,11 +49,27 @@ use crate::ca::{Peer, Role};
 use crate::registry::expose::Exposure;
 use crate::server::Fleet;
 
+/// One exposure's listener in this process (bound, or waiting for its port).
+#[derive(Debug, Clone)]
+struct Listener {
+    node: String,
+    cancel: CancellationToken,
+    bound: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How often a gateway that took a node's tunnel tries again to bind an exposure's port that the
+/// node's previous gateway still holds.
+const CLAIM_RETRY: Duration = Duration::from_millis(250);
+
+/// How often a gateway process matches all its exposure listeners to the registry and the
+/// tunnels it holds (several gateway processes).
+pub const RECONCILE: Duration = Duration::from_secs(5);
+
 /// The gateway's exposure listeners.
 #[derive(Debug, Default)]
 pub struct Exposer {
-    /// Cancels each running listener, by gateway port.
-    listeners: Mutex<HashMap<u16, CancellationToken>>,
+    /// Each exposure's listener here, by gateway port.
+    listeners: Mutex<HashMap<u16, Listener>>,
     /// The fleet's own cancellation (set by [`restore`]); listeners are its children.
     root: Mutex<Option<CancellationToken>>,
     /// One creation at a time in this process (port choice and binding).
@@ -58,9 +83,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Exposer {
-    /// Gateway ports with a running listener.
+    /// Gateway ports with a bound listener.
     pub fn listening(&self) -> Vec<u16> {
-        let mut v: Vec<u16> = lock(&self.listeners).keys().copied().collect();
+        let mut v: Vec<u16> = lock(&self.listeners)
+            .iter()
+            .filter(|(_, l)| l.bound.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|(p, _)| *p)
+            .collect();
         v.sort_unstable();
         v
     }
@@ -70,10 +99,28 @@ impl Exposer {
     }
 
     fn stop(&self, port: u16) {
-        if let Some(t) = lock(&self.listeners).remove(&port) {
-            t.cancel();
+        if let Some(l) = lock(&self.listeners).remove(&port) {
+            l.cancel.cancel();
         }
     }
+
+    /// A new listener entry for `port`, unless one exists.
+    fn claim(&self, port: u16, node: &str) -> Option<Listener> {
+        let mut listeners = lock(&self.listeners);
+        if listeners.contains_key(&port) {
+            return None;
+        }
+        let l =
+            Listener { node: node.to_string(), cancel: self.child_token(), bound: Arc::default() };
+        listeners.insert(port, l.clone());
+        Some(l)
+    }
+}
+
+/// Whether exposures follow their node's tunnel (several gateway processes) rather than being
+/// bound by this process at start.
+fn follows_tunnels(fleet: &Fleet) -> bool {
+    fleet.config.gateway_id.is_some()
 }
 
 fn view(fleet: &Fleet, e: &Exposure) -> ExposeView {
@@ -100,6 +147,10 @@ fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
 /// `expose-unavailable` event; the others run.
 pub async fn restore(fleet: &Arc<Fleet>, cancel: &CancellationToken) {
     *lock(&fleet.exposer.root) = Some(cancel.clone());
+    if follows_tunnels(fleet) {
+        // Bound as the nodes' tunnels arrive (`sync_node`).
+        return;
+    }
     let rows = match fleet.db(|r| r.exposures()).await {
         Ok(rows) => rows,
         Err(e) => {
@@ -134,10 +185,94 @@ pub async fn restore(fleet: &Arc<Fleet>, cancel: &CancellationToken) {
 }
 
 fn start(fleet: &Arc<Fleet>, listener: TcpListener, e: Exposure) {
-    let token = fleet.exposer.child_token();
-    lock(&fleet.exposer.listeners).insert(e.gateway_port, token.clone());
+    let Some(l) = fleet.exposer.claim(e.gateway_port, &e.node_id) else { return };
+    l.bound.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(node = %e.node_id, gateway_port = e.gateway_port, node_port = e.node_port, "exposure listening");
-    tokio::spawn(accept_loop(fleet.clone(), listener, e, token));
+    tokio::spawn(accept_loop(fleet.clone(), listener, e, l.cancel));
+}
+
+/// Match this process's listeners for `node`'s exposures to where its tunnel is (several gateway
+/// processes): bind every exposure of the node while its tunnel is here, waiting for a port the
+/// previous gateway still holds, and release them when it is not, or when an exposure is gone.
+/// Nothing to do in a single fleet process, which binds every exposure at start.
+pub async fn sync_node(fleet: &Arc<Fleet>, node: &str) {
+    if !follows_tunnels(fleet) {
+        return;
+    }
+    let wanted: Vec<Exposure> = if fleet.gateway.node(node).is_some() {
+        let id = node.to_string();
+        match fleet.db(move |r| r.exposures()).await {
+            Ok(rows) => rows.into_iter().filter(|e| e.node_id == id).collect(),
+            Err(e) => {
+                tracing::warn!(%node, error = %format!("{e:#}"), "cannot read the node's exposures");
+                return;
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    apply(fleet, wanted, Some(node));
+}
+
+/// [`sync_node`] for every node at once: the listeners of the exposures whose node's tunnel
+/// this process holds, and no other (several gateway processes).
+pub async fn sync_all(fleet: &Arc<Fleet>) {
+    if !follows_tunnels(fleet) {
+        return;
+    }
+    let rows = match fleet.db(|r| r.exposures()).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot read exposures");
+            return;
+        }
+    };
+    let wanted = rows.into_iter().filter(|e| fleet.gateway.node(&e.node_id).is_some()).collect();
+    apply(fleet, wanted, None);
+}
+
+/// Release the listeners (of `node`, or all) that are not `wanted`; claim the wanted ones.
+fn apply(fleet: &Arc<Fleet>, wanted: Vec<Exposure>, node: Option<&str>) {
+    let gone: Vec<(u16, String)> = lock(&fleet.exposer.listeners)
+        .iter()
+        .filter(|(p, l)| {
+            node.is_none_or(|n| l.node == n) && !wanted.iter().any(|e| e.gateway_port == **p)
+        })
+        .map(|(p, l)| (*p, l.node.clone()))
+        .collect();
+    for (port, node) in gone {
+        tracing::info!(%node, gateway_port = port, "exposure released (the node's tunnel left, or the exposure was removed)");
+        fleet.exposer.stop(port);
+    }
+    for e in wanted {
+        let Some(l) = fleet.exposer.claim(e.gateway_port, &e.node_id) else { continue };
+        tokio::spawn(bind_when_free(fleet.clone(), e, l));
+    }
+}
+
+/// Bind `e`'s port as soon as it is free (the node's previous gateway releases it when the
+/// tunnel leaves there), then serve it until cancelled.
+async fn bind_when_free(fleet: Arc<Fleet>, e: Exposure, l: Listener) {
+    let waiting = Instant::now();
+    let mut warned = false;
+    let listener = loop {
+        match bind(fleet.config.expose_bind, e.gateway_port) {
+            Ok(listener) => break listener,
+            Err(err) => {
+                if !warned && waiting.elapsed() > Duration::from_secs(20) {
+                    warned = true;
+                    tracing::warn!(node = %e.node_id, port = e.gateway_port, error = %err, "exposure port still busy: retrying");
+                }
+                tokio::select! {
+                    () = l.cancel.cancelled() => return,
+                    () = tokio::time::sleep(CLAIM_RETRY) => {}
+                }
+            }
+        }
+    };
+    l.bound.store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(node = %e.node_id, gateway_port = e.gateway_port, node_port = e.node_port, waited_ms = waiting.elapsed().as_millis() as u64, "exposure listening");
+    accept_loop(fleet, listener, e, l.cancel).await;
 }
 
 async fn accept_loop(
@@ -243,6 +378,15 @@ async fn probe(handle: &TunnelHandle, node: &str, port: u16) -> Result<(), ApiEr
     Ok(())
 }
 
+/// Tell the gateway process holding `node`'s tunnel to match its listeners to the registry
+/// (through the outbox, [`crate::server::deliver_notifications`] → [`sync_node`]).
+async fn notify_holder(fleet: &Arc<Fleet>, node: &str) {
+    let id = node.to_string();
+    if let Err(e) = fleet.db(move |r| r.notify_gateway(&id, crate::now_ms())).await {
+        tracing::warn!(%node, error = %format!("{e:#}"), "cannot tell the node's gateway about its exposures");
+    }
+}
+
 fn operator_name(peer: &Peer) -> String {
     match peer {
         Peer::Operator { name, .. } => name.clone(),
@@ -305,7 +449,12 @@ pub async fn create(
     };
     let row = e.clone();
     let stored = fleet.db(move |r| r.add_exposure(&row)).await?;
-    if stored.gateway_port == gateway_port {
+    if follows_tunnels(&fleet) && fleet.gateway.node(&stored.node_id).is_none() {
+        // The process holding the node's tunnel binds it (told through the outbox), or the
+        // one that takes the tunnel next.
+        drop(listener);
+        notify_holder(&fleet, &stored.node_id).await;
+    } else if stored.gateway_port == gateway_port {
         start(&fleet, listener, stored.clone());
     }
     tracing::info!(operator = %e.created_by, node = %e.node_id, gateway_port, node_port = e.node_port, "exposure created");
@@ -338,6 +487,9 @@ pub async fn remove(
         ));
     };
     fleet.exposer.stop(port);
+    if follows_tunnels(&fleet) {
+        notify_holder(&fleet, &e.node_id).await;
+    }
     tracing::info!(node = %e.node_id, gateway_port = port, "exposure removed");
     Ok(Json(view(&fleet, &e)))
 }

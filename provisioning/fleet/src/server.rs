@@ -410,6 +410,7 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
     let flush_every = Duration::from_millis(fleet.config.flush_interval_ms);
     let mut tick = tokio::time::interval(flush_every.min(Duration::from_secs(1)));
     let mut last_flush = tokio::time::Instant::now();
+    let mut last_reconcile = tokio::time::Instant::now();
     loop {
         let stopping = tokio::select! {
             () = cancel.cancelled() => true,
@@ -474,6 +475,10 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
             && !stopping
         {
             deliver_notifications(&fleet, gw).await;
+            if last_reconcile.elapsed() >= crate::expose::RECONCILE {
+                last_reconcile = tokio::time::Instant::now();
+                crate::expose::sync_all(&fleet).await;
+            }
         }
         if !stopping {
             crate::rollout::drive(&fleet).await;
@@ -490,8 +495,8 @@ const NOTIFY_EXPIRY_MS: u64 = 60_000;
 
 /// Deliver what other gateway processes left in the outbox for nodes whose session this one
 /// holds: the desired state and pending commands again (both idempotent on the node: the
-/// desired state has a generation, commands an id), or the end of the session if the node was
-/// revoked.
+/// desired state has a generation, commands an id), the node's exposures bound or released
+/// ([`crate::expose::sync_node`]), or the end of the session if the node was revoked.
 pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
     let gw = gateway.to_string();
     let now = crate::now_ms();
@@ -515,8 +520,11 @@ pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
                 l.kill.cancel();
             }
             fleet.gateway.disconnect(&node);
+            crate::expose::sync_node(fleet, &node).await;
             continue;
         }
+        // An exposure of the node created or removed through another gateway.
+        crate::expose::sync_node(fleet, &node).await;
         if !fleet.push(&node, ControlMessage::Desired(row.desired)) {
             continue;
         }

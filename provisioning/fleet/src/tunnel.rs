@@ -214,13 +214,27 @@ async fn serve_node<S>(
         let _ = tunnel.handle.send_control(&LaneMsg::Offer { count: lanes, token }.encode());
     }
     tracing::info!(%node, session = with_session, "node tunnel up");
+    // With several gateway processes, the node's exposures are bound where its tunnel is.
+    let (f, n) = (fleet.clone(), node.clone());
+    tokio::spawn(async move { crate::expose::sync_node(&f, &n).await });
     let on = with_session.then_some(&fleet);
     hold(&node, &mut tunnel, on, &cancel, "node tunnel down").await;
-    let mut nodes = fleet.gateway.lock();
-    if nodes.get(&node).is_some_and(|t| t.generation == generation)
-        && let Some(t) = nodes.remove(&node)
-    {
-        t.close();
+    let gone = {
+        let mut nodes = fleet.gateway.lock();
+        match nodes.get(&node) {
+            Some(t) if t.generation == generation => {
+                if let Some(t) = nodes.remove(&node) {
+                    t.close();
+                }
+                true
+            }
+            // Replaced by a newer tunnel of the node here: its exposures stay.
+            Some(_) => false,
+            None => true,
+        }
+    };
+    if gone && !cancel.is_cancelled() {
+        crate::expose::sync_node(&fleet, &node).await;
     }
 }
 

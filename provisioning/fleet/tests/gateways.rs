@@ -1,8 +1,9 @@
 //! The fleet as several gateway processes on one registry (docs/fleet-scaling.md): two fleets
 //! share the CA and the registry; a node's session is on one, the operator talks to the other,
 //! and drains, commands and revocations still reach the node. Two gateways share one address
-//! with `SO_REUSEPORT`. Enrollments committed in groups: a refused one changes nothing and
-//! the others of its batch commit. On SQLite and on PostgreSQL.
+//! with `SO_REUSEPORT`. Exposures are bound by the process holding their node's tunnel and move
+//! with it. Enrollments committed in groups: a refused one changes nothing and the others of its
+//! batch commit. On SQLite and on PostgreSQL.
 
 mod common;
 
@@ -20,13 +21,14 @@ use hearth_fleet_client::enroll::enroll;
 use hearth_fleet_client::https::{Endpoint, json};
 use hearth_fleet_client::session::Session;
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
+use hearth_fleet_client::tunnel::{TunnelConfig, connect_node};
 use hearth_proto::api::NodeState;
 use hearth_proto::control::{
     CommandKind, ControlMessage, HealthSummary, Heartbeat, PowerSummary, Versions,
 };
 use hearth_proto::fleet::{
-    CommandRequest, CommandView, DrainRequest, HardwareIdentity, NodeView, TokenCreateRequest,
-    TokenCreated,
+    CommandRequest, CommandView, DrainRequest, ExposeRequest, ExposeView, HardwareIdentity,
+    NodeView, TokenCreateRequest, TokenCreated,
 };
 
 async fn gateway(dir: &std::path::Path, url: &str, id: &str, listen: &str) -> RunningFleet {
@@ -290,4 +292,160 @@ fn enroll_batch_refuses_alone_on_sqlite() -> TestResult {
 #[test]
 fn enroll_batch_refuses_alone_on_postgres() -> TestResult {
     enroll_batch(Db::Postgres)
+}
+
+/// A node tunnel that carries its session (heartbeats every 200 ms, so the registry records its
+/// gateway) and echoes every `Port` stream; ends with the returned handle.
+async fn echo_node(
+    g: &RunningFleet,
+    pin: &str,
+    id: &ClientIdentity,
+) -> Result<hearth_fleet_client::tunnel::TunnelHandle, Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut t, with_session) = connect_node(&ep(g), pin, id, TunnelConfig::default()).await?;
+    assert!(with_session);
+    let mut s = Session::on_tunnel(&t.handle, "0.1.0").await?;
+    let handle = t.handle.clone();
+    tokio::spawn(async move {
+        let mut seq = 0;
+        loop {
+            seq += 1;
+            if s.send(&heartbeat(seq)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(inc) = t.incoming.recv().await {
+            tokio::spawn(async move {
+                let mut st = inc.stream;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = st.read(&mut buf).await {
+                    if n == 0 || st.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = st.shutdown().await;
+            });
+        }
+    });
+    Ok(handle)
+}
+
+/// Whether a customer connection to `port` on the loopback gets its bytes echoed.
+async fn echoes(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        c.write_all(b"ping").await?;
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await?;
+        Ok::<_, std::io::Error>(&b == b"ping")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Ok(true)))
+}
+
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) -> TestResult {
+    for _ in 0..150 {
+        if f().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("timed out waiting for {what}").into())
+}
+
+/// With several gateway processes an exposure's port is bound where the node's tunnel is: an
+/// exposure made through the other process is bound by the tunnel's within a second and
+/// forwards; when the tunnel moves, the port moves with it; a removal made through the other
+/// process releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposures_follow_the_nodes_tunnel_across_gateway_processes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let Some(url) = registry_url(Db::Sqlite, dir.path()) else { return Ok(()) };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let gw = |id: &'static str| {
+        let config = FleetConfig {
+            listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+            state_dir: dir.path().join("fleet"),
+            registry: Some(url.clone()),
+            flush_interval_ms: 200,
+            gateway_id: Some(id.to_string()),
+            expose_ports: [port, port],
+            ..FleetConfig::default()
+        };
+        async move { start(config).await.unwrap_or_else(|e| panic!("gateway {id}: {e:#}")) }
+    };
+    let g1 = gw("g1").await;
+    let g2 = gw("g2").await;
+    let pin = g1.fleet.ca.pin();
+    let (cert, key) = g1
+        .fleet
+        .ca
+        .operator_cert("tester", Role::Admin, Duration::from_secs(600))
+        .map_err(|e| e.to_string())?;
+    let admin = client_config(
+        &pin,
+        Some(&ClientIdentity { cert_pem: cert.cert_pem, key_pem: key }),
+        b"http/1.1",
+    )?;
+    let req =
+        TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
+    let token: TokenCreated =
+        json(&ep(&g2), admin.clone(), "POST", "/v1/tokens", Some(&req)).await?;
+    let (req, key) = enroll_request(&token.token, 7);
+    let resp = enroll(&ep(&g2), &pin, &req).await?;
+    let node = resp.node_id.clone();
+    let id = ClientIdentity { cert_pem: resp.cert_pem, key_pem: key };
+
+    // The tunnel on g1; the exposure made through g2, which binds nothing.
+    let on_g1 = echo_node(&g1, &pin, &id).await?;
+    let (f1, f2) = (g1.fleet.clone(), g2.fleet.clone());
+    // Online at g2 once g1's liveness batch (which names the session's gateway) is written.
+    let path = format!("/v1/nodes/{node}");
+    eventually("the session recorded by g1", async || {
+        let n = json::<(), NodeView>(&ep(&g2), admin.clone(), "GET", &path, None).await;
+        n.is_ok_and(|n| n.online)
+    })
+    .await?;
+    let e: ExposeView = json(
+        &ep(&g2),
+        admin.clone(),
+        "POST",
+        &format!("/v1/nodes/{node}/expose"),
+        Some(&ExposeRequest { port: 7007 }),
+    )
+    .await?;
+    assert_eq!(e.gateway_port, port);
+    eventually("g1 to bind the exposure", async || f1.exposer.listening() == vec![port]).await?;
+    assert!(
+        f2.exposer.listening().is_empty(),
+        "g2 bound an exposure of a node it has no tunnel of"
+    );
+    assert!(echoes(port).await, "the exposure does not reach the node through g1");
+
+    // The tunnel moves to g2: the port follows.
+    on_g1.close();
+    let _on_g2 = echo_node(&g2, &pin, &id).await?;
+    eventually("g2 to bind the exposure", async || f2.exposer.listening() == vec![port]).await?;
+    assert!(f1.exposer.listening().is_empty(), "g1 kept the port after the tunnel left");
+    eventually("the exposure to reach the node through g2", async || echoes(port).await).await?;
+
+    // Removed through g1: g2 lets the port go (told through the outbox once the registry names
+    // g2 as the node's gateway, or by its periodic reconciliation, `expose::RECONCILE`).
+    let _: ExposeView = json::<(), _>(
+        &ep(&g1),
+        admin.clone(),
+        "POST",
+        &format!("/v1/exposures/{port}/remove"),
+        None,
+    )
+    .await?;
+    eventually("g2 to release the removed exposure", async || f2.exposer.listening().is_empty())
+        .await?;
+    assert!(!echoes(port).await, "a removed exposure still forwards");
+    g1.stop().await;
+    g2.stop().await;
+    Ok(())
 }
