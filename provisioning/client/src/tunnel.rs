@@ -369,6 +369,11 @@ impl TunnelHandle {
         Ok(())
     }
 
+    /// Whether the tunnel has ended.
+    pub fn is_ended(&self) -> bool {
+        self.shared.lock().dead.is_some()
+    }
+
     /// Wait until everything queued has been handed to the connection (or the tunnel ended),
     /// at most `limit`: last bytes go out before [`Self::close`].
     pub async fn drained(&self, limit: Duration) {

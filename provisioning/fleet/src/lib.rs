@@ -10,7 +10,9 @@
 //! batches below the sessions' CPU priority ([`liveness`]).
 //! `hearth-fleet operator-cert` issues operator certificates ([`ca::Ca::operator_cert`]).
 //! Customer ingress ([`expose`]): gateway ports forwarding to node ports over the node's tunnel,
-//! bound again at every start (`docs/0006-tunnel.md`).
+//! bound again at every start (`docs/0006-tunnel.md`). With several gateway processes, each
+//! listens on a Unix socket so an operator's stream reaches a node whose tunnel another holds
+//! ([`peer`]).
 //! Telemetry ([`metrics`]): the fleet's `/metrics`, Prometheus HTTP SD at `/v1/sd` and the scrape
 //! proxy `/v1/nodes/{id}/metrics` through each node's tunnel (`docs/0007-telemetry.md`).
 //! Staged rollouts of OS releases ([`rollout`], driven by the sweep and by node update reports;
@@ -26,6 +28,7 @@ pub mod expose;
 pub mod liveness;
 pub mod metrics;
 pub mod os;
+pub mod peer;
 pub mod registry;
 pub mod rollout;
 pub mod rollout_api;

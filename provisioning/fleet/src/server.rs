@@ -61,6 +61,8 @@ pub struct Fleet {
     pub gateway: crate::tunnel::Gateway,
     /// Customer ingress listeners ([`crate::expose`]).
     pub exposer: crate::expose::Exposer,
+    /// Tunnels to the other gateway processes of this machine ([`crate::peer`]).
+    pub peers: crate::peer::Peers,
     /// Enrollments, committed in groups ([`crate::enroll`]).
     pub enroller: crate::enroll::EnrollQueue,
     /// Liveness batches, written below the sessions' priority ([`crate::liveness`]).
@@ -103,6 +105,15 @@ pub enum StartError {
     /// The enrollment or liveness writer thread.
     #[error("cannot start a registry writer thread")]
     Thread(#[source] std::io::Error),
+    /// The gateway process's Unix socket ([`crate::peer`]).
+    #[error("cannot listen on the gateway socket {path}")]
+    Socket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Binding.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -143,6 +154,7 @@ impl Fleet {
             live: Mutex::new(HashMap::new()),
             gateway: crate::tunnel::Gateway::default(),
             exposer: crate::expose::Exposer::default(),
+            peers: crate::peer::Peers::default(),
             sessions: std::sync::atomic::AtomicU64::new(0),
             missed_pushes: std::sync::atomic::AtomicU64::new(0),
             clock: std::sync::RwLock::new(Arc::new(crate::rollout::SystemClock)),
@@ -322,9 +334,18 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, StartError> {
         cancel.clone(),
     ));
     let sweep = tokio::spawn(sweep_loop(fleet.clone(), cancel.clone()));
+    let mut tasks = vec![accept, sweep];
+    match crate::peer::listen(&fleet, &cancel) {
+        Ok(peer) => tasks.extend(peer),
+        Err(source) => {
+            cancel.cancel();
+            let id = fleet.config.gateway_id.clone().unwrap_or_default();
+            return Err(StartError::Socket { path: crate::peer::socket_path(&fleet, &id), source });
+        }
+    }
     crate::expose::restore(&fleet, &cancel).await;
     tracing::info!(%addr, name = %fleet.config.name, registry = fleet.registry.kind(), "fleet listening");
-    Ok(RunningFleet { addr, fleet, cancel, tasks: vec![accept, sweep] })
+    Ok(RunningFleet { addr, fleet, cancel, tasks })
 }
 
 /// The listening socket (`SO_REUSEPORT` when several gateway processes share the address).

@@ -410,14 +410,23 @@ async fn relay(fleet: &Arc<Fleet>, operator: &str, role: Role, inc: Incoming) {
         stream.refuse(code, &why);
         return;
     }
-    let Some(handle) = fleet.gateway.route(&node, &inner) else {
-        let why = format!("node {node} has no tunnel (offline, or not in this fleet)");
-        tracing::info!(operator, %node, target = %label, "tunnel stream refused: node not connected");
-        record(fleet, Some(node), "tunnel-refused", format!("operator {operator}: {why}")).await;
-        stream.refuse(reset::UNREACHABLE, &why);
-        return;
+    // The node's tunnel here, or on another gateway process of this machine (`crate::peer`).
+    let far = match fleet.gateway.route(&node, &inner) {
+        Some(handle) => handle.open(&inner),
+        None => match crate::peer::open_via(fleet, &node, &inner).await {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => {
+                let why = format!("node {node} has no tunnel (offline, or not in this fleet)");
+                tracing::info!(operator, %node, target = %label, "tunnel stream refused: node not connected");
+                record(fleet, Some(node), "tunnel-refused", format!("operator {operator}: {why}"))
+                    .await;
+                stream.refuse(reset::UNREACHABLE, &why);
+                return;
+            }
+            Err(e) => Err(std::io::Error::other(format!("{:#}", anyhow::Error::new(e)))),
+        },
     };
-    let far = match handle.open(&inner) {
+    let far = match far {
         Ok(s) => s,
         Err(e) => {
             stream.refuse(reset::UNREACHABLE, &format!("cannot open a stream to {node}: {e}"));

@@ -21,7 +21,7 @@ use hearth_fleet_client::enroll::enroll;
 use hearth_fleet_client::https::{Endpoint, json};
 use hearth_fleet_client::session::Session;
 use hearth_fleet_client::tls::{ClientIdentity, client_config};
-use hearth_fleet_client::tunnel::{TunnelConfig, connect_node};
+use hearth_fleet_client::tunnel::{TunnelConfig, connect, connect_node};
 use hearth_proto::api::NodeState;
 use hearth_proto::control::{
     CommandKind, ControlMessage, HealthSummary, Heartbeat, PowerSummary, Versions,
@@ -30,6 +30,8 @@ use hearth_proto::fleet::{
     CommandRequest, CommandView, DrainRequest, ExposeRequest, ExposeView, HardwareIdentity,
     NodeView, TokenCreateRequest, TokenCreated,
 };
+use hearth_proto::mux::Target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn gateway(dir: &std::path::Path, url: &str, id: &str, listen: &str) -> RunningFleet {
     let config = FleetConfig {
@@ -301,7 +303,6 @@ async fn echo_node(
     pin: &str,
     id: &ClientIdentity,
 ) -> Result<hearth_fleet_client::tunnel::TunnelHandle, Box<dyn std::error::Error + Send + Sync>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut t, with_session) = connect_node(&ep(g), pin, id, TunnelConfig::default()).await?;
     assert!(with_session);
     let mut s = Session::on_tunnel(&t.handle, "0.1.0").await?;
@@ -335,7 +336,6 @@ async fn echo_node(
 
 /// Whether a customer connection to `port` on the loopback gets its bytes echoed.
 async fn echoes(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         c.write_all(b"ping").await?;
@@ -358,8 +358,9 @@ async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) -> TestResult 
 
 /// With several gateway processes an exposure's port is bound where the node's tunnel is: an
 /// exposure made through the other process is bound by the tunnel's within a second and
-/// forwards; when the tunnel moves, the port moves with it; a removal made through the other
-/// process releases it.
+/// forwards; an operator's stream taken by the other process reaches the node through the
+/// tunnel's process; when the tunnel moves, the port moves with it; a removal made through the
+/// other process releases it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exposures_follow_the_nodes_tunnel_across_gateway_processes() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -385,11 +386,8 @@ async fn exposures_follow_the_nodes_tunnel_across_gateway_processes() -> TestRes
         .ca
         .operator_cert("tester", Role::Admin, Duration::from_secs(600))
         .map_err(|e| e.to_string())?;
-    let admin = client_config(
-        &pin,
-        Some(&ClientIdentity { cert_pem: cert.cert_pem, key_pem: key }),
-        b"http/1.1",
-    )?;
+    let operator = ClientIdentity { cert_pem: cert.cert_pem, key_pem: key };
+    let admin = client_config(&pin, Some(&operator), b"http/1.1")?;
     let req =
         TokenCreateRequest { labels: BTreeMap::new(), ttl_s: 600, max_uses: 1, channel: None };
     let token: TokenCreated =
@@ -424,6 +422,20 @@ async fn exposures_follow_the_nodes_tunnel_across_gateway_processes() -> TestRes
         "g2 bound an exposure of a node it has no tunnel of"
     );
     assert!(echoes(port).await, "the exposure does not reach the node through g1");
+
+    // An operator's tunnel on g2 reaches the node, whose tunnel is on g1, through g1's socket.
+    let op = connect(&ep(&g2), &pin, &operator, TunnelConfig::default()).await?;
+    let via = Target::Via { node: node.clone(), target: Box::new(Target::Port(7007)) };
+    let mut st = op.handle.open(&via)?;
+    st.write_all(b"through g1").await?;
+    let mut got = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), st.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"through g1");
+    let unknown = Target::Via { node: "n-nobody".into(), target: Box::new(Target::Port(7007)) };
+    let mut st = op.handle.open(&unknown)?;
+    let r = tokio::time::timeout(Duration::from_secs(5), st.read(&mut got)).await?;
+    assert!(r.is_err(), "a node no gateway holds was reached: {r:?}");
+    op.handle.close();
 
     // The tunnel moves to g2: the port follows.
     on_g1.close();

@@ -920,6 +920,16 @@ impl Registry {
         })
     }
 
+    /// The gateway process holding `node`'s session, as its last liveness batch recorded it
+    /// (several gateway processes; `None` for a single fleet process or a node never seen).
+    pub fn session_gateway(&self, node: &str) -> Result<Option<String>, RegistryError> {
+        self.rtx(|tx| {
+            let rows =
+                tx.query("SELECT gateway FROM node_liveness WHERE node_id = $1", &[text(node)])?;
+            Ok(rows.first().and_then(|r| os(col(r, 0))))
+        })
+    }
+
     /// Take the notifications for nodes whose session `gateway` holds (removed as they are
     /// returned), and drop the ones older than `expire_before_ms` (their node reconnected
     /// elsewhere or went offline; a new session gets its state at start anyway).
