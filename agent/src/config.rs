@@ -183,7 +183,8 @@ pub struct HealthConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelConfig {
-    /// Keep a tunnel to the fleet (needs an enrolled node). Default true.
+    /// Keep a tunnel to the fleet (needs an enrolled node), which also carries the control
+    /// session when the fleet can (one connection). Default true.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Allow `hearthctl exec` and `hearthctl shell` (commands run as the agent's user). Default
