@@ -108,16 +108,9 @@ pub fn listen(
 /// anything else is refused.
 async fn serve_peer(fleet: Arc<Fleet>, stream: UnixStream, cancel: CancellationToken) {
     let mut tunnel = Tunnel::spawn(stream, Side::Gateway, TunnelConfig::default());
-    loop {
-        let Incoming { target, stream } = tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = tunnel.handle.ended() => break,
-            Some(_) = tunnel.control.recv() => continue,
-            inc = tunnel.incoming.recv() => match inc {
-                Some(inc) => inc,
-                None => break,
-            },
-        };
+    while let Some(Incoming { target, stream }) =
+        crate::tunnel::next_stream(&mut tunnel, &cancel).await
+    {
         let Target::Via { node, target: inner } = target else {
             stream.refuse(reset::REFUSED, "a gateway relays Via streams only");
             continue;

@@ -359,20 +359,27 @@ async fn serve_operator<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut tunnel = Tunnel::spawn(stream, Side::Gateway, TunnelConfig::default());
-    loop {
-        let inc = tokio::select! {
-            () = cancel.cancelled() => break,
-            _ = tunnel.handle.ended() => break,
-            // Operators send the gateway no control messages: read and dropped, not held.
-            Some(_) = tunnel.control.recv() => continue,
-            inc = tunnel.incoming.recv() => match inc {
-                Some(inc) => inc,
-                None => break,
-            },
-        };
+    while let Some(inc) = next_stream(&mut tunnel, &cancel).await {
         relay(&fleet, &operator, role, inc).await;
     }
     tunnel.handle.close();
+}
+
+/// The next stream the peer of a relaying tunnel (an operator, another gateway process) opens;
+/// `None` once the tunnel ends or the fleet stops. Its control messages (it sends none the
+/// gateway uses) are read and dropped, not held.
+pub(crate) async fn next_stream(
+    tunnel: &mut Tunnel,
+    cancel: &CancellationToken,
+) -> Option<Incoming> {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            _ = tunnel.handle.ended() => return None,
+            Some(_) = tunnel.control.recv() => {}
+            inc = tunnel.incoming.recv() => return inc,
+        }
+    }
 }
 
 async fn record(fleet: &Fleet, node: Option<String>, kind: &'static str, msg: String) {

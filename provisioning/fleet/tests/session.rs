@@ -37,6 +37,16 @@ async fn recv(s: &mut Session) -> Result<ControlMessage, Box<dyn std::error::Err
     Ok(tokio::time::timeout(Duration::from_secs(5), s.recv()).await??)
 }
 
+/// Queue a reboot command at `path`.
+async fn reboot(
+    f: &common::TestFleet,
+    admin: &std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+) -> Result<CommandView, Box<dyn std::error::Error + Send + Sync>> {
+    let req = CommandRequest { kind: CommandKind::Reboot };
+    Ok(json(&f.ep(), admin.clone(), "POST", path, Some(&req)).await?)
+}
+
 /// Whether the fleet records `outcome` for command `id` (at `path`) within 2.5 s.
 async fn recorded(
     f: &common::TestFleet,
@@ -102,14 +112,7 @@ async fn enroll_session_heartbeat_desired_commands(db: Db) -> TestResult {
 
     // A command and its ack.
     let path = format!("/v1/nodes/{}/commands", resp.node_id);
-    let c: CommandView = json(
-        &f.ep(),
-        admin.clone(),
-        "POST",
-        &path,
-        Some(&CommandRequest { kind: CommandKind::Reboot }),
-    )
-    .await?;
+    let c = reboot(&f, &admin, &path).await?;
     let ControlMessage::Command(cmd) = recv(&mut s).await? else { panic!("expected Command") };
     assert_eq!((cmd.id, cmd.kind), (c.id, CommandKind::Reboot));
     s.send(&ControlMessage::CommandAck(CommandAck {
@@ -307,14 +310,7 @@ async fn a_session_rides_the_nodes_tunnel_and_ends_with_it() -> TestResult {
     // A command reaches the node on the tunnel and its ack is recorded.
     let admin = f.http(Some(&f.admin));
     let path = format!("/v1/nodes/{node}/commands");
-    let c: CommandView = json(
-        &f.ep(),
-        admin.clone(),
-        "POST",
-        &path,
-        Some(&CommandRequest { kind: CommandKind::Reboot }),
-    )
-    .await?;
+    let c = reboot(&f, &admin, &path).await?;
     let ControlMessage::Command(cmd) = recv(&mut s).await? else { panic!("expected Command") };
     assert_eq!(cmd.id, c.id);
     s.send(&ControlMessage::CommandAck(CommandAck { id: cmd.id, outcome: CommandOutcome::Done }))
