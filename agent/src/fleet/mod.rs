@@ -578,7 +578,7 @@ impl Fleet {
         // stalled); one that carries the session ends it when it ends.
         let (tunnel_up_tx, mut tunnel_up) = tokio::sync::watch::channel(0u64);
         let stop = ctx.cancel.child_token();
-        let (s, lane) = match carried {
+        let (s, tunnel_task) = match carried {
             Some((s, mut t)) => {
                 let (ep, pin, identity) = (ep.clone(), pin.to_string(), identity.clone());
                 let (stats, stop) = (self.agent.link_stats.clone(), stop.clone());
@@ -727,7 +727,7 @@ impl Fleet {
         reader_task.abort();
         stats.session_up.store(false, std::sync::atomic::Ordering::Relaxed);
         stop.cancel();
-        if let Some(task) = lane {
+        if let Some(task) = tunnel_task {
             let _ = task.await;
         }
         result

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::https::{ClientError, Endpoint, connect_tls};
-use crate::tls::{ClientIdentity, client_config, client_config_alpns};
+use crate::tls::{ClientIdentity, client_config_alpns};
 use split::{PollGuard, PollMutex};
 
 /// A ping is sent this often.
@@ -95,10 +95,7 @@ pub async fn connect(
     identity: &ClientIdentity,
     config: TunnelConfig,
 ) -> Result<Tunnel, ClientError> {
-    let tls_config = client_config(pin, Some(identity), TUNNEL_ALPN)?;
-    let tls = connect_tls(ep, tls_config).await?;
-    tune_tcp(tls.get_ref().0);
-    Ok(Tunnel::spawn(tls, Side::Node, config))
+    Ok(connect_offering(ep, pin, identity, config, &[TUNNEL_ALPN]).await?.0)
 }
 
 /// Connect a node's tunnel that can carry its control session: offers [`TUNNEL_SESSION_ALPN`]
@@ -111,11 +108,23 @@ pub async fn connect_node(
     identity: &ClientIdentity,
     config: TunnelConfig,
 ) -> Result<(Tunnel, bool), ClientError> {
-    let tls_config = client_config_alpns(pin, Some(identity), &[TUNNEL_SESSION_ALPN, TUNNEL_ALPN])?;
-    let tls = connect_tls(ep, tls_config).await?;
-    let carries_session = tls.get_ref().1.alpn_protocol() == Some(TUNNEL_SESSION_ALPN);
+    let offer = [TUNNEL_SESSION_ALPN, TUNNEL_ALPN];
+    let (tunnel, alpn) = connect_offering(ep, pin, identity, config, &offer).await?;
+    Ok((tunnel, alpn.as_deref() == Some(TUNNEL_SESSION_ALPN)))
+}
+
+/// A tunnel offering `alpns` (most preferred first), and the one the gateway picked.
+async fn connect_offering(
+    ep: &Endpoint,
+    pin: &str,
+    identity: &ClientIdentity,
+    config: TunnelConfig,
+    alpns: &[&[u8]],
+) -> Result<(Tunnel, Option<Vec<u8>>), ClientError> {
+    let tls = connect_tls(ep, client_config_alpns(pin, Some(identity), alpns)?).await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     tune_tcp(tls.get_ref().0);
-    Ok((Tunnel::spawn(tls, Side::Node, config), carries_session))
+    Ok((Tunnel::spawn(tls, Side::Node, config), alpn))
 }
 
 /// Keepalive, user timeout and a shallow send queue on a tunnel's TCP connection (either end;

@@ -17,13 +17,12 @@
 //! recorded as an `expose-refused` event (at most one a minute per exposure).
 //!
 //! With several gateway processes (`gateway_id`), an exposure's port is bound by the process that
-//! holds its node's tunnel, so every connection lands where it can be forwarded: [`sync_node`]
-//! binds a node's exposures when its tunnel registers here (retrying while the process that held
-//! it before lets the port go) and releases them when it leaves; an exposure created or removed
-//! through another process reaches the holder through the registry's outbox, within a second
-//! ([`crate::server::deliver_notifications`]); every [`RECONCILE`] each process matches all its
-//! listeners to the registry and its tunnels ([`sync_all`]), for a notice that reached the
-//! node's previous gateway while its tunnel moved.
+//! holds its node's tunnel, so every connection lands where it can be forwarded:
+//! [`sync_listeners`] matches a process's listeners to the registry and its tunnels when a tunnel
+//! registers or leaves (a port the previous process still holds is retried until it lets it go),
+//! when another process tells it of an exposure created or removed there (the registry's outbox,
+//! within a second, [`crate::server::deliver_notifications`]), and every [`RECONCILE`], for a
+//! notice that reached the node's previous gateway while its tunnel moved.
 //!
 //! Design: `docs/0006-tunnel.md`.
 
@@ -148,7 +147,7 @@ fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
 pub async fn restore(fleet: &Arc<Fleet>, cancel: &CancellationToken) {
     *lock(&fleet.exposer.root) = Some(cancel.clone());
     if follows_tunnels(fleet) {
-        // Bound as the nodes' tunnels arrive (`sync_node`).
+        // Bound as the nodes' tunnels arrive (`sync_listeners`).
         return;
     }
     let rows = match fleet.db(|r| r.exposures()).await {
@@ -191,32 +190,11 @@ fn start(fleet: &Arc<Fleet>, listener: TcpListener, e: Exposure) {
     tokio::spawn(accept_loop(fleet.clone(), listener, e, l.cancel));
 }
 
-/// Match this process's listeners for `node`'s exposures to where its tunnel is (several gateway
-/// processes): bind every exposure of the node while its tunnel is here, waiting for a port the
-/// previous gateway still holds, and release them when it is not, or when an exposure is gone.
+/// Match this process's exposure listeners to the registry and to the tunnels it holds (several
+/// gateway processes): bind every exposure whose node's tunnel is here, waiting for a port the
+/// previous gateway still holds, and release the others (the tunnel left, the exposure is gone).
 /// Nothing to do in a single fleet process, which binds every exposure at start.
-pub async fn sync_node(fleet: &Arc<Fleet>, node: &str) {
-    if !follows_tunnels(fleet) {
-        return;
-    }
-    let wanted: Vec<Exposure> = if fleet.gateway.node(node).is_some() {
-        let id = node.to_string();
-        match fleet.db(move |r| r.exposures()).await {
-            Ok(rows) => rows.into_iter().filter(|e| e.node_id == id).collect(),
-            Err(e) => {
-                tracing::warn!(%node, error = %format!("{e:#}"), "cannot read the node's exposures");
-                return;
-            }
-        }
-    } else {
-        Vec::new()
-    };
-    apply(fleet, wanted, Some(node));
-}
-
-/// [`sync_node`] for every node at once: the listeners of the exposures whose node's tunnel
-/// this process holds, and no other (several gateway processes).
-pub async fn sync_all(fleet: &Arc<Fleet>) {
+pub async fn sync_listeners(fleet: &Arc<Fleet>) {
     if !follows_tunnels(fleet) {
         return;
     }
@@ -227,17 +205,11 @@ pub async fn sync_all(fleet: &Arc<Fleet>) {
             return;
         }
     };
-    let wanted = rows.into_iter().filter(|e| fleet.gateway.node(&e.node_id).is_some()).collect();
-    apply(fleet, wanted, None);
-}
-
-/// Release the listeners (of `node`, or all) that are not `wanted`; claim the wanted ones.
-fn apply(fleet: &Arc<Fleet>, wanted: Vec<Exposure>, node: Option<&str>) {
+    let wanted: Vec<Exposure> =
+        rows.into_iter().filter(|e| fleet.gateway.node(&e.node_id).is_some()).collect();
     let gone: Vec<(u16, String)> = lock(&fleet.exposer.listeners)
         .iter()
-        .filter(|(p, l)| {
-            node.is_none_or(|n| l.node == n) && !wanted.iter().any(|e| e.gateway_port == **p)
-        })
+        .filter(|(p, _)| !wanted.iter().any(|e| e.gateway_port == **p))
         .map(|(p, l)| (*p, l.node.clone()))
         .collect();
     for (port, node) in gone {
@@ -379,7 +351,7 @@ async fn probe(handle: &TunnelHandle, node: &str, port: u16) -> Result<(), ApiEr
 }
 
 /// Tell the gateway process holding `node`'s tunnel to match its listeners to the registry
-/// (through the outbox, [`crate::server::deliver_notifications`] → [`sync_node`]).
+/// (through the outbox, [`crate::server::deliver_notifications`] → [`sync_listeners`]).
 async fn notify_holder(fleet: &Arc<Fleet>, node: &str) {
     let id = node.to_string();
     if let Err(e) = fleet.db(move |r| r.notify_gateway(&id, crate::now_ms())).await {

@@ -498,7 +498,7 @@ async fn sweep_loop(fleet: Arc<Fleet>, cancel: CancellationToken) {
             deliver_notifications(&fleet, gw).await;
             if last_reconcile.elapsed() >= crate::expose::RECONCILE {
                 last_reconcile = tokio::time::Instant::now();
-                crate::expose::sync_all(&fleet).await;
+                crate::expose::sync_listeners(&fleet).await;
             }
         }
         if !stopping {
@@ -517,7 +517,7 @@ const NOTIFY_EXPIRY_MS: u64 = 60_000;
 /// Deliver what other gateway processes left in the outbox for nodes whose session this one
 /// holds: the desired state and pending commands again (both idempotent on the node: the
 /// desired state has a generation, commands an id), the node's exposures bound or released
-/// ([`crate::expose::sync_node`]), or the end of the session if the node was revoked.
+/// ([`crate::expose::sync_listeners`]), or the end of the session if the node was revoked.
 pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
     let gw = gateway.to_string();
     let now = crate::now_ms();
@@ -531,6 +531,7 @@ pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
             return;
         }
     };
+    let any = !nodes.is_empty();
     for node in nodes {
         let id = node.clone();
         let row = fleet.db(move |r| r.node(&id)).await;
@@ -541,11 +542,8 @@ pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
                 l.kill.cancel();
             }
             fleet.gateway.disconnect(&node);
-            crate::expose::sync_node(fleet, &node).await;
             continue;
         }
-        // An exposure of the node created or removed through another gateway.
-        crate::expose::sync_node(fleet, &node).await;
         if !fleet.push(&node, ControlMessage::Desired(row.desired)) {
             continue;
         }
@@ -559,5 +557,9 @@ pub async fn deliver_notifications(fleet: &Arc<Fleet>, gateway: &str) {
             }
         }
         tracing::debug!(%node, "delivered a change made through another gateway");
+    }
+    if any {
+        // An exposure created or removed through another gateway, a revoked node's released.
+        crate::expose::sync_listeners(fleet).await;
     }
 }

@@ -215,8 +215,8 @@ async fn serve_node<S>(
     }
     tracing::info!(%node, session = with_session, "node tunnel up");
     // With several gateway processes, the node's exposures are bound where its tunnel is.
-    let (f, n) = (fleet.clone(), node.clone());
-    tokio::spawn(async move { crate::expose::sync_node(&f, &n).await });
+    let f = fleet.clone();
+    tokio::spawn(async move { crate::expose::sync_listeners(&f).await });
     let on = with_session.then_some(&fleet);
     hold(&node, &mut tunnel, on, &cancel, "node tunnel down").await;
     let gone = {
@@ -234,22 +234,22 @@ async fn serve_node<S>(
         }
     };
     if gone && !cancel.is_cancelled() {
-        crate::expose::sync_node(&fleet, &node).await;
+        crate::expose::sync_listeners(&fleet).await;
     }
 }
 
 /// Hold a node's tunnel or lane until it ends, the control session it carries ends (after its
 /// last bytes are sent) or the fleet stops, refusing every stream the node opens (no node
-/// reaches anything through the gateway) but, with `session` (a `hearth-tunnel/2` tunnel), the
-/// first [`Target::Session`], which `fleet` serves as the node's control session; then close it.
+/// reaches anything through the gateway) but, with `takes_session` (a `hearth-tunnel/2` tunnel),
+/// the first [`Target::Session`], which that fleet serves as the node's control session; then
+/// close it.
 async fn hold(
     node: &str,
     tunnel: &mut Tunnel,
-    session: Option<&Arc<Fleet>>,
+    mut takes_session: Option<&Arc<Fleet>>,
     cancel: &CancellationToken,
     down: &'static str,
 ) {
-    let mut takes_session = session;
     let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
